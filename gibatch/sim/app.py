@@ -1,0 +1,356 @@
+"""The local GI Simulator site: aiohttp routes implementing site-protocol.md exactly.
+
+Sections 1 and 2 of the protocol: Django-style sessions and CSRF, the four task pages,
+view_jobs and view_data, media files with Content-Length and Range, 400/403/409
+answers, downstream invalidation, plot numbering and session expiry; plus the faults
+of `faults.py` in front of everything, as the course site's proxy would show them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+from aiohttp import web
+from pydantic import ValidationError
+
+from gibatch.params import GalaxyParams, InteractParams, MergeParams, PlotParams, describe_errors
+from gibatch.sim import pages
+from gibatch.sim.faults import Faults
+from gibatch.sim.runner import Runner
+from gibatch.sim.store import Busy, Store, TaskStatus
+from gibatch.steps import GALAXY1, GALAXY2, INTERACT, MERGE, Step, plot
+
+DEFAULT_PREFIX = "/ast80011"
+DEFAULT_MODEL_COUNT = 4
+DEFAULT_SESSION_LIFETIME_S = 14 * 24 * 3600.0  # Django's default
+SITE_KEY: web.AppKey[Site] = web.AppKey("site")
+
+_TASK_PAGES: dict[str, tuple[str, type[Any]]] = {
+    "galactic": ("Build a galaxy", GalaxyParams),
+    "galacticsmerge": ("Merge galaxies", MergeParams),
+    "interactgalaxies": ("Interact galaxies", InteractParams),
+    "plotgalaxies": ("Plot galaxies", PlotParams),
+}
+
+
+@dataclass
+class SiteConfig:
+    data_dir: Path
+    accounts: dict[str, str] = field(default_factory=dict, repr=False)
+    prefix: str = DEFAULT_PREFIX
+    model_count: int = DEFAULT_MODEL_COUNT
+    session_lifetime_s: float = DEFAULT_SESSION_LIFETIME_S
+    workers: int | None = None
+    faults: Faults = field(default_factory=Faults)
+
+
+class Site:
+    """State behind the routes: store, task runner, sessions."""
+
+    def __init__(self, config: SiteConfig) -> None:
+        self.config = config
+        config.data_dir.mkdir(parents=True, exist_ok=True)
+        self.store = Store(config.data_dir / "site.db")
+        for user, password in config.accounts.items():
+            self.store.set_password(user, password)
+        self.runner: Runner | None = None
+        self._sessions: dict[str, tuple[str, float]] = {}
+
+    @property
+    def faults(self) -> Faults:
+        return self.config.faults
+
+    @property
+    def media(self) -> Path:
+        return self.config.data_dir / "media"
+
+    async def startup(self, _app: web.Application) -> None:
+        self.runner = Runner(self.store, self.media, self.config.workers)
+        for task in await asyncio.to_thread(self.store.unfinished):
+            self.runner.start(task)  # a restarted site finishes what it had accepted
+
+    async def cleanup(self, _app: web.Application) -> None:
+        if self.runner is not None:
+            await self.runner.close()
+        self.store.close()
+
+    # sessions
+    def login(self, username: str) -> str:
+        sid = secrets.token_urlsafe(24)
+        self._sessions[sid] = (username, time.monotonic() + self.config.session_lifetime_s)
+        return sid
+
+    def user_of(self, request: web.Request) -> str | None:
+        sid = request.cookies.get("sessionid")
+        entry = self._sessions.get(sid or "")
+        if entry is None:
+            return None
+        if time.monotonic() > entry[1]:
+            del self._sessions[sid or ""]
+            return None
+        return entry[0]
+
+    def expire_sessions(self) -> None:
+        """Tests: every current session ends now, as if its lifetime had run out."""
+        self._sessions.clear()
+
+    def require_user(self, request: web.Request) -> str:
+        user = self.user_of(request)
+        if user is None:
+            raise web.HTTPFound(
+                f"{self.config.prefix}/accounts/login/?next={quote(request.path_qs)}"
+            )
+        return user
+
+
+def _site(request: web.Request) -> Site:
+    return request.app[SITE_KEY]
+
+
+def _csrf_cookie(request: web.Request, response: web.StreamResponse, token: str) -> None:
+    if request.cookies.get("csrftoken") != token:
+        response.set_cookie("csrftoken", token, path="/", samesite="Lax")
+
+
+def _csrf(request: web.Request) -> str:
+    return request.cookies.get("csrftoken") or secrets.token_urlsafe(24)
+
+
+def _html(text: str, status: int = 200) -> web.Response:
+    return web.Response(text=text, status=status, content_type="text/html")
+
+
+def _json_error(status: int, message: str) -> web.Response:
+    return web.json_response({"error": message}, status=status)
+
+
+# --- faults: the proxy in front of the site -------------------------------------------------
+
+@web.middleware
+async def proxy_faults(request: web.Request, handler: Any) -> web.StreamResponse:
+    faults = _site(request).faults
+    if faults.draw("hang", request.path):
+        await asyncio.sleep(faults.hang_s)
+        raise web.HTTPGatewayTimeout()
+    if faults.draw("error", request.path):
+        if faults.error_delay_s:
+            await asyncio.sleep(faults.error_delay_s)
+        return web.Response(status=502, text="<html><body><h1>502 Bad Gateway</h1></body></html>",
+                            content_type="text/html")
+    response: web.StreamResponse = await handler(request)
+    return response
+
+
+# --- accounts -------------------------------------------------------------------------------
+
+async def login_get(request: web.Request) -> web.Response:
+    token = _csrf(request)
+    resp = _html(pages.login_form(token, request.query.get("next", "")))
+    _csrf_cookie(request, resp, token)
+    return resp
+
+
+async def login_post(request: web.Request) -> web.Response:
+    site = _site(request)
+    form = await request.post()
+    cookie = request.cookies.get("csrftoken")
+    if not cookie or form.get("csrfmiddlewaretoken") != cookie:
+        return _html(pages.page("Forbidden", "<p>CSRF verification failed.</p>"), 403)
+    username, password = str(form.get("username", "")), str(form.get("password", ""))
+    ok = await asyncio.to_thread(site.store.check_password, username, password)
+    if not ok:  # Django answers 200 with the form again
+        return _html(pages.login_form(
+            cookie, str(form.get("next", "")),
+            "Please enter a correct username and password. Note that both fields may be "
+            "case-sensitive.",
+        ))
+    target = str(form.get("next") or "")
+    if not target.startswith(site.config.prefix + "/"):
+        target = f"{site.config.prefix}/gi/"
+    resp = web.HTTPFound(target)
+    resp.set_cookie("sessionid", site.login(username), path="/", httponly=True, samesite="Lax")
+    resp.set_cookie("csrftoken", secrets.token_urlsafe(24), path="/", samesite="Lax")  # rotated
+    raise resp
+
+
+async def logout(request: web.Request) -> web.Response:
+    site = _site(request)
+    sid = request.cookies.get("sessionid")
+    site._sessions.pop(sid or "", None)
+    resp = web.HTTPFound(f"{site.config.prefix}/accounts/login/")
+    resp.del_cookie("sessionid", path="/")
+    raise resp
+
+
+async def home(request: web.Request) -> web.Response:
+    site = _site(request)
+    user = site.require_user(request)
+    return _html(pages.home(site.config.prefix, user, site.config.model_count))
+
+
+# --- tasks ----------------------------------------------------------------------------------
+
+async def task_get(request: web.Request) -> web.Response:
+    site = _site(request)
+    site.require_user(request)
+    title, _ = _TASK_PAGES[request.match_info["page"]]
+    token = _csrf(request)
+    resp = _html(pages.task_page(title, token))
+    _csrf_cookie(request, resp, token)
+    return resp
+
+
+def _model_number(value: object, site: Site) -> int | None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        return None
+    return value if 1 <= value <= site.config.model_count else None
+
+
+def _step_of(page: str, body: dict[str, Any]) -> Step:
+    if page == "galactic":
+        return GALAXY2 if body.get("galaxy_number") == 2 else GALAXY1
+    return {"galacticsmerge": MERGE, "interactgalaxies": INTERACT}.get(page, plot(0))
+
+
+async def task_post(request: web.Request) -> web.Response:
+    site = _site(request)
+    user = site.require_user(request)
+    token = request.cookies.get("csrftoken")
+    if not token or request.headers.get("X-CSRFToken") != token:
+        return _html(pages.page("Forbidden", "<p>CSRF verification failed.</p>"), 403)
+    page = request.match_info["page"]
+    try:
+        body = json.loads(await request.read())
+    except (ValueError, UnicodeDecodeError):
+        return _json_error(400, "body: not valid JSON")
+    if not isinstance(body, dict):
+        return _json_error(400, "body: must be a JSON object")
+    model = _model_number(body.pop("model_number", None), site)
+    if model is None:
+        return _json_error(400, f"model_number: must be an integer from 1 to "
+                                f"{site.config.model_count}")
+    plot_number = body.pop("plot_number", None) if page == "plotgalaxies" else None
+    if plot_number is not None and (isinstance(plot_number, bool)
+                                    or not isinstance(plot_number, int)):
+        return _json_error(400, "plot_number: must be an integer")
+    try:
+        params = _TASK_PAGES[page][1].model_validate(body)
+    except ValidationError as exc:
+        return _json_error(400, "; ".join(f"{f}: {m}" for f, m in describe_errors(exc)))
+    payload = json.dumps(params.model_dump(mode="json", exclude_none=True))
+    try:
+        job_id = await asyncio.to_thread(
+            site.store.submit, user, model, _step_of(page, body), payload, plot_number
+        )
+    except Busy:
+        return _json_error(409, f"model_number: model {model} is busy with another task")
+    except ValueError as exc:
+        return _json_error(400, str(exc))
+    assert site.runner is not None
+    task = next(t for t in await asyncio.to_thread(site.store.tasks, user) if t.job_id == job_id)
+    site.runner.start(task)
+    if site.faults.draw("post_502", request.path):
+        return web.Response(status=502, text="<h1>502 Bad Gateway</h1>", content_type="text/html")
+    return web.json_response({"job_id": job_id})
+
+
+# --- listings and files ---------------------------------------------------------------------
+
+async def view_jobs(request: web.Request) -> web.Response:
+    site = _site(request)
+    user = site.require_user(request)
+    return _html(pages.view_jobs(await asyncio.to_thread(site.store.tasks, user)))
+
+
+async def view_data(request: web.Request) -> web.Response:
+    site = _site(request)
+    user = site.require_user(request)
+    try:
+        model = int(request.match_info["model"])
+    except ValueError:
+        model = 0
+    if not 1 <= model <= site.config.model_count:
+        return _html(pages.page("Bad request", "<p>No such model number.</p>"), 400)
+    sections = await asyncio.to_thread(site.store.sections, user, model)
+    listed = []
+    for section in sections:
+        files: list[tuple[str, str, int]] = []
+        if not section.status.active:
+            folder = site.media / user / str(model) / str(section.job_id)
+            if folder.is_dir():
+                for f in sorted(folder.iterdir()):
+                    url = (f"{site.config.prefix}/media/{quote(user)}/{model}/"
+                           f"{section.job_id}/{quote(f.name)}")
+                    files.append((f.name, url, f.stat().st_size))
+        listed.append((section, files))
+    return _html(pages.view_data(model, listed))
+
+
+async def media(request: web.Request) -> web.StreamResponse:
+    site = _site(request)
+    user, model, job, name = (request.match_info[k] for k in ("user", "model", "job", "name"))
+    if "/" in name or name.startswith(".") or not (model.isdigit() and job.isdigit()):
+        raise web.HTTPNotFound()
+    path = site.media / user / model / job / name
+    if path.parent.parent.parent.parent != site.media or not path.is_file():
+        raise web.HTTPNotFound()
+    if site.faults.draw("cut", request.path):
+        return await _cut_download(request, path)
+    return web.FileResponse(path)
+
+
+async def _cut_download(request: web.Request, path: Path) -> web.StreamResponse:
+    """Announce the whole (ranged) body, send half of it, then drop the connection."""
+    size = path.stat().st_size
+    start = 0
+    rng = request.headers.get("Range", "")
+    if rng.startswith("bytes=") and rng[6:].split("-")[0].isdigit():
+        start = min(int(rng[6:].split("-")[0]), size)
+    resp = web.StreamResponse(status=206 if start else 200)
+    resp.content_length = size - start
+    if start:
+        resp.headers["Content-Range"] = f"bytes {start}-{size - 1}/{size}"
+    await resp.prepare(request)
+    with path.open("rb") as f:
+        f.seek(start)
+        await resp.write(f.read(max(1, (size - start) // 2)))
+    assert request.transport is not None
+    request.transport.close()
+    return resp
+
+
+def create_app(config: SiteConfig) -> tuple[web.Application, Site]:
+    """The site mounted under its path prefix, as on the course server."""
+    site = Site(config)
+    app = web.Application()
+    app[SITE_KEY] = site
+    pages_re = "{page:" + "|".join(_TASK_PAGES) + "}"
+    app.add_routes([
+        web.get("/accounts/login/", login_get),
+        web.post("/accounts/login/", login_post),
+        web.get("/accounts/logout/", logout),
+        web.get("/gi/", home),
+        web.get(f"/gi/{pages_re}", task_get),
+        web.get(f"/gi/{pages_re}/", task_get),
+        web.post(f"/gi/{pages_re}", task_post),
+        web.post(f"/gi/{pages_re}/", task_post),
+        web.get("/gi/view_jobs/", view_jobs),
+        web.get("/gi/view_data/{model}/", view_data),
+        web.get("/media/{user}/{model}/{job}/{name}", media),
+    ])
+    root = web.Application(middlewares=[proxy_faults])
+    root[SITE_KEY] = site
+    root.add_subapp(config.prefix, app)
+    root.on_startup.append(site.startup)
+    root.on_cleanup.append(site.cleanup)
+    return root, site
+
+
+__all__ = ["Site", "SiteConfig", "TaskStatus", "create_app"]

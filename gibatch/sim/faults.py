@@ -1,0 +1,74 @@
+"""Fault injection for the local site: the failures the real course site's proxy shows.
+
+Off by default. Each fault is a rate (0..1, drawn from a seeded generator so a test run
+is repeatable) and can also be scripted: `script("cut", "/media/")` makes the next
+request whose path contains "/media/" meet that fault, whatever the rates.
+
+kinds:
+  error      the proxy answers 502 Bad Gateway (after `error_delay_s`)
+  hang       the request never answers (held `hang_s`, then dropped)
+  cut        a file download stops mid-stream and the connection closes
+  post_502   a task POST is accepted (the task is queued) but answered 502
+Session expiry is a site setting (`session_lifetime_s`), not a fault here.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Literal
+
+FaultKind = Literal["error", "hang", "cut", "post_502"]
+
+
+@dataclass
+class Faults:
+    error_rate: float = 0.0
+    hang_rate: float = 0.0
+    cut_rate: float = 0.0
+    post_502_rate: float = 0.0
+    error_delay_s: float = 0.0
+    hang_s: float = 3600.0
+    seed: int = 0
+    _scripted: deque[tuple[FaultKind, str]] = field(default_factory=deque, repr=False)
+    _rng: random.Random = field(init=False, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    injected: dict[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self._rng = random.Random(self.seed)
+
+    def update(self, **rates: float) -> None:
+        """Change rates while the site runs (tests call this from another thread)."""
+        with self._lock:
+            for name, value in rates.items():
+                if not hasattr(self, name) or name.startswith("_"):
+                    raise AttributeError(f"no fault setting {name!r}")
+                setattr(self, name, value)
+
+    def script(self, kind: FaultKind, path_contains: str = "", times: int = 1) -> None:
+        with self._lock:
+            self._scripted.extend([(kind, path_contains)] * times)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._scripted.clear()
+            self.error_rate = self.hang_rate = self.cut_rate = self.post_502_rate = 0.0
+
+    def draw(self, kind: FaultKind, path: str) -> bool:
+        """Whether this request meets fault `kind` (a scripted one is consumed)."""
+        with self._lock:
+            for i, (k, needle) in enumerate(self._scripted):
+                if k == kind and needle in path:
+                    del self._scripted[i]
+                    return self._count(kind)
+            rate = getattr(self, f"{kind}_rate")
+            if rate > 0 and self._rng.random() < rate:
+                return self._count(kind)
+        return False
+
+    def _count(self, kind: str) -> bool:
+        self.injected[kind] = self.injected.get(kind, 0) + 1
+        return True

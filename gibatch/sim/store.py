@@ -1,0 +1,233 @@
+"""The local site's state in SQLite: accounts, tasks and the result sections per model.
+
+A restarted site keeps every model's results and history. All access goes through one
+connection guarded by a lock; the web layer calls it from a worker thread.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+import sqlite3
+import threading
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from enum import Enum
+from pathlib import Path
+
+from gibatch.steps import Stage, Step, section_stage
+
+
+class TaskStatus(str, Enum):
+    QUEUED = "Queued"
+    RUNNING = "Running"
+    COMPLETED = "Completed"
+    FAILED = "Failed"
+
+    @property
+    def active(self) -> bool:
+        return self in (TaskStatus.QUEUED, TaskStatus.RUNNING)
+
+
+@dataclass(frozen=True)
+class Task:
+    job_id: int
+    username: str
+    model: int
+    step: str
+    job_type: str
+    section: str
+    payload: str
+    status: TaskStatus
+    submitted: str
+
+
+@dataclass(frozen=True)
+class Section:
+    name: str
+    job_id: int
+    status: TaskStatus
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS accounts (
+    username TEXT PRIMARY KEY, salt BLOB NOT NULL, hash BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS tasks (
+    job_id INTEGER PRIMARY KEY AUTOINCREMENT,
+    username TEXT NOT NULL, model INTEGER NOT NULL, step TEXT NOT NULL,
+    job_type TEXT NOT NULL, section TEXT NOT NULL, payload TEXT NOT NULL,
+    status TEXT NOT NULL, submitted TEXT NOT NULL, started TEXT, finished TEXT);
+CREATE INDEX IF NOT EXISTS tasks_by_model ON tasks (username, model, job_id);
+CREATE TABLE IF NOT EXISTS sections (
+    username TEXT NOT NULL, model INTEGER NOT NULL, name TEXT NOT NULL,
+    job_id INTEGER NOT NULL, PRIMARY KEY (username, model, name));
+"""
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
+
+
+def _hash(password: str, salt: bytes) -> bytes:
+    return hashlib.pbkdf2_hmac("sha256", password.encode(), salt, 100_000)
+
+
+class Busy(Exception):
+    """The model number's current task is still queued or running (409)."""
+
+
+class Store:
+    def __init__(self, path: Path) -> None:
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.executescript(_SCHEMA)
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    # accounts
+    def set_password(self, username: str, password: str) -> None:
+        salt = secrets.token_bytes(16)
+        with self._lock:
+            self._db.execute(
+                "INSERT INTO accounts VALUES (?, ?, ?) ON CONFLICT(username) "
+                "DO UPDATE SET salt = excluded.salt, hash = excluded.hash",
+                (username, salt, _hash(password, salt)),
+            )
+
+    def check_password(self, username: str, password: str) -> bool:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT salt, hash FROM accounts WHERE username = ?", (username,)
+            ).fetchone()
+        if row is None:
+            _hash(password, b"0" * 16)  # same cost either way: no user enumeration by timing
+            return False
+        return hmac.compare_digest(_hash(password, row[0]), row[1])
+
+    # tasks
+    def _row(self, row: tuple[object, ...]) -> Task:
+        return Task(*row[:7], status=TaskStatus(row[7]), submitted=str(row[8]))  # type: ignore[arg-type]
+
+    _TASK_COLS = "job_id, username, model, step, job_type, section, payload, status, submitted"
+
+    def submit(
+        self, username: str, model: int, step: Step, payload: str, plot_number: int | None = None
+    ) -> int:
+        """Queue a task and apply downstream invalidation, atomically; Busy if occupied.
+
+        A plot goes to section `Plot k`: k = plot_number when given (replacing it), else
+        one more than the plots the model holds since its last interaction.
+        """
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                row = self._db.execute(
+                    "SELECT status FROM tasks WHERE username = ? AND model = ? "
+                    "ORDER BY job_id DESC LIMIT 1", (username, model),
+                ).fetchone()
+                if row is not None and TaskStatus(row[0]).active:
+                    raise Busy()
+                section = step.section
+                if step.stage is Stage.PLOT:
+                    held = sum(
+                        1 for name, _ in self._sections_unlocked(username, model)
+                        if section_stage(name) is Stage.PLOT
+                    )
+                    if plot_number is not None and not 1 <= plot_number <= held + 1:
+                        raise ValueError(f"plot_number: must be between 1 and {held + 1}")
+                    section = f"Plot {plot_number or held + 1}"
+                cur = self._db.execute(
+                    f"INSERT INTO tasks ({self._TASK_COLS.replace('job_id, ', '')}) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (username, model, step.name if step.stage is not Stage.PLOT else "plot",
+                     step.job_type, section, payload, TaskStatus.QUEUED.value, _now()),
+                )
+                job_id = int(cur.lastrowid or 0)
+                for name, _ in self._sections_unlocked(username, model):
+                    stage = section_stage(name)
+                    if stage is not None and stage > step.stage:
+                        self._db.execute(
+                            "DELETE FROM sections WHERE username = ? AND model = ? AND name = ?",
+                            (username, model, name),
+                        )
+                self._db.execute(
+                    "INSERT OR REPLACE INTO sections VALUES (?, ?, ?, ?)",
+                    (username, model, section, job_id),
+                )
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        return job_id
+
+    def set_status(self, job_id: int, status: TaskStatus) -> None:
+        column = "started" if status is TaskStatus.RUNNING else "finished"
+        with self._lock:
+            self._db.execute(
+                f"UPDATE tasks SET status = ?, {column} = ? WHERE job_id = ?",
+                (status.value, _now(), job_id),
+            )
+
+    def status(self, job_id: int) -> TaskStatus | None:
+        with self._lock:
+            row = self._db.execute("SELECT status FROM tasks WHERE job_id = ?", (job_id,)).fetchone()
+        return None if row is None else TaskStatus(row[0])
+
+    def tasks(self, username: str) -> list[Task]:
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT {self._TASK_COLS} FROM tasks WHERE username = ? ORDER BY job_id",
+                (username,),
+            ).fetchall()
+        return [self._row(r) for r in rows]
+
+    def unfinished(self) -> list[Task]:
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT {self._TASK_COLS} FROM tasks WHERE status IN (?, ?) ORDER BY job_id",
+                (TaskStatus.QUEUED.value, TaskStatus.RUNNING.value),
+            ).fetchall()
+        return [self._row(r) for r in rows]
+
+    def task_count(self, username: str | None = None) -> int:
+        with self._lock:
+            if username is None:
+                return int(self._db.execute("SELECT COUNT(*) FROM tasks").fetchone()[0])
+            return int(self._db.execute(
+                "SELECT COUNT(*) FROM tasks WHERE username = ?", (username,)
+            ).fetchone()[0])
+
+    # sections
+    def _sections_unlocked(self, username: str, model: int) -> list[tuple[str, int]]:
+        return self._db.execute(
+            "SELECT name, job_id FROM sections WHERE username = ? AND model = ?",
+            (username, model),
+        ).fetchall()
+
+    def sections(self, username: str, model: int) -> list[Section]:
+        """The model's result sections in chain order (galaxies, merge, interaction, plots)."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT s.name, s.job_id, t.status FROM sections s JOIN tasks t "
+                "USING (job_id) WHERE s.username = ? AND s.model = ?",
+                (username, model),
+            ).fetchall()
+        out = [Section(name, job_id, TaskStatus(status)) for name, job_id, status in rows]
+        return sorted(out, key=lambda s: (section_stage(s.name) or 0, _plot_no(s.name), s.name))
+
+    def section_job(self, username: str, model: int, name: str) -> int | None:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT job_id FROM sections WHERE username = ? AND model = ? AND name = ?",
+                (username, model, name),
+            ).fetchone()
+        return None if row is None else int(row[0])
+
+
+def _plot_no(name: str) -> int:
+    tail = name.rsplit(" ", 1)[-1]
+    return int(tail) if tail.isdigit() else 0
