@@ -85,9 +85,12 @@ class Runner:
                 ok = job is not None and self.store.status(job) is TaskStatus.COMPLETED
                 inputs.append(str(self.task_dir(task.username, task.model, job)) if ok else None)
             loop = asyncio.get_running_loop()
-            error = await loop.run_in_executor(
-                self._pool, execute, task.step, json.loads(task.payload), inputs, str(out)
-            )
+            try:
+                error = await loop.run_in_executor(
+                    self._pool, execute, task.step, json.loads(task.payload), inputs, str(out)
+                )
+            except Exception as exc:  # the pool itself broke: fail the task, keep the site
+                error = f"internal error: the simulator's worker process failed: {exc!r}"
             if error is not None:
                 (out / "error.txt").write_text(error + "\n")
             status = TaskStatus.FAILED if error else TaskStatus.COMPLETED

@@ -1,0 +1,491 @@
+"""The GI Simulator site protocol client: the only module that knows its URLs and HTML.
+
+It relies on what is known of the real course site (site-protocol.md, section 1) and
+tolerates the variations of section 3; section 2's conveniences are never required.
+Everything above it speaks in steps, model numbers, task rows and result sections.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from enum import Enum
+from html.parser import HTMLParser
+from typing import Any, TypeVar
+from urllib.parse import urljoin, urlsplit
+
+import aiohttp
+import backoff
+
+from gibatch.errors import (
+    AmbiguousSubmit,
+    GibatchError,
+    LoginFailed,
+    NetworkError,
+    ProtocolError,
+    RequestRejected,
+    ServerError,
+    SessionExpired,
+    TransientError,
+)
+from gibatch.steps import Stage, Step
+
+T = TypeVar("T")
+
+_TASK_PAGE = {
+    Stage.GALAXY: "gi/galactic",
+    Stage.MERGE: "gi/galacticsmerge",
+    Stage.INTERACT: "gi/interactgalaxies",
+    Stage.PLOT: "gi/plotgalaxies",
+}
+_CSRF_IN_PAGE = re.compile(r"""window\.CSRF_TOKEN\s*=\s*["']([^"']+)["']""")
+_CSRF_IN_FORM = re.compile(
+    r"""<input[^>]*name=["']csrfmiddlewaretoken["'][^>]*value=["']([^"']+)["']"""
+    r"""|<input[^>]*value=["']([^"']+)["'][^>]*name=["']csrfmiddlewaretoken["']"""
+)
+_LOGIN_PATH = "/accounts/login/"
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    """Per-phase limits in seconds; None means no limit (distinct from a default)."""
+
+    connect_s: float | None = 10.0
+    read_s: float | None = 60.0  # longest silence within one answer
+    page_s: float | None = 90.0  # a whole page or POST answer
+    download_s: float | None = None  # a whole file: unlimited, silence is what matters
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Exponential backoff with full jitter for transient failures."""
+
+    base_s: float = 0.5
+    cap_s: float = 30.0
+    give_up_after_s: float = 1800.0  # a proxy outage of half an hour is survivable
+
+
+class TaskState(str, Enum):
+    ACTIVE = "active"
+    COMPLETED = "completed"
+    FAILED = "failed"
+
+
+def task_state(status: str) -> TaskState:
+    """Only `Completed` is done; `Failed`/`Error` failed; any other word is still running."""
+    word = status.strip().lower()
+    if word == "completed":
+        return TaskState.COMPLETED
+    if word.startswith(("failed", "error")):
+        return TaskState.FAILED
+    return TaskState.ACTIVE
+
+
+@dataclass(frozen=True)
+class TaskRow:
+    job_id: int
+    job_type: str
+    model: int
+    status: str
+
+    @property
+    def state(self) -> TaskState:
+        return task_state(self.status)
+
+
+@dataclass(frozen=True)
+class RemoteFile:
+    name: str  # as the site shows it: data, never a path to follow
+    url: str
+    size: int | None
+
+
+@dataclass(frozen=True)
+class Section:
+    name: str
+    status: str | None
+    files: tuple[RemoteFile, ...]
+
+    @property
+    def state(self) -> TaskState:
+        return TaskState.COMPLETED if self.status is None else task_state(self.status)
+
+
+# --- HTML reading ---------------------------------------------------------------------------
+
+@dataclass
+class _Cell:
+    text: str = ""
+    links: list[tuple[str, str]] = field(default_factory=list)  # (href, text)
+    header: bool = False
+
+
+class _Tables(HTMLParser):
+    """Collects, in document order, <h3> texts and <table>s as rows of cells."""
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.items: list[tuple[str, Any]] = []  # ("h3", text) | ("table", rows)
+        self._h3: list[str] | None = None
+        self._rows: list[list[_Cell]] | None = None
+        self._cell: _Cell | None = None
+        self._link: tuple[str, list[str]] | None = None
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag == "h3":
+            self._h3 = []
+        elif tag == "table":
+            self._rows = []
+        elif tag == "tr" and self._rows is not None:
+            self._rows.append([])
+        elif tag in ("td", "th") and self._rows is not None:
+            if not self._rows:
+                self._rows.append([])
+            self._cell = _Cell(header=tag == "th")
+            self._rows[-1].append(self._cell)
+        elif tag == "a":
+            self._link = (dict(attrs).get("href") or "", [])
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag == "h3" and self._h3 is not None:
+            self.items.append(("h3", " ".join("".join(self._h3).split())))
+            self._h3 = None
+        elif tag == "table" and self._rows is not None:
+            self.items.append(("table", self._rows))
+            self._rows = None
+        elif tag in ("td", "th"):
+            self._cell = None
+        elif tag == "a" and self._link is not None:
+            href, text = self._link
+            if self._cell is not None and href:
+                self._cell.links.append((href, "".join(text).strip()))
+            self._link = None
+
+    def handle_data(self, data: str) -> None:
+        if self._h3 is not None:
+            self._h3.append(data)
+        if self._cell is not None:
+            self._cell.text += data
+        if self._link is not None:
+            self._link[1].append(data)
+
+
+def parse_task_rows(html: str) -> list[TaskRow]:
+    """view_jobs: the table whose header has `Job Type`; columns 0-3 by position."""
+    parser = _Tables()
+    parser.feed(html)
+    for kind, rows in parser.items:
+        if kind != "table" or not rows:
+            continue
+        header = [c.text.strip() for c in rows[0] if c.header]
+        if "Job Type" not in header:
+            continue
+        out = []
+        for row in rows[1:]:
+            cells = [c.text.strip() for c in row]
+            if len(cells) < 4 or not cells[0].isdigit():
+                continue
+            try:
+                out.append(TaskRow(int(cells[0]), cells[1], int(cells[2]), cells[3]))
+            except ValueError:
+                continue
+        return sorted(out, key=lambda r: r.job_id)  # oldest first, whatever the page did
+    raise ProtocolError("view_jobs page has no table with a 'Job Type' column")
+
+
+def parse_sections(html: str, page_url: str) -> list[Section]:
+    """view_data: each <h3> `name - Status: X` and the <table> after it."""
+    parser = _Tables()
+    parser.feed(html)
+    out: list[Section] = []
+    heading: str | None = None
+    for kind, value in parser.items:
+        if kind == "h3":
+            heading = value
+            continue
+        if heading is None:
+            continue
+        name, status = heading, None
+        if " - Status:" in heading:
+            name, _, status = heading.partition(" - Status:")
+            name, status = name.strip(), status.strip()
+        files = []
+        for row in value:
+            linked = [c for c in row if c.links]
+            if not linked:
+                continue
+            href, text = linked[0].links[0]
+            sizes = [c.text.strip() for c in row if not c.links and c.text.strip().isdigit()]
+            files.append(RemoteFile(text, urljoin(page_url, href), int(sizes[0]) if sizes else None))
+        out.append(Section(name, status, tuple(files)))
+        heading = None
+    return out
+
+
+# --- the client -----------------------------------------------------------------------------
+
+def translate(exc: BaseException) -> GibatchError:
+    """Map an aiohttp/OS/timeout exception to our tree (the caller chains it)."""
+    if isinstance(exc, GibatchError):
+        return exc
+    if isinstance(exc, aiohttp.ClientResponseError) and exc.status >= 500:
+        return ServerError(exc.status)
+    if isinstance(exc, aiohttp.ClientResponseError):
+        return RequestRejected(exc.status, exc.message)
+    if isinstance(exc, TimeoutError | asyncio.TimeoutError):
+        return NetworkError("the site did not answer in time")
+    return NetworkError(f"{type(exc).__name__}: {exc}")
+
+
+_NETWORK_EXCEPTIONS = (aiohttp.ClientError, OSError, TimeoutError)
+
+
+class SiteClient:
+    """A logged-in conversation with one GI site account.
+
+    Reads retry transient failures with backoff; an expired session is renewed
+    transparently, one login at a time. Task POSTs are never retried here: a failure
+    after sending is reported as AmbiguousSubmit for the caller to reconcile.
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        username: str,
+        password: str,
+        *,
+        timeouts: Timeouts | None = None,
+        retry: RetryPolicy | None = None,
+    ) -> None:
+        self.base = base_url.rstrip("/") + "/"
+        self.username = username
+        self._password = password
+        self.timeouts = timeouts or Timeouts()
+        self.retry = retry or RetryPolicy()
+        self.requests: Counter[str] = Counter()  # by kind, for benchmarks and status
+        self._session: aiohttp.ClientSession | None = None
+        self._login_lock = asyncio.Lock()
+        self._generation = 0  # bumped at each login
+        self._csrf: str | None = None
+
+    def __repr__(self) -> str:
+        return f"SiteClient({self.base!r}, user={self.username!r})"
+
+    async def __aenter__(self) -> SiteClient:
+        t = self.timeouts
+        self._session = aiohttp.ClientSession(
+            cookie_jar=aiohttp.CookieJar(unsafe=True),  # loopback sites are IP hosts
+            timeout=aiohttp.ClientTimeout(
+                total=t.page_s, sock_connect=t.connect_s, sock_read=t.read_s
+            ),
+            headers={"User-Agent": "gibatch"},
+        )
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            raise RuntimeError("use SiteClient as an async context manager")
+        return self._session
+
+    def url(self, path: str) -> str:
+        return urljoin(self.base, path)
+
+    @property
+    def site_key(self) -> str:
+        """Identifies (site, account) for locks and the journal: no secret in it."""
+        parts = urlsplit(self.base)
+        return f"{parts.scheme}://{parts.netloc}{parts.path.rstrip('/')}|{self.username}"
+
+    # -- plumbing
+
+    def _retrying(self, fn: Callable[[], Awaitable[T]]) -> Callable[[], Awaitable[T]]:
+        return backoff.on_exception(  # type: ignore[no-any-return]
+            backoff.expo,
+            TransientError,
+            max_time=lambda: self.retry.give_up_after_s,
+            factor=self.retry.base_s,
+            max_value=self.retry.cap_s,
+            jitter=backoff.full_jitter,
+            logger=None,
+        )(fn)
+
+    async def _get_page(self, path: str, kind: str) -> tuple[str, str]:
+        """GET a page that needs login; returns (html, final url). Retries and re-logs in."""
+
+        async def once() -> tuple[str, str]:
+            generation = self._generation
+            try:
+                return await self._get_once(path, kind)
+            except SessionExpired:
+                await self.login(after_generation=generation)
+                return await self._get_once(path, kind)
+
+        return await self._retrying(once)()
+
+    async def _get_once(self, path: str, kind: str) -> tuple[str, str]:
+        url = self.url(path)
+        self.requests[kind] += 1
+        try:
+            async with self.session.get(url, allow_redirects=False) as resp:
+                self._raise_for(resp)
+                return await resp.text(), str(resp.url)
+        except _NETWORK_EXCEPTIONS as exc:
+            raise translate(exc) from exc
+
+    def _raise_for(self, resp: aiohttp.ClientResponse) -> None:
+        if resp.status in (301, 302, 303, 307, 308):
+            if _LOGIN_PATH in resp.headers.get("Location", ""):
+                raise SessionExpired("the site asked to log in again")
+            raise ProtocolError(f"unexpected redirect to {resp.headers.get('Location')}")
+        if resp.status >= 500:
+            raise ServerError(resp.status)
+        if resp.status >= 400:
+            raise RequestRejected(resp.status, resp.reason or "")
+
+    # -- authentication
+
+    async def login(self, after_generation: int | None = None) -> None:
+        """Log in (again). Concurrent callers that saw the same expiry share one login."""
+        async with self._login_lock:
+            if after_generation is not None and self._generation != after_generation:
+                return  # someone renewed the session meanwhile
+            await self._retrying(self._login_once)()
+            self._generation += 1
+            self._csrf = None  # Django rotates the CSRF token at login
+
+    async def _login_once(self) -> None:
+        url = self.url("accounts/login/")
+        self.requests["login"] += 1
+        try:
+            async with self.session.get(url) as resp:
+                if resp.status >= 500:
+                    raise ServerError(resp.status)
+                form = await resp.text()
+            match = _CSRF_IN_FORM.search(form)
+            token = (match.group(1) or match.group(2)) if match else None
+            token = token or self._cookie("csrftoken")
+            if not token:
+                raise ProtocolError("the login page has no csrfmiddlewaretoken")
+            data = aiohttp.FormData(default_to_multipart=True)  # as the course site's form
+            for key, value in (("csrfmiddlewaretoken", token), ("username", self.username),
+                               ("password", self._password)):
+                data.add_field(key, value)
+            self.requests["login"] += 1
+            async with self.session.post(
+                url, data=data, headers={"Referer": url}, allow_redirects=True
+            ) as resp:
+                if resp.status >= 500:
+                    raise ServerError(resp.status)
+                body = await resp.text()
+        except _NETWORK_EXCEPTIONS as exc:
+            raise translate(exc) from exc
+        # 200 alone means nothing: a wrong password also answers 200 with the form.
+        if not self._cookie("sessionid") or "csrfmiddlewaretoken" in body:
+            raise LoginFailed(f"the site did not accept the login of {self.username!r}")
+
+    def _cookie(self, name: str) -> str | None:
+        for cookie in self.session.cookie_jar:
+            if cookie.key == name and cookie.value:
+                return cookie.value
+        return None
+
+    # -- tasks
+
+    async def _csrf_token(self, stage: Stage) -> str:
+        if self._csrf is None:
+            html, _ = await self._get_page(_TASK_PAGE[stage], "task_page")
+            match = _CSRF_IN_PAGE.search(html)
+            if not match:
+                raise ProtocolError(f"{_TASK_PAGE[stage]} does not embed window.CSRF_TOKEN")
+            self._csrf = match.group(1)
+        return self._csrf
+
+    async def submit(self, step: Step, model: int, payload: dict[str, Any]) -> int | None:
+        """POST one task. Returns the job id if the answer carried one (a convenience).
+
+        Raises RequestRejected (4xx), ModelBusy (409) or AmbiguousSubmit: after an
+        AmbiguousSubmit the caller must look at view_jobs before posting again.
+        """
+        body = {**payload, "model_number": model}
+        for attempt in range(3):
+            token = await self._csrf_token(step.stage)
+            generation = self._generation
+            self.requests["submit"] += 1
+            try:
+                async with self.session.post(
+                    self.url(_TASK_PAGE[step.stage]), json=body, allow_redirects=False,
+                    headers={"X-CSRFToken": token, "Referer": self.url(_TASK_PAGE[step.stage])},
+                ) as resp:
+                    text = await resp.text()
+                    status, location = resp.status, resp.headers.get("Location", "")
+            except _NETWORK_EXCEPTIONS as exc:
+                raise AmbiguousSubmit(f"task POST failed: {translate(exc)}", model=model) from exc
+            if status == 200:
+                return _job_id_of(text)
+            if status in (301, 302, 303) and _LOGIN_PATH in location:
+                await self.login(after_generation=generation)  # not accepted: safe to repeat
+                continue
+            if status == 403 and attempt == 0:
+                self._csrf = None  # stale token: fetch a fresh one once
+                continue
+            if status == 409:
+                raise ModelBusy(f"model {model} is busy", model=model)
+            if status >= 500:
+                raise AmbiguousSubmit(f"task POST answered {status}", model=model)
+            raise RequestRejected(status, _error_of(text))
+        raise ProtocolError("the site kept refusing the task POST's session or token")
+
+    async def tasks(self) -> list[TaskRow]:
+        html, _ = await self._get_page("gi/view_jobs/", "view_jobs")
+        return parse_task_rows(html)
+
+    async def sections(self, model: int) -> list[Section]:
+        html, url = await self._get_page(f"gi/view_data/{model}/", "view_data")
+        return parse_sections(html, url)
+
+    @asynccontextmanager
+    async def open_file(self, url: str, offset: int) -> AsyncIterator[aiohttp.ClientResponse]:
+        """A streaming GET of a result file from `offset` (Range); the caller reads it."""
+        headers = {"Range": f"bytes={offset}-"} if offset else {}
+        timeout = aiohttp.ClientTimeout(
+            total=self.timeouts.download_s, sock_connect=self.timeouts.connect_s,
+            sock_read=self.timeouts.read_s,
+        )
+        self.requests["download"] += 1
+        try:
+            async with self.session.get(
+                url, headers=headers, timeout=timeout, allow_redirects=False
+            ) as resp:
+                self._raise_for(resp)
+                yield resp
+        except _NETWORK_EXCEPTIONS as exc:
+            raise translate(exc) from exc
+
+
+class ModelBusy(GibatchError):
+    """409: the model number's current task is still queued or running."""
+
+
+def _job_id_of(text: str) -> int | None:
+    try:
+        value = json.loads(text).get("job_id")
+    except (ValueError, AttributeError):
+        return None
+    return value if isinstance(value, int) else None
+
+
+def _error_of(text: str) -> str:
+    try:
+        return str(json.loads(text).get("error") or text[:200])
+    except (ValueError, AttributeError):
+        return " ".join(text.split())[:200]
