@@ -53,7 +53,8 @@ class Problem:
 
     def __str__(self) -> str:
         where = f"{self.job}/{self.file}" if self.file else self.job
-        return f"{where}: {self.field}: {self.message}" if self.field else f"{where}: {self.message}"
+        field = f"{self.field}: " if self.field else ""
+        return f"{where}: {field}{self.message}"
 
 
 class JobInvalid(Exception):

@@ -8,7 +8,7 @@ particle count of 10**30, not to second-guess a student's science.
 
 from __future__ import annotations
 
-from enum import Enum
+from enum import StrEnum
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -25,7 +25,7 @@ class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
 
-class Component(str, Enum):
+class Component(StrEnum):
     DISK = "disk"
     BULGE = "bulge"
     HALO = "halo"
@@ -104,7 +104,7 @@ class MergeParams(StrictModel):
 
 class InteractParams(StrictModel):
     duration: Annotated[float, Field(gt=0, le=100)]
-    nFrames: Annotated[int, Field(ge=1, le=MAX_FRAMES)]  # noqa: N815 - the site's own key
+    nFrames: Annotated[int, Field(ge=1, le=MAX_FRAMES)]  # the site's own key
     softening: Annotated[float, Field(gt=0, le=100)]
     mass_1: Annotated[float, Field(gt=0, le=10_000)]
     mass_2: Annotated[float, Field(gt=0, le=10_000)]

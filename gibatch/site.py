@@ -14,7 +14,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 from html.parser import HTMLParser
 from typing import Any, TypeVar
 from urllib.parse import urljoin, urlsplit
@@ -69,8 +69,20 @@ class RetryPolicy:
     cap_s: float = 30.0
     give_up_after_s: float = 1800.0  # a proxy outage of half an hour is survivable
 
+    def wrap(self, fn: Callable[[], Awaitable[T]]) -> Callable[[], Awaitable[T]]:
+        """`fn` retried on TransientError until it succeeds or the policy gives up."""
+        return backoff.on_exception(
+            backoff.expo,
+            TransientError,
+            max_time=self.give_up_after_s,
+            factor=self.base_s,
+            max_value=self.cap_s,
+            jitter=backoff.full_jitter,
+            logger=None,
+        )(fn)
 
-class TaskState(str, Enum):
+
+class TaskState(StrEnum):
     ACTIVE = "active"
     COMPLETED = "completed"
     FAILED = "failed"
@@ -221,7 +233,8 @@ def parse_sections(html: str, page_url: str) -> list[Section]:
                 continue
             href, text = linked[0].links[0]
             sizes = [c.text.strip() for c in row if not c.links and c.text.strip().isdigit()]
-            files.append(RemoteFile(text, urljoin(page_url, href), int(sizes[0]) if sizes else None))
+            size = int(sizes[0]) if sizes else None
+            files.append(RemoteFile(text, urljoin(page_url, href), size))
         out.append(Section(name, status, tuple(files)))
         heading = None
     return out
@@ -261,8 +274,10 @@ class SiteClient:
         *,
         timeouts: Timeouts | None = None,
         retry: RetryPolicy | None = None,
+        site_key: str | None = None,
     ) -> None:
         self.base = base_url.rstrip("/") + "/"
+        self._site_key = site_key
         self.username = username
         self._password = password
         self.timeouts = timeouts or Timeouts()
@@ -303,21 +318,12 @@ class SiteClient:
     @property
     def site_key(self) -> str:
         """Identifies (site, account) for locks and the journal: no secret in it."""
+        if self._site_key:
+            return self._site_key
         parts = urlsplit(self.base)
         return f"{parts.scheme}://{parts.netloc}{parts.path.rstrip('/')}|{self.username}"
 
     # -- plumbing
-
-    def _retrying(self, fn: Callable[[], Awaitable[T]]) -> Callable[[], Awaitable[T]]:
-        return backoff.on_exception(  # type: ignore[no-any-return]
-            backoff.expo,
-            TransientError,
-            max_time=lambda: self.retry.give_up_after_s,
-            factor=self.retry.base_s,
-            max_value=self.retry.cap_s,
-            jitter=backoff.full_jitter,
-            logger=None,
-        )(fn)
 
     async def _get_page(self, path: str, kind: str) -> tuple[str, str]:
         """GET a page that needs login; returns (html, final url). Retries and re-logs in."""
@@ -330,7 +336,7 @@ class SiteClient:
                 await self.login(after_generation=generation)
                 return await self._get_once(path, kind)
 
-        return await self._retrying(once)()
+        return await self.retry.wrap(once)()
 
     async def _get_once(self, path: str, kind: str) -> tuple[str, str]:
         url = self.url(path)
@@ -359,7 +365,7 @@ class SiteClient:
         async with self._login_lock:
             if after_generation is not None and self._generation != after_generation:
                 return  # someone renewed the session meanwhile
-            await self._retrying(self._login_once)()
+            await self.retry.wrap(self._login_once)()
             self._generation += 1
             self._csrf = None  # Django rotates the CSRF token at login
 

@@ -43,3 +43,8 @@ def example_sweep(tmp_path: Path) -> Iterator[Path]:
     dest = tmp_path / "sweep"
     shutil.copytree(EXAMPLES / "sweep", dest)
     yield dest
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"

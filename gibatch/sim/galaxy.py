@@ -104,7 +104,7 @@ class _Potential:
         self.phi = -outer - self.m_enc[-1] / _GRID[-1]
 
     def escape_speed(self, r: F64) -> F64:
-        return np.sqrt(2 * -np.interp(r, _GRID, self.phi))
+        return np.asarray(np.sqrt(2 * -np.interp(r, _GRID, self.phi)))
 
     def jeans_dispersion(self, sphere: Hernquist, r: F64) -> F64:
         rho = sphere.density(_GRID)
@@ -112,7 +112,7 @@ class _Potential:
         seg = 0.5 * (integrand[1:] + integrand[:-1]) * np.diff(_GRID)
         pressure = np.concatenate([np.cumsum(seg[::-1])[::-1], [0.0]])
         sigma2 = np.divide(pressure, rho, out=np.zeros_like(rho), where=rho > 0)
-        return np.sqrt(np.interp(r, _GRID, sigma2))
+        return np.asarray(np.sqrt(np.interp(r, _GRID, sigma2)))
 
     def spheroid_vc2(self, r: F64) -> F64:
         total = sum((s.enclosed(r) for s in self.spheres), np.zeros_like(r))

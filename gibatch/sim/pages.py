@@ -9,7 +9,8 @@ from gibatch.sim.store import Section, Task
 
 _STYLE = (
     "body{font-family:sans-serif;margin:2em;max-width:70em}"
-    "table{border-collapse:collapse;margin-bottom:1em}td,th{border:1px solid #ccc;padding:.2em .6em}"
+    "table{border-collapse:collapse;margin-bottom:1em}"
+    "td,th{border:1px solid #ccc;padding:.2em .6em}"
     ".gallery img{margin:.3em;border:1px solid #888}.error{color:#b00}"
 )
 

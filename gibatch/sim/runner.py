@@ -83,7 +83,10 @@ class Runner:
                     self.store.section_job, task.username, task.model, section
                 )
                 ok = job is not None and self.store.status(job) is TaskStatus.COMPLETED
-                inputs.append(str(self.task_dir(task.username, task.model, job)) if ok else None)
+                inputs.append(
+                    str(self.task_dir(task.username, task.model, job))
+                    if job is not None and ok else None
+                )
             loop = asyncio.get_running_loop()
             try:
                 error = await loop.run_in_executor(
@@ -95,7 +98,7 @@ class Runner:
                 (out / "error.txt").write_text(error + "\n")
             status = TaskStatus.FAILED if error else TaskStatus.COMPLETED
             await asyncio.to_thread(self.store.set_status, task.job_id, status)
-            log.info("task %d %s model %d: %s", task.job_id, task.step, task.model, status.value)
+            log.debug("task %d %s model %d: %s", task.job_id, task.step, task.model, status.value)
 
     async def close(self) -> None:
         for t in list(self._running):

@@ -43,10 +43,10 @@ async def running_site(
 ) -> AsyncIterator[RunningSite]:
     """Serve `config` on host:port (0 picks a free port) until the block ends."""
     app, site = create_app(config)
-    runner = web.AppRunner(app, access_log=None)
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_GRACE_S)
     await runner.setup()
     try:
-        tcp = web.TCPSite(runner, host, port, shutdown_timeout=SHUTDOWN_GRACE_S)
+        tcp = web.TCPSite(runner, host, port)
         await tcp.start()
         bound_host, bound_port = runner.addresses[0][:2]
         user, password = next(iter(config.accounts.items()), ("", ""))

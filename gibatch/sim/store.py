@@ -13,13 +13,13 @@ import sqlite3
 import threading
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 
 from gibatch.steps import Stage, Step, section_stage
 
 
-class TaskStatus(str, Enum):
+class TaskStatus(StrEnum):
     QUEUED = "Queued"
     RUNNING = "Running"
     COMPLETED = "Completed"
@@ -110,7 +110,9 @@ class Store:
 
     # tasks
     def _row(self, row: tuple[object, ...]) -> Task:
-        return Task(*row[:7], status=TaskStatus(row[7]), submitted=str(row[8]))  # type: ignore[arg-type]
+        job_id, user, model, step, job_type, section, payload, status, submitted = row
+        return Task(int(str(job_id)), str(user), int(str(model)), str(step), str(job_type),
+                    str(section), str(payload), TaskStatus(str(status)), str(submitted))
 
     _TASK_COLS = "job_id, username, model, step, job_type, section, payload, status, submitted"
 
@@ -174,7 +176,9 @@ class Store:
 
     def status(self, job_id: int) -> TaskStatus | None:
         with self._lock:
-            row = self._db.execute("SELECT status FROM tasks WHERE job_id = ?", (job_id,)).fetchone()
+            row = self._db.execute(
+                "SELECT status FROM tasks WHERE job_id = ?", (job_id,)
+            ).fetchone()
         return None if row is None else TaskStatus(row[0])
 
     def tasks(self, username: str) -> list[Task]:

@@ -24,7 +24,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from gibatch.params import GalaxyParams, InteractParams, MergeParams, PlotParams
+from gibatch.params import Component, GalaxyParams, InteractParams, MergeParams, PlotParams
 from gibatch.sim import galaxy, nbody, render
 from gibatch.sim.galaxy import Realisation
 
@@ -72,7 +72,8 @@ def run_galaxy(payload: dict[str, Any], out: Path) -> None:
             f["component"].attrs["legend"] = "0 disk, 1 bulge, 2 halo"
         render.save_png(render.preview(real.pos, real.mass, 20.0), out / "preview.png")
         log.append(f"particles: {len(real.mass)}; model mass: {real.total_mass:.4f}")
-        log.append(f"half-mass radius (model units): {galaxy.half_mass_radius(real.pos, real.mass):.3f}")
+        radius = galaxy.half_mass_radius(real.pos, real.mass)
+        log.append(f"half-mass radius (model units): {radius:.3f}")
 
 
 def _read_galaxy(path: Path) -> Realisation:
@@ -158,10 +159,14 @@ def run_plot(payload: dict[str, Any], interaction: Path | None, out: Path) -> No
     params = PlotParams.model_validate(payload)
     snap = _require(interaction, SNAPSHOT_FILE, "Galaxy Interaction")
     with _log(out, "Plot", payload) as log, h5py.File(snap, "r") as f:
-        mass = f["mass"][...]
+        # Plots show the stars (disk and bulge); the dark halo only where there are none.
+        luminous = f["component"][...] != galaxy.COMPONENT_ID[Component.HALO]
+        shown = luminous if luminous.any() else np.ones_like(luminous)
+        mass = f["mass"][...][shown]
         times = f["time"][...]
         frames = [
-            render.density_image(f["position"][k], mass, params, f"t = {times[k]:.2f} Gyr")
+            render.density_image(f["position"][k][shown], mass, params,
+                                 f"t = {times[k]:.2f} Gyr")
             for k in range(len(times))
         ]
         render.save_png(frames[-1], out / "final.png")

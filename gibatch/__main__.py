@@ -1,0 +1,4 @@
+from gibatch.cli import main
+
+if __name__ == "__main__":
+    main()

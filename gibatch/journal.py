@@ -1,0 +1,184 @@
+"""The sweep's journal: SQLite (WAL) in JOBS/.gibatch/journal.db. No secrets, ever.
+
+It keeps what a run must not forget when it is killed:
+- events: one row per job and step transition (what `status` shows);
+- held: per (site, account, model number), which result section holds which lineage,
+  and the highest task id gibatch has accounted for on that model (anything newer that
+  gibatch did not submit voids that memory);
+- intents: a task POST about to be sent, so that after a crash the task it may have
+  created is found on the site and adopted instead of submitted twice;
+- durations: measured seconds per stage, for polling and estimates.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+
+from gibatch.jobs import STATE_DIR
+
+JOURNAL_FILE = "journal.db"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, at REAL NOT NULL, pid INTEGER NOT NULL,
+    job TEXT, model INTEGER, step TEXT, event TEXT NOT NULL, detail TEXT);
+CREATE TABLE IF NOT EXISTS held (
+    site TEXT NOT NULL, model INTEGER NOT NULL, section TEXT NOT NULL,
+    lineage TEXT NOT NULL, PRIMARY KEY (site, model, section));
+CREATE TABLE IF NOT EXISTS accounted (
+    site TEXT NOT NULL, model INTEGER NOT NULL, last_task_id INTEGER NOT NULL,
+    PRIMARY KEY (site, model));
+CREATE TABLE IF NOT EXISTS intents (
+    site TEXT NOT NULL, model INTEGER NOT NULL, job TEXT NOT NULL, step TEXT NOT NULL,
+    section TEXT NOT NULL, job_type TEXT NOT NULL, lineage TEXT NOT NULL,
+    after_task_id INTEGER NOT NULL, at REAL NOT NULL, PRIMARY KEY (site, model));
+CREATE TABLE IF NOT EXISTS durations (
+    stage INTEGER NOT NULL, seconds REAL NOT NULL, at REAL NOT NULL);
+"""
+
+
+class Event(StrEnum):
+    RUN_START = "run-start"
+    RUN_END = "run-end"
+    JOB_START = "job-start"
+    STEP_SKIPPED = "step-skipped"
+    STEP_SUBMITTED = "step-submitted"
+    STEP_ADOPTED = "step-adopted"
+    STEP_COMPLETED = "step-completed"
+    STEP_FAILED = "step-failed"
+    JOB_COMPLETE = "job-complete"
+    JOB_FAILED = "job-failed"
+    JOB_INVALID = "job-invalid"
+    JOB_INTERRUPTED = "job-interrupted"
+    MEMORY_VOID = "memory-void"
+
+
+@dataclass(frozen=True)
+class Intent:
+    job: str
+    step: str
+    section: str
+    job_type: str
+    lineage: str
+    after_task_id: int
+
+
+@dataclass(frozen=True)
+class EventRow:
+    at: float
+    pid: int
+    job: str | None
+    model: int | None
+    step: str | None
+    event: str
+    detail: str | None
+
+
+class Journal:
+    """Thread-safe; callers on the event loop go through `anyio.to_thread`."""
+
+    def __init__(self, jobs_dir: Path) -> None:
+        folder = jobs_dir / STATE_DIR
+        folder.mkdir(exist_ok=True)
+        self.path = folder / JOURNAL_FILE
+        self._db = sqlite3.connect(
+            self.path, check_same_thread=False, isolation_level=None, timeout=30
+        )
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.executescript(_SCHEMA)
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def _exec(self, sql: str, args: tuple[object, ...] = ()) -> list[tuple[object, ...]]:
+        with self._lock:
+            return self._db.execute(sql, args).fetchall()
+
+    def record(
+        self, event: Event, job: str | None = None, model: int | None = None,
+        step: str | None = None, detail: str | None = None,
+    ) -> None:
+        self._exec(
+            "INSERT INTO events (at, pid, job, model, step, event, detail) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (time.time(), os.getpid(), job, model, step, event.value, detail),
+        )
+
+    def events(self, limit: int | None = None) -> list[EventRow]:
+        sql = "SELECT at, pid, job, model, step, event, detail FROM events ORDER BY id"
+        if limit:
+            sql = ("SELECT * FROM (SELECT id, at, pid, job, model, step, event, detail FROM "
+                   f"events ORDER BY id DESC LIMIT {int(limit)}) ORDER BY id")
+            return [EventRow(*r[1:]) for r in self._exec(sql)]  # type: ignore[arg-type]
+        return [EventRow(*r) for r in self._exec(sql)]  # type: ignore[arg-type]
+
+    # what each model number holds
+    def held(self, site: str, model: int) -> dict[str, str]:
+        rows = self._exec("SELECT section, lineage FROM held WHERE site = ? AND model = ?",
+                          (site, model))
+        return {str(s): str(lineage) for s, lineage in rows}
+
+    def set_held(self, site: str, model: int, held: dict[str, str], last_task_id: int) -> None:
+        """Replace the memory of one model number, atomically."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.execute("DELETE FROM held WHERE site = ? AND model = ?", (site, model))
+                self._db.executemany(
+                    "INSERT INTO held VALUES (?, ?, ?, ?)",
+                    [(site, model, s, lineage) for s, lineage in held.items()],
+                )
+                self._db.execute(
+                    "INSERT OR REPLACE INTO accounted VALUES (?, ?, ?)", (site, model, last_task_id)
+                )
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+
+    def last_task_id(self, site: str, model: int) -> int | None:
+        rows = self._exec("SELECT last_task_id FROM accounted WHERE site = ? AND model = ?",
+                          (site, model))
+        return int(rows[0][0]) if rows else None  # type: ignore[call-overload]
+
+    # intents
+    def set_intent(self, site: str, model: int, intent: Intent) -> None:
+        self._exec(
+            "INSERT OR REPLACE INTO intents VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (site, model, intent.job, intent.step, intent.section, intent.job_type,
+             intent.lineage, intent.after_task_id, time.time()),
+        )
+
+    def intent(self, site: str, model: int) -> Intent | None:
+        rows = self._exec(
+            "SELECT job, step, section, job_type, lineage, after_task_id FROM intents "
+            "WHERE site = ? AND model = ?", (site, model),
+        )
+        return Intent(*rows[0]) if rows else None  # type: ignore[arg-type]
+
+    def clear_intent(self, site: str, model: int) -> None:
+        self._exec("DELETE FROM intents WHERE site = ? AND model = ?", (site, model))
+
+    # durations
+    def add_duration(self, stage: int, seconds: float) -> None:
+        self._exec("INSERT INTO durations VALUES (?, ?, ?)", (stage, seconds, time.time()))
+
+    def mean_durations(self) -> dict[int, float]:
+        """Mean of the last 50 measured durations per stage."""
+        out: dict[int, float] = {}
+        for (stage,) in self._exec("SELECT DISTINCT stage FROM durations"):
+            rows = self._exec(
+                "SELECT seconds FROM durations WHERE stage = ? ORDER BY at DESC LIMIT 50", (stage,)
+            )
+            seconds = [float(r[0]) for r in rows]  # type: ignore[arg-type]
+            out[int(str(stage))] = sum(seconds) / len(seconds)
+        return out

@@ -1,0 +1,243 @@
+"""`gibatch run` against the real local site on 127.0.0.1, with its faults switched on."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+from gibatch import steps
+from gibatch.jobs import load_sweep
+from gibatch.journal import Journal
+from gibatch.record import RECORD_FILE
+from gibatch.run import Options, Outcome, Scheduler, Summary
+from gibatch.sim.app import SiteConfig
+from gibatch.sim.faults import Faults
+from gibatch.sim.server import ThreadedSite
+from gibatch.site import RetryPolicy, SiteClient, Timeouts
+from tests.conftest import read_base
+
+FAST_RETRY = RetryPolicy(base_s=0.05, cap_s=0.5, give_up_after_s=60)
+SMALL = {"number_of_particles": 30}
+
+
+def tiny_job_files(**changes: dict[str, Any]) -> dict[str, Any]:
+    base = read_base()
+    for g in ("galaxy1.json", "galaxy2.json"):
+        base[g] = {**base[g], "disk": {**base[g]["disk"], **SMALL}, "bulge": SMALL,
+                   "halo": {**base[g]["halo"], **SMALL}}
+    base["interact.json"] = {**base["interact.json"], "duration": 0.1, "nFrames": 4}
+    for p in ("plot1.json", "plot2.json"):
+        base[p] = {**base[p], "plot_size": "small"}
+    for name, update in changes.items():
+        base[name] = {**base[name], **update}
+    return base
+
+
+def write_job(root: Path, name: str, files: dict[str, Any]) -> None:
+    (root / name).mkdir(parents=True)
+    for fname, obj in files.items():
+        (root / name / fname).write_text(json.dumps(obj))
+
+
+@pytest.fixture
+def three_jobs(tmp_path: Path) -> Path:
+    """A, B (A with other plots: 2 tasks), C (A with another interaction: 3 tasks)."""
+    root = tmp_path / "jobs"
+    write_job(root, "a", tiny_job_files())
+    write_job(root, "b", tiny_job_files(**{"plot1.json": {"colour_scheme": "blackonwhite"},
+                                           "plot2.json": {"x_min": -250}}))
+    write_job(root, "c", tiny_job_files(**{"interact.json": {"mass_2": 2.0}}))
+    return root
+
+
+MINIMUM_TASKS = 6 + 2 + 3
+
+
+@pytest.fixture
+def make_site(tmp_path: Path) -> Iterator[Callable[..., ThreadedSite]]:
+    sites: list[ThreadedSite] = []
+
+    def make(**options: Any) -> ThreadedSite:
+        config = SiteConfig(data_dir=tmp_path / f"site{len(sites)}",
+                            accounts={"alice": "pw"}, workers=2, **options)
+        sites.append(ThreadedSite(config))
+        return sites[-1]
+
+    yield make
+    for s in sites:
+        s.stop()
+
+
+def run_sweep(site: ThreadedSite, jobs: Path, models: list[int]) -> Summary:
+    async def main() -> Summary:
+        journal = Journal(jobs)
+        try:
+            async with SiteClient(site.running.url, "alice", "pw", retry=FAST_RETRY,
+                                  timeouts=Timeouts(read_s=2.0, page_s=5.0)) as client:
+                return await Scheduler(client, load_sweep(jobs),
+                                       Options(jobs, models, concurrency=3), journal).execute()
+        finally:
+            journal.close()
+
+    return anyio.run(main)
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def assert_outputs_match_site(jobs: Path, site_dir: Path) -> None:
+    served = {(p.name, sha(p)) for p in (site_dir / "media").rglob("*") if p.is_file()}
+    for job in (p for p in jobs.iterdir() if not p.name.startswith(".")):
+        rec = json.loads((job / "output" / RECORD_FILE).read_text())
+        assert set(rec["sections"]) == {s.section for s in steps.chain(2)}
+        for section, files in rec["sections"].items():
+            for f in files:
+                path = job / "output" / section / f["name"]
+                assert path.stat().st_size == f["size"]
+                assert (f["name"], sha(path)) in served
+        assert not list(job.rglob("*.part"))
+
+
+@pytest.mark.slow
+def test_sweep_under_faults_is_whole_and_minimal(
+    three_jobs: Path, make_site: Callable[..., ThreadedSite]
+) -> None:
+    site = make_site(session_lifetime_s=1.5, faults=Faults(
+        error_rate=0.15, cut_rate=0.4, post_502_rate=0.4, seed=7))
+    summary = run_sweep(site, three_jobs, [1])
+    assert summary.outcomes == {n: Outcome.COMPLETE for n in "abc"}, summary.reasons
+    assert site.running.site.store.task_count() == MINIMUM_TASKS
+    faults = site.running.site.faults.injected
+    assert faults.get("cut", 0) > 0 and faults.get("post_502", 0) > 0 and faults.get("error")
+    assert_outputs_match_site(three_jobs, site.running.site.config.data_dir)
+    # A second run finds everything complete and asks the site for nothing new.
+    again = run_sweep(site, three_jobs, [1])
+    assert set(again.outcomes.values()) == {Outcome.ALREADY_COMPLETE}
+    assert site.running.site.store.task_count() == MINIMUM_TASKS
+
+
+@pytest.mark.slow
+def test_hung_requests_time_out_and_retry(
+    three_jobs: Path, make_site: Callable[..., ThreadedSite]
+) -> None:
+    site = make_site()
+    site.running.site.faults.script("hang", "/gi/view_jobs/", times=2)
+    site.running.site.faults.script("hang", "/media/", times=2)
+    summary = run_sweep(site, three_jobs, [1, 2])
+    assert set(summary.outcomes.values()) == {Outcome.COMPLETE}
+    assert site.running.site.faults.injected["hang"] == 4
+
+
+@pytest.mark.slow
+def test_task_behind_our_back_voids_memory(
+    three_jobs: Path, make_site: Callable[..., ThreadedSite]
+) -> None:
+    site = make_site()
+    (three_jobs / "c").rename(three_jobs.parent / "c-later")
+    (three_jobs / "b").rename(three_jobs.parent / "b-later")
+    run_sweep(site, three_jobs, [1])
+    assert site.running.site.store.task_count() == 6
+
+    async def meddle() -> None:  # a student clicks "build galaxy 1" in the browser
+        async with SiteClient(site.running.url, "alice", "pw") as client:
+            await client.login()
+            await client.submit(steps.GALAXY1, 1, tiny_job_files()["galaxy1.json"])
+
+    anyio.run(meddle)
+    (three_jobs.parent / "b-later").rename(three_jobs / "b")
+    summary = run_sweep(site, three_jobs, [1])
+    assert summary.outcomes["b"] is Outcome.COMPLETE
+    # Nothing could be trusted: b ran its whole chain (6), not just its plots (2).
+    assert site.running.site.store.task_count() == 6 + 1 + 6
+    events = [e.event for e in Journal(three_jobs).events()]
+    assert "memory-void" in events
+
+
+def gibatch(log: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    """gibatch as a real process; output to a file (the site's worker processes may
+    outlive a killed gibatch briefly, and would hold a pipe open)."""
+    with log.open("a") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "gibatch", *args], stdout=out, stderr=subprocess.STDOUT,
+            text=True, env={**os.environ, **(env or {})},
+        )
+
+
+def wait_for_event(jobs: Path, event: str, step: str | None, deadline_s: float) -> None:
+    """Bounded wait until the journal shows `event` (a condition, not a sleep)."""
+    end = time.monotonic() + deadline_s
+    while time.monotonic() < end:
+        db = jobs / ".gibatch" / "journal.db"
+        if db.exists():
+            journal = Journal(jobs)
+            try:
+                if any(e.event == event and (step is None or e.step == step)
+                       for e in journal.events()):
+                    return
+            finally:
+                journal.close()
+        time.sleep(0.05)
+    raise AssertionError(f"no {event} {step} within {deadline_s} s")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("moment", [("step-submitted", "interact"), ("job-complete", None)])
+def test_kill_9_then_resume(three_jobs: Path, tmp_path: Path,
+                            moment: tuple[str, str | None]) -> None:
+    env = {"GIBATCH_LOCK_DIR": str(tmp_path / "locks")}
+    args = ("run", "--jobs", str(three_jobs), "--models", "1")
+    log = tmp_path / "gibatch.log"
+    first = gibatch(log, *args, env=env)
+    try:
+        wait_for_event(three_jobs, *moment, deadline_s=90)
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait(timeout=30)
+    second = gibatch(log, *args, env=env)
+    second.wait(timeout=240)
+    out = log.read_text()
+    assert second.returncode == 0, out
+    site_dir = three_jobs / ".gibatch" / "site"
+    assert_outputs_match_site(three_jobs, site_dir)
+    import sqlite3
+
+    with sqlite3.connect(site_dir / "site.db") as db:
+        (count,) = db.execute("SELECT COUNT(*) FROM tasks").fetchone()
+    assert count == MINIMUM_TASKS, out
+
+
+@pytest.mark.slow
+def test_model_held_by_another_process_is_named(three_jobs: Path, tmp_path: Path) -> None:
+    env = {"GIBATCH_LOCK_DIR": str(tmp_path / "locks")}
+    key = f"embedded:{(three_jobs / '.gibatch' / 'site').resolve()}"
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         "import sys, pathlib; from gibatch.slots import ModelLock\n"
+         f"lock = ModelLock({key!r}, 1, pathlib.Path({str(tmp_path)!r}))\n"
+         "assert lock.acquire(); print('held', flush=True); sys.stdin.read()"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        env={**os.environ, **env},
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        log = tmp_path / "gibatch.log"
+        proc = gibatch(log, "run", "--jobs", str(three_jobs), "--models", "1", env=env)
+        proc.wait(timeout=120)
+        out = log.read_text()
+        assert proc.returncode == 3, out
+        assert f"pid {holder.pid}" in out and str(tmp_path) in out
+    finally:
+        holder.kill()
+        holder.communicate(timeout=30)  # also closes its pipes
