@@ -103,6 +103,14 @@ def _print_summary(summary: Summary) -> None:
         f"{s.count(o)} {o.value}" for o in Outcome if s.count(o)))
     typer.echo(f"tasks submitted: {s.tasks_submitted}, steps skipped: {s.steps_skipped}, "
                f"model numbers used: {', '.join(map(str, s.models_used)) or 'none'}")
+    total = sum(s.requests.values())
+    if s.tasks_submitted:
+        typer.echo(f"requests to the site: {total} ({total / s.tasks_submitted:.1f} per task: "
+                   + ", ".join(f"{k} {v}" for k, v in sorted(s.requests.items())) + ")")
+    if s.dispatch_delays_s:
+        delays = sorted(s.dispatch_delays_s)
+        typer.echo(f"median delay from a task's end to the next submission: "
+                   f"{delays[len(delays) // 2]:.2f} s")
     for job, reason in s.reasons.items():
         typer.echo(f"  {job}: {reason}")
 

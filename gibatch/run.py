@@ -80,6 +80,7 @@ class Summary:
     models_used: list[int] = field(default_factory=list)
     models_refused: dict[int, str] = field(default_factory=dict)
     dispatch_delays_s: list[float] = field(default_factory=list)
+    requests: dict[str, int] = field(default_factory=dict)
     started: float = field(default_factory=time.monotonic)
     ended: float = 0.0
 
@@ -172,6 +173,7 @@ class Scheduler:
             for job in self.pending:
                 self.summary.outcomes.setdefault(job.name, Outcome.NOT_RUN)
             self.summary.ended = time.monotonic()
+            self.summary.requests = dict(self.client.requests)
             self.emit(Event.RUN_END, detail=self._summary_line())
         return self.summary
 

@@ -193,6 +193,7 @@ def wait_for_event(jobs: Path, event: str, step: str | None, deadline_s: float) 
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(400)
 @pytest.mark.parametrize("moment", [("step-submitted", "interact"), ("job-complete", None)])
 def test_kill_9_then_resume(three_jobs: Path, tmp_path: Path,
                             moment: tuple[str, str | None]) -> None:
