@@ -109,7 +109,7 @@ def _print_summary(summary: Summary) -> None:
                    + ", ".join(f"{k} {v}" for k, v in sorted(s.requests.items())) + ")")
     if s.dispatch_delays_s:
         delays = sorted(s.dispatch_delays_s)
-        typer.echo(f"median delay from a task's end to the next submission: "
+        typer.echo(f"median delay from noticing a task's end to the next submission: "
                    f"{delays[len(delays) // 2]:.2f} s")
     for job, reason in s.reasons.items():
         typer.echo(f"  {job}: {reason}")
