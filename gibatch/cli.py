@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import sys
+import time
 from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Annotated
@@ -18,7 +19,7 @@ import typer
 from gibatch.errors import GibatchError, NoModelAvailable
 from gibatch.jobs import STATE_DIR, load_sweep
 from gibatch.journal import Journal
-from gibatch.run import Options, Outcome, Scheduler, Summary
+from gibatch.run import Listener, Options, Outcome, Scheduler, Summary
 from gibatch.site import SiteClient
 
 PASSWORD_ENV = "GIBATCH_PASSWORD"
@@ -85,12 +86,10 @@ def _setup_logging(log_file: Path | None) -> None:
     root.propagate = False
 
 
-def _json_listener(path: Path):  # type: ignore[no-untyped-def]
+def _json_listener(path: Path) -> Listener:
     stream = path.open("a", buffering=1)
 
     def listen(event: str, fields: dict[str, object]) -> None:
-        import time
-
         stream.write(json.dumps({"at": time.time(), "event": event, **fields}) + "\n")
 
     return listen

@@ -290,7 +290,8 @@ class Scheduler:
             if adopted is not None:
                 self.emit(Event.STEP_ADOPTED, intent.job, state.model, intent.step,
                           f"task {adopted.job_id} found after a restart")
-                row = await self._finish_wait(state, adopted, Stage[_stage_name(intent.step)])
+                stage = _step_of_section(intent.section).stage
+                row = await self._finish_wait(state, adopted, stage)
                 self._apply(state, intent.section, row, intent.lineage)
             self.journal.clear_intent(self.site, state.model)
         top = newest(self.poller.rows, state.model)
@@ -471,13 +472,6 @@ class Scheduler:
 def _adoptable(rows: list[TaskRow], model: int, after: int, job_type: str) -> TaskRow | None:
     mine = [r for r in rows if r.model == model and r.job_id > after and r.job_type == job_type]
     return min(mine, key=lambda r: r.job_id) if mine else None
-
-
-def _stage_name(step_name: str) -> str:
-    for stage in Stage:
-        if step_name.startswith(("galaxy", "merge", "interact", "plot")[stage]):
-            return stage.name
-    raise ValueError(step_name)
 
 
 def _step_of_section(section: str) -> Step:
