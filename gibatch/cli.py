@@ -15,7 +15,10 @@ from typing import Annotated
 
 import anyio
 import typer
+from rich.console import Console
+from rich.live import Live
 
+from gibatch.display import RunDisplay
 from gibatch.errors import GibatchError, NoModelAvailable
 from gibatch.jobs import STATE_DIR, load_sweep
 from gibatch.journal import Journal
@@ -70,12 +73,25 @@ def _password(password_file: Path | None) -> str:
                        "or run on a terminal to be asked")
 
 
-def _setup_logging(log_file: Path | None) -> None:
+def _jobs_dir(jobs: Path) -> Path:
+    if not jobs.is_dir():
+        raise _usage_error(f"--jobs {jobs}: no such folder")
+    return jobs
+
+
+def _embedded_data(jobs: Path) -> tuple[Path, str]:
+    """Where the embedded site keeps its data for this sweep, and its site key."""
+    data = jobs / STATE_DIR / "site"
+    return data, f"embedded:{data.resolve()}"
+
+
+def _setup_logging(console: Console | None) -> None:
+    """Rich log lines on a terminal (above the live display); plain lines otherwise."""
     handler: logging.Handler
-    if sys.stderr.isatty():
+    if console is not None:
         from rich.logging import RichHandler
 
-        handler = RichHandler(show_path=False, markup=False)
+        handler = RichHandler(console=console, show_path=False, markup=False)
         handler.setFormatter(logging.Formatter("%(message)s"))
     else:
         handler = logging.StreamHandler()
@@ -91,6 +107,17 @@ def _json_listener(path: Path) -> Listener:
 
     def listen(event: str, fields: dict[str, object]) -> None:
         stream.write(json.dumps({"at": time.time(), "event": event, **fields}) + "\n")
+
+    return listen
+
+
+def _fan_out(listeners: list[Listener]) -> Listener | None:
+    if not listeners:
+        return None
+
+    def listen(event: str, fields: dict[str, object]) -> None:
+        for one in listeners:
+            one(event, fields)
 
     return listen
 
@@ -127,23 +154,27 @@ def run(
         help=f"File holding the password (else ${PASSWORD_ENV}, else a prompt).")] = None,
     log_file: Annotated[Path | None, typer.Option(help="Append JSON lines of events.")] = None,
     grace: Annotated[float, typer.Option(help="Seconds to let work settle on Ctrl-C.")] = 30.0,
+    live: Annotated[bool, typer.Option(
+        help="Live progress display (default: when stderr is a terminal).")] = True,
 ) -> None:
     """Run every job of a sweep, skipping what each model number already holds.
 
     Example: gibatch run --jobs examples/sweep --models 1-4 --concurrency 4
     """
-    if not jobs.is_dir():
-        raise _usage_error(f"--jobs {jobs}: no such folder")
+    _jobs_dir(jobs)
     model_list = parse_models(models)
     if server is not None and not username:
         raise _usage_error("--server needs --username")
     secret = _password(password_file) if server is not None else ""
-    _setup_logging(log_file)
+    console = Console(stderr=True) if sys.stderr.isatty() else None
+    _setup_logging(console)
     sweep = load_sweep(jobs)
     for problem in sweep.problems:
         typer.echo(f"invalid: {problem}", err=True)
     options = Options(jobs_dir=jobs, models=model_list, concurrency=concurrency, grace_s=grace)
-    listener = _json_listener(log_file) if log_file else None
+    display = RunDisplay() if console is not None and live else None
+    listener = _fan_out([one for one in (_json_listener(log_file) if log_file else None,
+                                         display) if one is not None])
 
     async def main() -> Summary:
         journal = Journal(jobs)
@@ -152,15 +183,16 @@ def run(
                 if server is None:
                     from gibatch.sim.server import one_time_config, running_site
 
-                    data = jobs / STATE_DIR / "site"
+                    data, key = _embedded_data(jobs)
                     site = await stack.enter_async_context(running_site(
                         one_time_config(data, model_count=max(model_list))))
                     log.info("embedded GI site at %s", site.url)
-                    client = SiteClient(site.url, site.username, site.password,
-                                        site_key=f"embedded:{data.resolve()}")
+                    client = SiteClient(site.url, site.username, site.password, site_key=key)
                 else:
                     client = SiteClient(server, username or "", secret)
                 await stack.enter_async_context(client)
+                if display is not None:
+                    stack.enter_context(Live(display, console=console, refresh_per_second=4))
                 return await Scheduler(client, sweep, options, journal, listener).execute()
         finally:
             journal.close()
@@ -183,13 +215,119 @@ def check(jobs: Annotated[Path, typer.Option(help="Folder of job folders.")]) ->
 
     Example: gibatch check --jobs examples/sweep
     """
-    if not jobs.is_dir():
-        raise _usage_error(f"--jobs {jobs}: no such folder")
-    sweep = load_sweep(jobs)
+    sweep = load_sweep(_jobs_dir(jobs))
     for problem in sweep.problems:
         typer.echo(str(problem))
     typer.echo(f"{len(sweep.jobs)} valid, {len(sweep.invalid_jobs)} invalid")
     raise typer.Exit(1 if sweep.problems else 0)
+
+
+@app.command()
+def plan(
+    jobs: Annotated[Path, typer.Option(help="Folder of job folders.")],
+    models: Annotated[str, typer.Option(help="Model numbers to use, e.g. 1-4 or 1,3.")] = "1-4",
+    server: Annotated[str | None, typer.Option(
+        help="Also read what the model numbers of this site hold now.")] = None,
+    username: Annotated[str | None, typer.Option(help="Account on --server.")] = None,
+    password_file: Annotated[Path | None, typer.Option(
+        help=f"File holding the password (else ${PASSWORD_ENV}, else a prompt).")] = None,
+) -> None:
+    """Dry run: which job each model number takes, which steps run or are skipped,
+    how many tasks and how long. Sends no task; offline unless --server is given.
+
+    Example: gibatch plan --jobs examples/sweep --models 1-4
+    """
+    from gibatch.commands import show_plan
+
+    _jobs_dir(jobs)
+    model_list = parse_models(models)
+    if server is not None and not username:
+        raise _usage_error("--server needs --username")
+    client = SiteClient(server, username or "", _password(password_file)) if server else None
+    key = client.site_key if client else _embedded_data(jobs)[1]
+    try:
+        show_plan(Console(), load_sweep(jobs), model_list, key, client)
+    except GibatchError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+
+
+@app.command()
+def status(
+    jobs: Annotated[Path, typer.Option(help="Folder of job folders.")],
+    events: Annotated[int, typer.Option(min=0, help="How many recent events to show.")] = 10,
+) -> None:
+    """Where a sweep stands: done, failed (why), running and pending per model number,
+    elapsed time and ETA, the last events. Safe while a run is going on.
+
+    Example: gibatch status --jobs examples/sweep
+    """
+    from gibatch.commands import show_status
+
+    show_status(Console(), load_sweep(_jobs_dir(jobs)), events)
+
+
+@app.command(name="sweep")
+def make_sweep(
+    base_job: Annotated[Path, typer.Argument(help="A valid job folder to start from.")],
+    out: Annotated[Path, typer.Option(help="Folder to write the job folders into.")],
+    vary: Annotated[list[str], typer.Option(
+        help="FILE.KEY=VALUES: a,b,c or low:high:step (inclusive); repeatable. "
+             "orbit.distance/speed/azimuth/elevation/approach set galaxy 2's orbit.")],
+    zip_: Annotated[bool, typer.Option("--zip", help="Pair the k-th values, not a grid.")
+                    ] = False,
+    random_count: Annotated[int | None, typer.Option(
+        "--random", min=1, help="Draw N random points within the ranges instead.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed for --random.")] = 0,
+    force: Annotated[bool, typer.Option(help="Replace existing job folders.")] = False,
+) -> None:
+    """Write job folders from a base job and variations of its keys, plus sweep.json.
+
+    Example: gibatch sweep examples/base_job --out jobs
+    --vary merge.theta_galaxy_2=0:90:15 --vary interact.mass_2=1,1.5,2
+    """
+    from gibatch import sweep as sw
+
+    try:
+        varies = [sw.parse_vary(v) for v in vary]
+        if random_count is not None:
+            base = sw.read_base(base_job)
+            points, mode = sw.random_points(varies, random_count, seed, base), "random"
+        elif zip_:
+            points, mode = sw.zipped(varies), "zip"
+        else:
+            points, mode = sw.grid(varies), "grid"
+        how = {"mode": mode, "vary": [v.text for v in varies],
+               **({"seed": seed} if mode == "random" else {})}
+        written = sw.write_sweep(base_job, out, points, how=how, overwrite=force)
+    except sw.SweepError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(EXIT_USAGE) from None
+    typer.echo(f"wrote {len(written)} jobs to {out} ({mode}); how: {out / sw.SWEEP_FILE}")
+
+
+@app.command()
+def report(
+    jobs: Annotated[Path, typer.Option(help="Folder of job folders.")],
+    out: Annotated[Path | None, typer.Option(
+        help="HTML file to write (default JOBS/report.html).")] = None,
+) -> None:
+    """A static HTML page of the sweep (sortable, filterable, thumbnails that open the
+    animation; works from file://) and a contact sheet PNG of the final frames.
+
+    Example: gibatch report --jobs examples/sweep && xdg-open examples/sweep/report.html
+    """
+    from gibatch.report import build_report
+    from gibatch.status import sweep_status
+
+    sweep = load_sweep(_jobs_dir(jobs))
+    journal = Journal(jobs)
+    try:
+        result = build_report(sweep, sweep_status(sweep, journal), out)
+    finally:
+        journal.close()
+    typer.echo(f"{result.page}: {result.rows} jobs, {result.thumbnails} thumbnails"
+               + (f"; contact sheet {result.sheet}" if result.sheet else ""))
 
 
 @app.command()

@@ -21,6 +21,7 @@ from enum import StrEnum
 from pathlib import Path
 
 from gibatch.jobs import STATE_DIR
+from gibatch.steps import DEFAULT_STAGE_COST_S, Stage
 
 JOURNAL_FILE = "journal.db"
 
@@ -182,3 +183,8 @@ class Journal:
             seconds = [float(r[0]) for r in rows]  # type: ignore[arg-type]
             out[int(str(stage))] = sum(seconds) / len(seconds)
         return out
+
+    def stage_estimates(self) -> dict[Stage, float]:
+        """Seconds per stage: measured means where known, stated defaults elsewhere."""
+        return {**DEFAULT_STAGE_COST_S,
+                **{Stage(k): v for k, v in self.mean_durations().items()}}

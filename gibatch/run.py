@@ -28,17 +28,17 @@ from gibatch.errors import (
     PermanentError,
     TransientError,
 )
+from gibatch.holdings import after_task, best_job, held_section, new_section, section_step
 from gibatch.jobs import Job, Sweep
 from gibatch.journal import Event, Intent, Journal
 from gibatch.poller import Poller, newest
 from gibatch.site import ModelBusy, RemoteFile, Section, SiteClient, TaskRow, TaskState
 from gibatch.slots import JobClaim, ModelLock
-from gibatch.steps import DEFAULT_STAGE_COST_S, Stage, Step, section_stage, survives
+from gibatch.steps import Stage, Step, survives
 from gibatch.transfer import FileRecord, fetch
 
 log = logging.getLogger("gibatch")
 
-FAILED_MARK = "!failed"  # a section the site holds whose task failed: counted, never reused
 SUBMIT_RETRY_S = 2.0
 DEFAULT_GRACE_S = 30.0
 
@@ -117,8 +117,7 @@ class Scheduler:
         self.pending: list[Job] = []
         self.claims: dict[str, JobClaim] = {}
         self.transfers = anyio.Semaphore(max(1, options.concurrency))
-        self.estimates = {**{s: c for s, c in DEFAULT_STAGE_COST_S.items()},
-                          **{Stage(k): v for k, v in journal.mean_durations().items()}}
+        self.estimates = journal.stage_estimates()
         self.stopping = False
         self._listener = listener
         self._last_finish: dict[int, float] = {}
@@ -126,14 +125,15 @@ class Scheduler:
     # -- reporting
 
     def emit(self, event: Event, job: str | None = None, model: int | None = None,
-             step: str | None = None, detail: str | None = None) -> None:
+             step: str | None = None, detail: str | None = None, **extra: object) -> None:
+        """Journal `event`, log it, and tell the listener (with `extra` fields)."""
         self.journal.record(event, job, model, step, detail)
         parts = [p for p in (f"job {job}" if job else "", f"model {model}" if model else "",
                              step or "") if p]
         log.info("%s %s%s", event.value, " ".join(parts), f": {detail}" if detail else "")
         if self._listener:
             self._listener(event.value, {"job": job, "model": model, "step": step,
-                                         "detail": detail})
+                                         "detail": detail, **extra})
 
     # -- entry point
 
@@ -148,13 +148,14 @@ class Scheduler:
                 self.summary.outcomes[job.name] = Outcome.ALREADY_COMPLETE
             else:
                 self.pending.append(job)
-        self.emit(Event.RUN_START, detail=f"{len(self.pending)} jobs to run")
         states = await self._lock_models()
         if not states:
             self.summary.ended = time.monotonic()
             raise NoModelAvailable("every requested model number is held by another gibatch: "
                                    + "; ".join(f"model {m}: {why}" for m, why in
                                                self.summary.models_refused.items()))
+        self.emit(Event.RUN_START, detail=f"{len(self.pending)} jobs to run",
+                  jobs=len(self.pending), models=[s.model for s in states])
         try:
             if self.pending:
                 await self.client.login()
@@ -240,11 +241,6 @@ class Scheduler:
         if claim:
             claim.release()
 
-    def _score(self, state: ModelState, job: Job) -> float:
-        """Seconds of site time this model saves on `job` by what it already holds."""
-        return sum(self.estimates[step.stage] for step in job.steps
-                   if self._held_section(state, job, step) is not None)
-
     async def _pick(self, state: ModelState) -> Job | None:
         """Claim the pending job with the most work already done here (ties: natural order).
 
@@ -253,9 +249,7 @@ class Scheduler:
         processes off it.
         """
         while self.pending:
-            best = min(range(len(self.pending)),
-                       key=lambda i: (-self._score(state, self.pending[i]), i))
-            job = self.pending.pop(best)
+            job = self.pending.pop(best_job(self.pending, state.held, self.estimates))
             claim = JobClaim(self.options.jobs_dir, job.name)
             if not claim.acquire():
                 self.summary.outcomes[job.name] = Outcome.ELSEWHERE
@@ -266,16 +260,6 @@ class Scheduler:
                 self._release(job)
                 continue
             return job
-        return None
-
-    def _held_section(self, state: ModelState, job: Job, step: Step) -> str | None:
-        """The site section on this model that already holds `step`'s result, if any."""
-        lineage = job.lineage[step]
-        if step.stage is not Stage.PLOT:
-            return step.section if state.held.get(step.section) == lineage else None
-        for name, held in sorted(state.held.items()):
-            if section_stage(name) is Stage.PLOT and held == lineage:
-                return name
         return None
 
     def _persist(self, state: ModelState) -> None:
@@ -290,7 +274,7 @@ class Scheduler:
             if adopted is not None:
                 self.emit(Event.STEP_ADOPTED, intent.job, state.model, intent.step,
                           f"task {adopted.job_id} found after a restart")
-                stage = _step_of_section(intent.section).stage
+                stage = section_step(intent.section).stage
                 row = await self._finish_wait(state, adopted, stage)
                 self._apply(state, intent.section, row, intent.lineage)
             self.journal.clear_intent(self.site, state.model)
@@ -314,9 +298,8 @@ class Scheduler:
 
     def _apply(self, state: ModelState, section: str, row: TaskRow, lineage: str) -> None:
         """Record a finished task of ours: invalidation downstream, then its own section."""
-        step = _step_of_section(section)
-        state.held = {s: v for s, v in state.held.items() if survives(s, step)}
-        state.held[section] = lineage if row.state is TaskState.COMPLETED else FAILED_MARK
+        state.held = after_task(state.held, section_step(section), section, lineage,
+                                row.state is TaskState.COMPLETED)
         state.last_task_id = max(state.last_task_id, row.job_id)
         self._persist(state)
 
@@ -328,7 +311,7 @@ class Scheduler:
         await self._check_foreign(state)
         placed: dict[Step, str] = {}
         for step in job.steps:
-            held = self._held_section(state, job, step)
+            held = held_section(state.held, job, step)
             if held is not None:
                 placed[step] = held
                 self.summary.steps_skipped += 1
@@ -352,17 +335,11 @@ class Scheduler:
             state.last_task_id = top.job_id
             self._persist(state)
 
-    def _new_section(self, state: ModelState, step: Step) -> str:
-        if step.stage is not Stage.PLOT:
-            return step.section
-        plots = sum(1 for s in state.held if section_stage(s) is Stage.PLOT)
-        return f"Plot {plots + 1}"
-
     async def _run_step(self, state: ModelState, job: Job, step: Step) -> str:
         for name, done in list(state.downloading.items()):
             if not survives(name, step):
                 await done.wait()  # never clear a section still being downloaded
-        section = self._new_section(state, step)
+        section = new_section(state.held, step)
         before = state.last_task_id
         self.journal.set_intent(self.site, state.model, Intent(
             job.name, step.name, section, step.job_type, job.lineage[step], before))
@@ -473,10 +450,3 @@ def _adoptable(rows: list[TaskRow], model: int, after: int, job_type: str) -> Ta
     mine = [r for r in rows if r.model == model and r.job_id > after and r.job_type == job_type]
     return min(mine, key=lambda r: r.job_id) if mine else None
 
-
-def _step_of_section(section: str) -> Step:
-    stage = section_stage(section)
-    if stage is None:
-        raise ValueError(section)
-    number = int(section.rsplit(" ", 1)[-1]) if stage in (Stage.GALAXY, Stage.PLOT) else 0
-    return Step(stage, number)

@@ -4,12 +4,18 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from gibatch.journal import Journal
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 BASE_JOB = EXAMPLES / "base_job"
@@ -48,3 +54,52 @@ def example_sweep(tmp_path: Path) -> Iterator[Path]:
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
+
+
+SMALL = {"number_of_particles": 30}
+
+
+def tiny_job_files(**changes: dict[str, Any]) -> dict[str, Any]:
+    base = read_base()
+    for g in ("galaxy1.json", "galaxy2.json"):
+        base[g] = {**base[g], "disk": {**base[g]["disk"], **SMALL}, "bulge": SMALL,
+                   "halo": {**base[g]["halo"], **SMALL}}
+    base["interact.json"] = {**base["interact.json"], "duration": 0.1, "nFrames": 4}
+    for p in ("plot1.json", "plot2.json"):
+        base[p] = {**base[p], "plot_size": "small"}
+    for name, update in changes.items():
+        base[name] = {**base[name], **update}
+    return base
+
+
+def write_job(root: Path, name: str, files: dict[str, Any]) -> None:
+    (root / name).mkdir(parents=True)
+    for fname, obj in files.items():
+        (root / name / fname).write_text(json.dumps(obj))
+
+
+def gibatch(log: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    """gibatch as a real process; output to a file (the site's worker processes may
+    outlive a killed gibatch briefly, and would hold a pipe open)."""
+    with log.open("a") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "gibatch", *args], stdout=out, stderr=subprocess.STDOUT,
+            text=True, env={**os.environ, **(env or {})},
+        )
+
+
+def wait_for_event(jobs: Path, event: str, step: str | None, deadline_s: float) -> None:
+    """Bounded wait until the journal shows `event` (a condition, not a sleep)."""
+    end = time.monotonic() + deadline_s
+    while time.monotonic() < end:
+        db = jobs / ".gibatch" / "journal.db"
+        if db.exists():
+            journal = Journal(jobs)
+            try:
+                if any(e.event == event and (step is None or e.step == step)
+                       for e in journal.events()):
+                    return
+            finally:
+                journal.close()
+        time.sleep(0.05)
+    raise AssertionError(f"no {event} {step} within {deadline_s} s")

@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -25,31 +24,9 @@ from gibatch.sim.app import SiteConfig
 from gibatch.sim.faults import Faults
 from gibatch.sim.server import ThreadedSite
 from gibatch.site import RetryPolicy, SiteClient, Timeouts
-from tests.conftest import read_base
+from tests.conftest import gibatch, tiny_job_files, wait_for_event, write_job
 
 FAST_RETRY = RetryPolicy(base_s=0.05, cap_s=0.5, give_up_after_s=60)
-SMALL = {"number_of_particles": 30}
-
-
-def tiny_job_files(**changes: dict[str, Any]) -> dict[str, Any]:
-    base = read_base()
-    for g in ("galaxy1.json", "galaxy2.json"):
-        base[g] = {**base[g], "disk": {**base[g]["disk"], **SMALL}, "bulge": SMALL,
-                   "halo": {**base[g]["halo"], **SMALL}}
-    base["interact.json"] = {**base["interact.json"], "duration": 0.1, "nFrames": 4}
-    for p in ("plot1.json", "plot2.json"):
-        base[p] = {**base[p], "plot_size": "small"}
-    for name, update in changes.items():
-        base[name] = {**base[name], **update}
-    return base
-
-
-def write_job(root: Path, name: str, files: dict[str, Any]) -> None:
-    (root / name).mkdir(parents=True)
-    for fname, obj in files.items():
-        (root / name / fname).write_text(json.dumps(obj))
-
-
 @pytest.fixture
 def three_jobs(tmp_path: Path) -> Path:
     """A, B (A with other plots: 2 tasks), C (A with another interaction: 3 tasks)."""
@@ -163,33 +140,6 @@ def test_task_behind_our_back_voids_memory(
     assert site.running.site.store.task_count() == 6 + 1 + 6
     events = [e.event for e in Journal(three_jobs).events()]
     assert "memory-void" in events
-
-
-def gibatch(log: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
-    """gibatch as a real process; output to a file (the site's worker processes may
-    outlive a killed gibatch briefly, and would hold a pipe open)."""
-    with log.open("a") as out:
-        return subprocess.Popen(
-            [sys.executable, "-m", "gibatch", *args], stdout=out, stderr=subprocess.STDOUT,
-            text=True, env={**os.environ, **(env or {})},
-        )
-
-
-def wait_for_event(jobs: Path, event: str, step: str | None, deadline_s: float) -> None:
-    """Bounded wait until the journal shows `event` (a condition, not a sleep)."""
-    end = time.monotonic() + deadline_s
-    while time.monotonic() < end:
-        db = jobs / ".gibatch" / "journal.db"
-        if db.exists():
-            journal = Journal(jobs)
-            try:
-                if any(e.event == event and (step is None or e.step == step)
-                       for e in journal.events()):
-                    return
-            finally:
-                journal.close()
-        time.sleep(0.05)
-    raise AssertionError(f"no {event} {step} within {deadline_s} s")
 
 
 @pytest.mark.slow

@@ -1,0 +1,130 @@
+"""What `plan` and `status` print: rich tables over the planner and the status reader.
+
+Kept apart from `cli.py` so the command line stays a thin layer of options.
+"""
+
+from __future__ import annotations
+
+import time
+
+import anyio
+from rich.console import Console
+from rich.table import Table
+
+from gibatch import record
+from gibatch.display import format_duration
+from gibatch.holdings import Holdings
+from gibatch.jobs import Sweep
+from gibatch.journal import Journal
+from gibatch.plan import make_plan
+from gibatch.poller import newest
+from gibatch.site import SiteClient, TaskState
+from gibatch.status import JobState, sweep_status
+from gibatch.steps import DEFAULT_STAGE_COST_S, Stage
+
+
+def _say(console: Console, text: str) -> None:
+    """A plain line: no markup read into job names, no wrapping inside it."""
+    console.print(text, soft_wrap=True, markup=False, highlight=False)
+
+
+async def _site_check(client: SiteClient, models: list[int], journal: Journal, site: str,
+                      holdings: dict[int, Holdings], notes: list[str]) -> None:
+    """Void the memory of any model number with a task this gibatch did not account for."""
+    async with client:
+        await client.login()
+        rows = await client.tasks()
+    for model in models:
+        top = newest(rows, model)
+        last = journal.last_task_id(site, model)
+        if top is not None and top.state is TaskState.ACTIVE:
+            notes.append(f"model {model} is busy now with task {top.job_id} ({top.job_type})")
+        if top is not None and (last is None or top.job_id > last):
+            if holdings[model]:
+                notes.append(f"model {model}: task {top.job_id} was not submitted by gibatch; "
+                             "its memory is void, every step will run")
+            holdings[model] = {}
+
+
+def show_plan(console: Console, sweep: Sweep, models: list[int], site: str,
+              client: SiteClient | None) -> None:
+    journal = Journal(sweep.root)
+    try:
+        holdings = {m: journal.held(site, m) for m in models}
+        notes: list[str] = []
+        if client is not None:
+            anyio.run(_site_check, client, models, journal, site, holdings, notes)
+        cost = journal.stage_estimates()
+        measured = set(journal.mean_durations())
+    finally:
+        journal.close()
+    done = {j.name for j in sweep.jobs if record.is_complete(j)}
+    todo = [j for j in sweep.jobs if j.name not in done]
+    plan = make_plan(todo, holdings, cost)
+
+    table = Table(title=f"plan for {sweep.root} on model numbers "
+                        f"{', '.join(map(str, models))}")
+    for column in ("job", "model", "start", "runs", "skips"):
+        table.add_column(column)
+    for a in plan.assignments:
+        table.add_row(a.job, str(a.model), format_duration(a.start_s),
+                      " ".join(s.name for s in a.run) or "-",
+                      " ".join(s.name for s in a.skipped) or "-")
+    console.print(table)
+    for note in notes:
+        _say(console, f"note: {note}")
+    _say(console,
+        f"{len(todo)} jobs to run ({len(done)} already complete, "
+        f"{len(sweep.invalid_jobs)} invalid): {plan.tasks} tasks for "
+        f"{plan.job_steps} job steps ({plan.job_steps - plan.tasks} skipped)")
+    basis = ", ".join(
+        f"{stage.name.lower()} {cost[stage]:.1f} s"
+        f"{'' if int(stage) in measured else ' (default)'}" for stage in Stage)
+    _say(console, f"estimated duration: {format_duration(plan.makespan_s)} on "
+                  f"{len(models)} model numbers (per task: {basis})")
+    if not measured:
+        default = DEFAULT_STAGE_COST_S[Stage.INTERACT]
+        _say(console, "(defaults are rough: after a first run the journal's measured "
+                      f"durations are used; default interaction {default:.0f} s)")
+
+
+def show_status(console: Console, sweep: Sweep, recent: int) -> None:
+    journal = Journal(sweep.root)
+    try:
+        st = sweep_status(sweep, journal, recent)
+    finally:
+        journal.close()
+    if st.live_pids:
+        _say(console, f"run in progress (pid {', '.join(map(str, st.live_pids))}): elapsed "
+                      f"{format_duration(st.elapsed_s)}, ETA {format_duration(st.eta_s)}")
+    elif st.run_started is None:
+        _say(console, "no run yet")
+    else:
+        ended = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(st.run_ended or 0))
+        _say(console, f"no run in progress; the last one took "
+                      f"{format_duration(st.elapsed_s)}, ended {ended}")
+    _say(console, ", ".join(f"{st.count(s)} {s.value}" for s in JobState))
+
+    per_model = Table(title="per model number")
+    for column in ("model", "complete", "failed", "now"):
+        per_model.add_column(column)
+    models = sorted({j.model for j in st.jobs if j.model is not None})
+    for m in models:
+        mine = [j for j in st.jobs if j.model == m]
+        running = [f"{j.name} ({j.step or 'starting'})" for j in mine
+                   if j.state is JobState.RUNNING]
+        per_model.add_row(str(m), str(sum(j.state is JobState.COMPLETE for j in mine)),
+                          str(sum(j.state is JobState.FAILED for j in mine)),
+                          ", ".join(running) or "-")
+    if models:
+        console.print(per_model)
+    for j in st.jobs:
+        if j.state in (JobState.FAILED, JobState.INVALID):
+            _say(console, f"{j.state.value}: {j.name}: {j.reason}")
+    if st.last_events:
+        _say(console, "last events:")
+        for e in st.last_events:
+            when = time.strftime("%H:%M:%S", time.localtime(e.at))
+            where = " ".join(p for p in (e.job and f"job {e.job}", e.model and f"model {e.model}",
+                                         e.step) if p)
+            _say(console, f"  {when} {e.event} {where}{': ' + e.detail if e.detail else ''}")

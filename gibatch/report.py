@@ -1,0 +1,234 @@
+"""`gibatch report`: one static HTML page for a sweep, and a contact sheet of final frames.
+
+The page works from `file://` with no server and no network: the table is plain HTML
+(sortable and filterable by a few lines of inline JavaScript), thumbnails are small
+PNGs made here and lazy-loaded, and each opens the plot's animation straight from the
+job's `output/`. Only complete jobs (completion record present and whole) show images:
+a half-downloaded file is never shown as a result.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from urllib.parse import quote
+
+from PIL import Image, ImageDraw
+
+from gibatch.jobs import STATE_DIR, Job, Sweep, payload_of
+from gibatch.status import JobState, JobStatus, SweepStatus
+from gibatch.steps import Stage
+
+THUMB_PX = 160
+SHEET_TILE_PX = 200
+REPORT_FILE = "report.html"
+SHEET_FILE = "contact-sheet.png"
+_ANIMATION_SUFFIXES = (".gif", ".mp4", ".webm")
+_STILL_NAMES = ("final.png",)
+
+Value = int | float | str
+
+
+@dataclass(frozen=True)
+class Shot:
+    """One plot of one job: its still (last frame) and its animation, if any."""
+
+    section: str
+    still: Path | None
+    animation: Path | None
+
+
+@dataclass
+class Row:
+    name: str
+    state: JobState
+    reason: str | None
+    values: dict[str, Value]
+    shots: list[Shot] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Report:
+    page: Path
+    sheet: Path | None
+    rows: int
+    thumbnails: int
+
+
+def flatten(job: Job) -> dict[str, Value]:
+    """Every parameter of a job as `file.dotted.key` -> scalar (lists joined)."""
+    out: dict[str, Value] = {}
+
+    def walk(prefix: str, node: object) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(f"{prefix}.{k}", v)
+        elif isinstance(node, list):
+            out[prefix] = "+".join(map(str, node))
+        elif isinstance(node, int | float | str):
+            out[prefix] = node
+
+    for step, params in job.params.items():
+        walk(step.name, payload_of(params))
+    return out
+
+
+def varying_keys(rows: Iterable[Mapping[str, Value]]) -> list[str]:
+    """Keys whose value is not the same in every job (absent counts as a value)."""
+    rows = list(rows)
+    keys = sorted({k for r in rows for k in r})
+    return [k for k in keys if len({json.dumps(r.get(k)) for r in rows}) > 1]
+
+
+def find_shot(section_dir: Path) -> Shot:
+    files = sorted(section_dir.iterdir()) if section_dir.is_dir() else []
+    animation = next((f for f in files if f.suffix.lower() in _ANIMATION_SUFFIXES), None)
+    still = next((f for f in files if f.name in _STILL_NAMES), None)
+    if still is None and animation is not None and animation.suffix.lower() == ".gif":
+        still = animation  # its last frame is taken below
+    if still is None:
+        still = next((f for f in files if f.suffix.lower() == ".png"), None)
+    return Shot(section_dir.name, still, animation)
+
+
+def last_frame(path: Path) -> Image.Image:
+    with Image.open(path) as image:
+        frames = getattr(image, "n_frames", 1)
+        if frames > 1:
+            image.seek(frames - 1)
+        return image.convert("RGB")
+
+
+def make_thumbnail(still: Path, dest: Path, size: int = THUMB_PX) -> None:
+    """A small PNG of `still`'s last frame; kept if newer than its source."""
+    if dest.exists() and dest.stat().st_mtime >= still.stat().st_mtime:
+        return
+    image = last_frame(still)
+    image.thumbnail((size, size))
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_suffix(".tmp.png")
+    image.save(tmp, format="PNG", optimize=True)
+    os.replace(tmp, dest)
+
+
+def contact_sheet(rows: list[Row], dest: Path, tile: int = SHEET_TILE_PX) -> bool:
+    """Each complete job's first plot, side by side with its name; False if none."""
+    shots = [(r.name, r.shots[0].still) for r in rows if r.shots and r.shots[0].still]
+    if not shots:
+        return False
+    cols = min(len(shots), max(4, math.ceil(math.sqrt(len(shots)))))
+    label = 14
+    sheet = Image.new("RGB", (cols * tile, math.ceil(len(shots) / cols) * (tile + label)),
+                      "white")
+    draw = ImageDraw.Draw(sheet)
+    for i, (name, still) in enumerate(shots):
+        assert still is not None
+        image = last_frame(still)
+        image.thumbnail((tile - 4, tile - 4))
+        x, y = (i % cols) * tile, (i // cols) * (tile + label)
+        sheet.paste(image, (x + 2, y + 2))
+        draw.text((x + 3, y + tile), name[: tile // 6], fill="black")
+    tmp = dest.with_suffix(".tmp.png")
+    sheet.save(tmp, format="PNG", optimize=True)
+    os.replace(tmp, dest)
+    return True
+
+
+def collect_rows(sweep: Sweep, status: SweepStatus) -> list[Row]:
+    by_name = {j.name: j for j in status.jobs}
+    rows = []
+    for job in sweep.jobs:
+        st = by_name.get(job.name, JobStatus(job.name, JobState.PENDING))
+        row = Row(job.name, st.state, st.reason, flatten(job))
+        if st.state is JobState.COMPLETE:
+            row.shots = [find_shot(job.output / step.section) for step in job.steps
+                         if step.stage is Stage.PLOT]
+        rows.append(row)
+    for st in status.jobs:
+        if st.state is JobState.INVALID:
+            rows.append(Row(st.name, st.state, st.reason, {}))
+    return rows
+
+
+def _url(path: Path, start: Path) -> str:
+    return quote(os.path.relpath(path, start).replace(os.sep, "/"))
+
+
+def _cell(value: Value | None) -> str:
+    if value is None:
+        return '<td data-v=""></td>'
+    return f'<td data-v="{html.escape(str(value))}">{html.escape(str(value))}</td>'
+
+
+def render_page(title: str, rows: list[Row], keys: list[str], page_dir: Path,
+                thumbs: Mapping[tuple[str, str], Path], sheet: Path | None) -> str:
+    head = "".join(f'<th data-key="{html.escape(k)}" title="sort by {html.escape(k)}">'
+                   f"{html.escape(k)}</th>" for k in keys)
+    numeric = [k for k in keys if all(isinstance(r.values.get(k, 0), int | float)
+                                      for r in rows)]
+    filters = "".join(
+        f'<label>{html.escape(k)} <input type="number" step="any" data-min="{i}" '
+        f'placeholder="min"> <input type="number" step="any" data-max="{i}" '
+        f'placeholder="max"></label>'
+        for i, k in enumerate(keys) if k in numeric)
+    body = []
+    for r in rows:
+        cells = "".join(_cell(r.values.get(k)) for k in keys)
+        shots = []
+        for shot in r.shots:
+            thumb = thumbs.get((r.name, shot.section))
+            if thumb is None:
+                continue
+            target = shot.animation or shot.still
+            assert target is not None
+            shots.append(
+                f'<a class="shot" href="{_url(target, page_dir)}" '
+                f'title="{html.escape(r.name)}: {html.escape(shot.section)}">'
+                f'<img loading="lazy" src="{_url(thumb, page_dir)}" width="{THUMB_PX}" '
+                f'alt="{html.escape(shot.section)}"></a>')
+        reason = f' title="{html.escape(r.reason)}"' if r.reason else ""
+        body.append(f'<tr><td data-v="{html.escape(r.name)}">{html.escape(r.name)}</td>'
+                    f'{cells}<td data-v="{r.state.value}" class="{r.state.value}"{reason}>'
+                    f'{r.state.value}</td><td>{"".join(shots)}</td></tr>')
+    sheet_link = (f'<a href="{_url(sheet, page_dir)}">contact sheet</a>' if sheet else "")
+    counts = ", ".join(f"{sum(1 for r in rows if r.state is s)} {s.value}" for s in JobState
+                       if any(r.state is s for r in rows))
+    template = resources.files("gibatch").joinpath("report.html").read_text()
+    return (template.replace("{{title}}", html.escape(title))
+            .replace("{{counts}}", html.escape(counts))
+            .replace("{{sheet}}", sheet_link)
+            .replace("{{filters}}", filters)
+            .replace("{{head}}", head)
+            .replace("{{rows}}", "\n".join(body)))
+
+
+def build_report(sweep: Sweep, status: SweepStatus, page: Path | None = None) -> Report:
+    """Write the page (default `JOBS/report.html`), its thumbnails and the contact sheet."""
+    root = sweep.root
+    page = page or root / REPORT_FILE
+    media = (root / STATE_DIR / "report" if page == root / REPORT_FILE
+             else page.with_name(page.stem + "_files"))
+    rows = collect_rows(sweep, status)
+    thumbs: dict[tuple[str, str], Path] = {}
+    for index, row in enumerate(rows):
+        for shot in row.shots:
+            if shot.still is not None:
+                dest = media / f"{index:05d}-{shot.section.replace(' ', '')}.png"
+                make_thumbnail(shot.still, dest)
+                thumbs[(row.name, shot.section)] = dest
+    sheet = page.with_name(SHEET_FILE) if page == root / REPORT_FILE else media / SHEET_FILE
+    media.mkdir(parents=True, exist_ok=True)
+    has_sheet = contact_sheet(rows, sheet)
+    keys = varying_keys(r.values for r in rows if r.values)
+    text = render_page(root.resolve().name, rows, keys, page.parent, thumbs,
+                       sheet if has_sheet else None)
+    tmp = page.with_suffix(".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, page)
+    return Report(page, sheet if has_sheet else None, len(rows), len(thumbs))
