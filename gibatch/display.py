@@ -40,6 +40,7 @@ _STATE_OF_EVENT = {
     Event.STEP_COMPLETED: "completed",
     Event.STEP_FAILED: "failed",
     Event.JOB_FAILED: "job failed",
+    Event.JOB_INTERRUPTED: "stopped",
 }
 
 

@@ -1,8 +1,10 @@
 """One shared poller of the site's task list for every model-number worker.
 
-Its interval adapts: with an estimate E of a task's duration it waits until about
-0.8 E, then polls every POLL_INTERVAL_MIN_S, slowly backing off past E up to
-POLL_INTERVAL_MAX_S; a poll answers every waiting worker at once.
+Its interval adapts: with a measured estimate E of a task's duration it waits until
+about 0.6 E, then polls every POLL_INTERVAL_MIN_S, backing off past E by a tenth of
+the overrun up to POLL_INTERVAL_MAX_S (with no estimate, E = 0: the interval grows
+with the task's age, so the time lost noticing its end stays a small fraction of it).
+A poll answers every waiting worker at once.
 """
 
 from __future__ import annotations
@@ -14,9 +16,9 @@ import anyio
 
 from gibatch.site import SiteClient, TaskRow, TaskState
 
-POLL_INTERVAL_MIN_S = 0.25
+POLL_INTERVAL_MIN_S = 0.1
 POLL_INTERVAL_MAX_S = 5.0
-EARLY_FRACTION = 0.8
+EARLY_FRACTION = 0.6
 OVERRUN_BACKOFF = 0.1  # extra seconds of interval per second past the estimate
 
 
@@ -43,6 +45,7 @@ class Poller:
     def __init__(self, client: SiteClient) -> None:
         self.client = client
         self.rows: list[TaskRow] = []
+        self.polled_at = float("-inf")
         self.polls = 0
         self._waiters: list[_Waiter] = []
         self._wake = anyio.Event()
@@ -50,6 +53,7 @@ class Poller:
     async def refresh(self) -> list[TaskRow]:
         """Poll now and hand the answer to every waiter."""
         self.rows = await self.client.tasks()
+        self.polled_at = time.monotonic()
         self.polls += 1
         for w in list(self._waiters):
             row = newest(self.rows, w.model)
@@ -59,6 +63,12 @@ class Poller:
                 w.done.set()
                 self._waiters.remove(w)
         return self.rows
+
+    async def recent(self, max_age_s: float) -> list[TaskRow]:
+        """The task list, polled anew only if the last answer is older than `max_age_s`."""
+        if time.monotonic() - self.polled_at <= max_age_s:
+            return self.rows
+        return await self.refresh()
 
     async def wait_finished(self, model: int, after_task_id: int, estimate_s: float) -> TaskRow:
         """The first task of `model` newer than `after_task_id`, once it is no longer active."""

@@ -40,6 +40,7 @@ from gibatch.transfer import FileRecord, fetch
 log = logging.getLogger("gibatch")
 
 SUBMIT_RETRY_S = 2.0
+FRESH_ROWS_S = 1.0  # a task list this recent is as good as a new poll before a job
 DEFAULT_GRACE_S = 30.0
 
 
@@ -99,6 +100,10 @@ class JobFailed(GibatchError):
     pass
 
 
+class Interrupted(GibatchError):
+    """A stop was asked for (Ctrl-C, SIGTERM) before the job's next task was sent."""
+
+
 Listener = Callable[[str, dict[str, object]], None]
 
 
@@ -117,7 +122,10 @@ class Scheduler:
         self.pending: list[Job] = []
         self.claims: dict[str, JobClaim] = {}
         self.transfers = anyio.Semaphore(max(1, options.concurrency))
-        self.estimates = journal.stage_estimates()
+        self.estimates = journal.stage_estimates()  # for affinity: defaults are fine
+        # Only measured durations may delay polling: a default that overstates a short
+        # task would hold back the next submission by the difference.
+        self.measured = {Stage(k) for k in journal.mean_durations()}
         self.stopping = False
         self._listener = listener
         self._last_finish: dict[int, float] = {}
@@ -225,10 +233,13 @@ class Scheduler:
                 return
             try:
                 await self._run_job(state, job, tg)
-            except PermanentError as exc:
+            except (PermanentError, JobFailed) as exc:
                 self._fail(job, state.model, str(exc))
-            except JobFailed as exc:
-                self._fail(job, state.model, str(exc))
+            except Interrupted as exc:
+                self.summary.outcomes[job.name] = Outcome.NOT_RUN
+                self.summary.reasons[job.name] = str(exc)
+                self.emit(Event.JOB_INTERRUPTED, job.name, state.model, detail=str(exc))
+                self._release(job)
 
     def _fail(self, job: Job, model: int, reason: str) -> None:
         self.summary.outcomes[job.name] = Outcome.FAILED
@@ -293,7 +304,7 @@ class Scheduler:
     async def _finish_wait(self, state: ModelState, row: TaskRow, stage: Stage) -> TaskRow:
         if row.state is TaskState.ACTIVE:
             row = await self.poller.wait_finished(state.model, row.job_id - 1,
-                                                  self.estimates[stage])
+                                                  self._poll_estimate(stage))
         return row
 
     def _apply(self, state: ModelState, section: str, row: TaskRow, lineage: str) -> None:
@@ -319,12 +330,13 @@ class Scheduler:
                           f"model holds it as {held!r}")
                 continue
             if self.stopping:
-                raise JobFailed("interrupted before submitting " + step.name)
+                raise Interrupted(f"stopped before submitting {step.name}; "
+                                  "the next run goes on from there")
             placed[step] = await self._run_step(state, job, step)
         await self._collect(state, job, placed, started, tg)
 
     async def _check_foreign(self, state: ModelState) -> None:
-        rows = await self.poller.refresh()
+        rows = await self.poller.recent(FRESH_ROWS_S)
         top = newest(rows, state.model)
         if top is not None and top.job_id > state.last_task_id:
             self.emit(Event.MEMORY_VOID, model=state.model,
@@ -349,7 +361,8 @@ class Scheduler:
         await self._submit(state, job, step, before)
         self.summary.tasks_submitted += 1
         self.emit(Event.STEP_SUBMITTED, job.name, state.model, step.name, section)
-        row = await self.poller.wait_finished(state.model, before, self.estimates[step.stage])
+        row = await self.poller.wait_finished(state.model, before,
+                                              self._poll_estimate(step.stage))
         finished = time.monotonic()
         self._last_finish[state.model] = finished
         self._learn(step.stage, finished - submitted)
@@ -364,8 +377,15 @@ class Scheduler:
                   f"task {row.job_id} in {finished - submitted:.1f} s")
         return section
 
+    def _poll_estimate(self, stage: Stage) -> float:
+        return self.estimates[stage] if stage in self.measured else 0.0
+
     def _learn(self, stage: Stage, seconds: float) -> None:
-        self.estimates[stage] = 0.7 * self.estimates[stage] + 0.3 * seconds
+        if stage in self.measured:
+            self.estimates[stage] = 0.7 * self.estimates[stage] + 0.3 * seconds
+        else:
+            self.estimates[stage] = seconds
+            self.measured.add(stage)
         self.journal.add_duration(int(stage), seconds)
 
     async def _submit(self, state: ModelState, job: Job, step: Step, before: int) -> None:

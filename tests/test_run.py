@@ -192,3 +192,81 @@ def test_model_held_by_another_process_is_named(three_jobs: Path, tmp_path: Path
     finally:
         holder.kill()
         holder.communicate(timeout=30)  # also closes its pipes
+
+
+@pytest.mark.slow
+def test_502_storm_on_login_is_ridden_out(
+    three_jobs: Path, make_site: Callable[..., ThreadedSite]
+) -> None:
+    site = make_site()
+    faults = site.running.site.faults
+    faults.script("error", "/accounts/login/", times=6)  # the proxy fails every login first
+    summary = run_sweep(site, three_jobs, [1])
+    assert set(summary.outcomes.values()) == {Outcome.COMPLETE}, summary.reasons
+    assert faults.injected["error"] == 6
+    assert site.running.site.store.task_count() == MINIMUM_TASKS
+
+
+def _site_process_env(site: ThreadedSite, tmp_path: Path) -> tuple[list[str], dict[str, str]]:
+    return (["--server", site.running.url, "--username", "alice"],
+            {"GIBATCH_PASSWORD": "pw", "GIBATCH_LOCK_DIR": str(tmp_path / "locks")})
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_two_processes_share_one_jobs_folder(
+    tmp_path: Path, make_site: Callable[..., ThreadedSite]
+) -> None:
+    jobs = tmp_path / "jobs"
+    for k in range(6):
+        write_job(jobs, f"j{k}", tiny_job_files(**{"interact.json": {"mass_2": 1.0 + k / 4}}))
+    site = make_site()
+    server, env = _site_process_env(site, tmp_path)
+    logs = [tmp_path / "p1.log", tmp_path / "p2.log"]
+    procs = [gibatch(logs[i], "run", "--jobs", str(jobs), "--models", str(i + 1), *server,
+                     env=env) for i in range(2)]
+    for p in procs:
+        p.wait(timeout=240)
+    texts = [log.read_text() for log in logs]
+    assert [p.returncode for p in procs] == [0, 0], texts
+    completions: dict[str, list[int]] = {}
+    for e in Journal(jobs).events():
+        if e.event == "job-complete":
+            completions.setdefault(str(e.job), []).append(e.pid)
+    assert sorted(completions) == [f"j{k}" for k in range(6)]
+    assert all(len(pids) == 1 for pids in completions.values()), completions
+    assert len({pid for pids in completions.values() for pid in pids}) == 2  # both worked
+    assert_outputs_match_site(jobs, site.running.site.config.data_dir)
+    # Each job ran once: 6 interactions and 12 plots; galaxies and merges once per model.
+    assert site.running.site.store.task_count() == 2 * 3 + 6 * 3
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_sigterm_stops_cleanly_and_the_next_run_finishes(
+    three_jobs: Path, tmp_path: Path, make_site: Callable[..., ThreadedSite]
+) -> None:
+    site = make_site()
+    server, env = _site_process_env(site, tmp_path)
+    args = ("run", "--jobs", str(three_jobs), "--models", "1", "--grace", "60", *server)
+    log = tmp_path / "run.log"
+    proc = gibatch(log, *args, env=env)
+    try:
+        wait_for_event(three_jobs, "step-submitted", "interact", deadline_s=90)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=90)  # the task in flight settles well within the grace period
+    finally:
+        proc.kill()
+    out = log.read_text()
+    assert proc.returncode == 1, out  # some jobs not run
+    assert "SIGTERM: no new tasks" in out and "Traceback" not in out
+    events = [e.event for e in Journal(three_jobs).events()]
+    assert events[-1] == "run-end" and "job-interrupted" in events
+    interrupted_tasks = site.running.site.store.task_count()
+    # The lock was released and the journal kept: the next run resumes, no task twice.
+    second = gibatch(log, *args, env=env)
+    second.wait(timeout=240)
+    assert second.returncode == 0, log.read_text()
+    assert site.running.site.store.task_count() == MINIMUM_TASKS
+    assert interrupted_tasks < MINIMUM_TASKS
+    assert_outputs_match_site(three_jobs, site.running.site.config.data_dir)

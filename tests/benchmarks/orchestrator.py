@@ -1,0 +1,189 @@
+"""Benchmark of `gibatch run` against the local site; prints figures, asserts nothing.
+
+    python -m tests.benchmarks.orchestrator [--jobs 24] [--models 4] [--particles 100]
+                                            [--discover 10000]
+
+Part 1 runs a generated sweep (jobs sharing galaxies and merges) with gibatch as a real
+process against a local site in this process, then reads the site's own task table:
+- makespan against the ideal: the site's busy time (sum of each task's start-to-finish)
+  divided by the model numbers, or the longest per-model chain if that is larger;
+- dispatch delay: on each model number, from one task's finish (site clock) to the
+  submission of the next (site clock) — what a faster poller would shrink;
+- requests per task, tasks submitted against the plan's prediction and the number of
+  distinct results the sweep needs, and gibatch's peak memory (max RSS).
+Part 2 writes N job folders and times discovering and validating them, with the
+Python allocation peak (tracemalloc).
+
+The site runs one worker process per model number (as the course site does); on a
+machine with fewer cores than model numbers each task is slower, but the ratio of
+makespan to ideal still measures what gibatch adds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import re
+import resource
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import tracemalloc
+from datetime import datetime
+from pathlib import Path
+
+from gibatch import sweep as sw
+from gibatch.holdings import Holdings
+from gibatch.jobs import load_sweep
+from gibatch.plan import make_plan
+from gibatch.sim.app import SiteConfig
+from gibatch.sim.server import ThreadedSite
+from gibatch.steps import DEFAULT_STAGE_COST_S
+
+ROOT = Path(__file__).resolve().parents[2]
+BASE = ROOT / "examples" / "base_job"
+
+
+def base_job(folder: Path, particles: int) -> Path:
+    """The example base job with `particles` per component and a short interaction."""
+    files = sw.read_base(BASE)
+    for g in ("galaxy1", "galaxy2"):
+        for comp in ("disk", "bulge", "halo"):
+            files[g][comp]["number_of_particles"] = particles
+    files["interact"].update(duration=1.0, nFrames=10)
+    for p in ("plot1", "plot2"):
+        files[p]["plot_size"] = "small"
+    folder.mkdir(parents=True)
+    for stem, obj in files.items():
+        (folder / f"{stem}.json").write_text(json.dumps(obj))
+    return folder
+
+
+def make_sweep(tmp: Path, jobs: int, particles: int) -> Path:
+    base = base_job(tmp / "base", particles)
+    thetas = ",".join(str(15 * k) for k in range(max(1, jobs // 6)))
+    varies = [sw.parse_vary(f"merge.theta_galaxy_2={thetas}"),
+              sw.parse_vary("interact.mass_2=1,1.5,2"), sw.parse_vary("plot2.x_min=-300,-250")]
+    points = sw.grid(varies)[:jobs]
+    out = tmp / "jobs"
+    sw.write_sweep(base, out, points)
+    return out
+
+
+def _t(stamp: str) -> float:
+    return datetime.fromisoformat(stamp).timestamp()
+
+
+def site_figures(db_path: Path) -> dict[str, float]:
+    with sqlite3.connect(db_path) as db:
+        rows = db.execute("SELECT model, submitted, started, finished FROM tasks "
+                          "ORDER BY job_id").fetchall()
+    busy = [(_t(f) - _t(s)) for _, _, s, f in rows]
+    per_model: dict[int, list[tuple[float, float, float]]] = {}
+    for model, sub, start, fin in rows:
+        per_model.setdefault(model, []).append((_t(sub), _t(start), _t(fin)))
+    delays = [b[0] - a[2] for tasks in per_model.values() for a, b in itertools.pairwise(tasks)]
+    chains = [sum(f - s for _, s, f in tasks) for tasks in per_model.values()]
+    span = max(_t(f) for *_, f in rows) - min(_t(s) for _, s, _, _ in rows)
+    return {"tasks": len(rows), "busy_s": sum(busy), "longest_chain_s": max(chains),
+            "median_delay_s": statistics.median(delays) if delays else 0.0,
+            "p90_delay_s": statistics.quantiles(delays, n=10)[-1] if len(delays) > 1 else 0.0,
+            "site_span_s": span, "models": len(per_model)}
+
+
+def run_benchmark(jobs: int, models: int, particles: int) -> None:
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        sweep_dir = make_sweep(tmp, jobs, particles)
+        sweep = load_sweep(sweep_dir)
+        empty: dict[int, Holdings] = {m: {} for m in range(1, models + 1)}
+        predicted = make_plan(sweep.jobs, empty, DEFAULT_STAGE_COST_S).tasks
+        distinct = len({lin for j in sweep.jobs for lin in j.lineage.values()})
+        config = SiteConfig(data_dir=tmp / "site", accounts={"bench": "bench-pw"},
+                            model_count=models, workers=models)
+        site = ThreadedSite(config)
+        try:
+            env = {**os.environ, "GIBATCH_PASSWORD": "bench-pw",
+                   "GIBATCH_LOCK_DIR": str(tmp / "locks")}
+            started = time.monotonic()
+            done = subprocess.run(
+                [sys.executable, "-m", "gibatch", "run", "--jobs", str(sweep_dir),
+                 "--models", f"1-{models}", "--server", site.running.url,
+                 "--username", "bench"],
+                env=env, capture_output=True, text=True, timeout=3600)
+            wall = time.monotonic() - started
+            rss_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+        finally:
+            site.stop()
+        if done.returncode != 0:
+            print(done.stdout, done.stderr)
+            raise SystemExit(f"gibatch run failed with exit code {done.returncode}")
+        fig = site_figures(tmp / "site" / "site.db")
+        requests = int(re.search(r"requests to the site: (\d+)", done.stdout)[1])  # type: ignore[index]
+        ideal = max(fig["busy_s"] / models, fig["longest_chain_s"])
+        print(f"sweep: {len(sweep.jobs)} jobs, {models} model numbers, "
+              f"{particles} particles per component, {os.cpu_count()} CPUs")
+        print(f"makespan (gibatch process, start to exit): {wall:.1f} s; site span "
+              f"(first task start to last finish): {fig['site_span_s']:.1f} s")
+        print(f"ideal: {ideal:.1f} s (busy {fig['busy_s']:.1f} s / {models} models = "
+              f"{fig['busy_s'] / models:.1f} s; longest chain {fig['longest_chain_s']:.1f} s)")
+        print(f"makespan / ideal: {wall / ideal:.3f} (site span / ideal: "
+              f"{fig['site_span_s'] / ideal:.3f})")
+        print(f"dispatch delay (finish -> next submission, same model, site clock): median "
+              f"{fig['median_delay_s'] * 1000:.0f} ms, p90 {fig['p90_delay_s'] * 1000:.0f} ms")
+        print(f"tasks submitted: {fig['tasks']:.0f}; plan predicted: {predicted}; distinct "
+              f"results the sweep needs: {distinct} (+2 galaxies per extra model number: "
+              f"{distinct + 2 * (models - 1)})")
+        kinds = re.search(r"per task: ([^)]*)\)", done.stdout)
+        print(f"requests: {requests} ({requests / fig['tasks']:.2f} per task; "
+              f"{kinds[1] if kinds else '?'})")
+        print(f"gibatch peak memory (max RSS): {rss_mb:.0f} MB")
+
+
+def write_many(root: Path, count: int) -> None:
+    files = {p.name: p.read_text() for p in BASE.glob("*.json")}
+    for k in range(count):
+        folder = root / f"{k:05d}"
+        folder.mkdir(parents=True)
+        for name, text in files.items():
+            (folder / name).write_text(text)
+
+
+def discovery_benchmark(count: int) -> None:
+    with tempfile.TemporaryDirectory() as tmp_name:
+        root = Path(tmp_name) / "jobs"
+        t0 = time.perf_counter()
+        write_many(root, count)
+        written = time.perf_counter() - t0
+        tracemalloc.start()
+        t0 = time.perf_counter()
+        sweep = load_sweep(root)
+        took = time.perf_counter() - t0
+        _, peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+        assert len(sweep.jobs) == count and not sweep.problems
+        print(f"discover + validate {count} job folders: {took:.2f} s "
+              f"({took / count * 1e3:.2f} ms per job; writing them took {written:.1f} s), "
+              f"Python allocation peak {peak / 2**20:.0f} MB "
+              f"({peak / count / 1024:.1f} KiB per job, all kept in memory)")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--jobs", type=int, default=24)
+    parser.add_argument("--models", type=int, default=4)
+    parser.add_argument("--particles", type=int, default=100)
+    parser.add_argument("--discover", type=int, default=10_000)
+    args = parser.parse_args(argv)
+    run_benchmark(args.jobs, args.models, args.particles)
+    if args.discover:
+        discovery_benchmark(args.discover)
+
+
+if __name__ == "__main__":
+    main()
