@@ -34,7 +34,7 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ThreadedSite]:
 async def login(http: aiohttp.ClientSession, base: str, password: str = PASSWORD) -> str:
     async with http.get(f"{base}/accounts/login/") as resp:
         form = await resp.text()
-    token = re.search(r"name='csrfmiddlewaretoken' value='([^']+)'", form)
+    token = re.search(r'name="csrfmiddlewaretoken" value="([^"]+)"', form)
     assert token
     data = aiohttp.FormData(default_to_multipart=True)
     for k, v in (("csrfmiddlewaretoken", token.group(1)), ("username", "alice"),

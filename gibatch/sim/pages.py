@@ -27,7 +27,8 @@ def login_form(csrf: str, next_url: str, error: str = "") -> str:
     err = f"<p class='error'>{escape(error)}</p>" if error else ""
     return page("Log in", (
         f"{err}<form method='post' enctype='multipart/form-data'>"
-        f"<input type='hidden' name='csrfmiddlewaretoken' value='{escape(csrf)}'>"
+        # Django's exact markup, double quotes included: scrapers match it literally.
+        f'<input type="hidden" name="csrfmiddlewaretoken" value="{escape(csrf)}">'
         f"<input type='hidden' name='next' value='{escape(next_url)}'>"
         "<p><label>Username <input name='username'></label></p>"
         "<p><label>Password <input type='password' name='password'></label></p>"

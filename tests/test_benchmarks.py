@@ -1,0 +1,33 @@
+"""The benchmark scripts still run (tiny sizes); their figures are for people, not asserts."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+
+def _run(*args: str) -> str:
+    done = subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_orchestrator_benchmark_runs() -> None:
+    out = _run("tests.benchmarks.orchestrator", "--jobs", "4", "--models", "2",
+               "--particles", "10", "--discover", "50")
+    for figure in ("makespan / ideal", "dispatch delay", "requests:", "plan predicted",
+                   "peak memory", "discover + validate 50 job folders"):
+        assert figure in out, out
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_physics_benchmark_runs() -> None:
+    out = _run("tests.benchmarks.physics", "--sizes", "300,600", "--steps", "2")
+    for figure in ("interaction", "relative energy error", "output bytes", "N =    600"):
+        assert figure in out, out
