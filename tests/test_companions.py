@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 from typer.testing import CliRunner
 
@@ -301,3 +302,57 @@ def test_report_in_headless_chromium(ran_sweep: tuple[Path, str, str], browser: 
     driver.save_screenshot(str(ARTIFACTS / "report-animation.png"))
     driver.find_element("id", "viewer").click()
     driver.save_screenshot(str(ARTIFACTS / "report.png"))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_plan_with_server_sees_what_the_models_hold(tmp_path: Path) -> None:
+    from gibatch import steps
+    from gibatch.sim.app import SiteConfig
+    from gibatch.sim.server import ThreadedSite
+    from gibatch.site import SiteClient
+    from tests.test_run import run_sweep
+
+    jobs = tmp_path / "jobs"
+    write_job(jobs, "a", tiny_job_files())
+    site = ThreadedSite(SiteConfig(data_dir=tmp_path / "site", accounts={"alice": "pw"}))
+    try:
+        run_sweep(site, jobs, [1])
+        write_job(jobs, "b", tiny_job_files(**{"plot1.json": {"colour_scheme": "blackonwhite"}}))
+        args = ["plan", "--jobs", str(jobs), "--models", "1", "--server", site.running.url,
+                "--username", "alice"]
+        env = {**os.environ, "GIBATCH_PASSWORD": "pw"}
+        done = subprocess.run([sys.executable, "-m", "gibatch", *args], env=env,
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        assert "1 jobs to run (1 already complete, 0 invalid): 1 tasks for 6 job steps" \
+            in done.stdout
+
+        async def meddle() -> None:  # a click in the browser on model 1
+            async with SiteClient(site.running.url, "alice", "pw") as client:
+                await client.login()
+                await client.submit(steps.GALAXY1, 1, tiny_job_files()["galaxy1.json"])
+
+        anyio.run(meddle)
+        done = subprocess.run([sys.executable, "-m", "gibatch", *args], env=env,
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        assert "was not submitted by gibatch; its memory is void" in done.stdout
+        assert "1 tasks for 6 job steps" not in done.stdout
+        assert "6 tasks for 6 job steps" in done.stdout
+        assert "pw" not in " ".join(args)
+    finally:
+        site.stop()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_companions_as_processes(ran_sweep: tuple[Path, str, str]) -> None:
+    jobs, _, _ = ran_sweep
+    for args, expected in ((("status",), "4 complete"), (("plan", "--models", "1-2"),
+                                                         "0 jobs to run (4 already complete"),
+                           (("report",), "4 jobs, 8 thumbnails")):
+        done = subprocess.run([sys.executable, "-m", "gibatch", args[0], "--jobs", str(jobs),
+                               *args[1:]], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        assert expected in done.stdout, done.stdout

@@ -270,3 +270,36 @@ def test_sigterm_stops_cleanly_and_the_next_run_finishes(
     assert site.running.site.store.task_count() == MINIMUM_TASKS
     assert interrupted_tasks < MINIMUM_TASKS
     assert_outputs_match_site(three_jobs, site.running.site.config.data_dir)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_two_processes_on_overlapping_model_numbers(
+    tmp_path: Path, make_site: Callable[..., ThreadedSite]
+) -> None:
+    site = make_site()
+    server, env = _site_process_env(site, tmp_path)
+    folders = [tmp_path / "first", tmp_path / "second"]
+    for k, folder in enumerate(folders):
+        for j in range(3):
+            mass = {"interact.json": {"mass_2": 1 + k + j / 4}}
+            write_job(folder, f"j{j}", tiny_job_files(**mass))
+    logs = [tmp_path / "first.log", tmp_path / "second.log"]
+    first = gibatch(logs[0], "run", "--jobs", str(folders[0]), "--models", "1-2", *server, env=env)
+    try:
+        wait_for_event(folders[0], "step-submitted", None, deadline_s=60)  # it holds 1 and 2
+        second = gibatch(logs[1], "run", "--jobs", str(folders[1]), "--models", "2-3", *server,
+                         env=env)
+        second.wait(timeout=240)
+        first.wait(timeout=240)
+    finally:
+        first.kill()
+    texts = [log.read_text() for log in logs]
+    assert [first.returncode, second.returncode] == [0, 0], texts
+    assert "model 2 is held by another gibatch (pid" in texts[1]
+    assert "model numbers used: 3" in texts[1]
+    for folder in folders:
+        assert_outputs_match_site(folder, site.running.site.config.data_dir)
+    # No model number was driven by two clients: each model's tasks came from one folder.
+    models = {e.model for e in Journal(folders[1]).events() if e.event == "step-submitted"}
+    assert models == {3}
