@@ -31,3 +31,10 @@ def test_physics_benchmark_runs() -> None:
     out = _run("tests.benchmarks.physics", "--sizes", "300,600", "--steps", "2")
     for figure in ("interaction", "relative energy error", "output bytes", "N =    600"):
         assert figure in out, out
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_report_benchmark_runs() -> None:
+    out = _run("tests.benchmarks.report", "--jobs", "12")
+    assert "report of 12 jobs, cold" in out and "lazy-loaded" in out, out

@@ -148,21 +148,27 @@ def frame_times_gyr(duration_gyr: float, n_frames: int) -> list[float]:
     return [duration_gyr * k / (n_frames - 1) for k in range(n_frames)]
 
 
-def interact(
-    ic: InitialCondition, params: InteractParams, on_frame: Callable[[Frame], None]
-) -> RunSummary:
-    """Integrate the interaction, calling `on_frame` for each of the nFrames snapshots."""
-    pos, vel, mass = physical_state(ic, (params.mass_1, params.mass_2))
+def simulation(pos: F64, vel: F64, mass: F64, softening: float) -> rebound.Simulation:
+    """A REBOUND leapfrog with direct softened gravity, in kpc, km/s and 1e11 Msun."""
     sim = rebound.Simulation()
     sim.G = G_KPC_KMS2_PER_1E11MSUN
     sim.integrator = "leapfrog"
     sim.gravity = "basic"
-    sim.softening = params.softening
+    sim.softening = softening
     for m in mass:
         sim.add(m=float(m))
     sim.set_serialized_particle_data(
         xyz=np.ascontiguousarray(pos), vxvyvz=np.ascontiguousarray(vel)
     )
+    return sim
+
+
+def interact(
+    ic: InitialCondition, params: InteractParams, on_frame: Callable[[Frame], None]
+) -> RunSummary:
+    """Integrate the interaction, calling `on_frame` for each of the nFrames snapshots."""
+    pos, vel, mass = physical_state(ic, (params.mass_1, params.mass_2))
+    sim = simulation(pos, vel, mass, params.softening)
 
     times = frame_times_gyr(params.duration, params.nFrames)
     interval = (times[1] - times[0]) if len(times) > 1 else times[0]

@@ -17,12 +17,8 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-import rebound
-
 from gibatch.params import GalaxyParams, InteractParams, MergeParams
 from gibatch.sim import galaxy, nbody, tasks
-from gibatch.sim.units import G_KPC_KMS2_PER_1E11MSUN
 
 ROOT = Path(__file__).resolve().parents[2]
 BASE = ROOT / "examples" / "base_job"
@@ -82,15 +78,7 @@ def scaling_benchmark(sizes: list[int], steps: int) -> None:
         g2 = galaxy.build(GalaxyParams.model_validate({**spec, "galaxy_number": 2}), seed=2)
         ic = nbody.merge(g1, g2, merge)
         pos, vel, mass = nbody.physical_state(ic, (interact.mass_1, interact.mass_2))
-        sim = rebound.Simulation()
-        sim.G = G_KPC_KMS2_PER_1E11MSUN
-        sim.integrator = "leapfrog"
-        sim.gravity = "basic"
-        sim.softening = interact.softening
-        for m in mass:
-            sim.add(m=float(m))
-        sim.set_serialized_particle_data(xyz=np.ascontiguousarray(pos),
-                                         vxvyvz=np.ascontiguousarray(vel))
+        sim = nbody.simulation(pos, vel, mass, interact.softening)
         sim.dt = 1e-4
         sim.steps(1)  # warm up
         t0 = time.perf_counter()
