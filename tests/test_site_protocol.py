@@ -9,7 +9,9 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import anyio
 import pytest
+from yarl import URL
 
 from gibatch.sim.app import SiteConfig
 from gibatch.sim.server import ThreadedSite
@@ -135,3 +137,82 @@ def test_store_invalidation_and_plot_numbering(tmp_path: Path) -> None:
     run(steps.GALAXY2)
     assert [s.name for s in store.sections("u", 1)] == ["Galaxy 1", "Galaxy 2"]
     store.close()
+
+
+async def wait_idle(http: aiohttp.ClientSession, base: str, model: int) -> list[str]:
+    """Poll view_jobs (bounded) until the model's newest task has finished; its cells."""
+    for _ in range(600):
+        async with http.get(f"{base}/gi/view_jobs/") as resp:
+            rows = re.findall(r"<tr><td>(\d+)</td><td>([^<]*)</td><td>(\d+)</td><td>(\w+)</td>",
+                              await resp.text())
+        mine = [r for r in rows if int(r[2]) == model]
+        if mine and mine[-1][3] in ("Completed", "Failed"):
+            return list(mine[-1])
+        await anyio.sleep(0.05)
+    raise AssertionError("the task did not finish")
+
+
+async def test_files_length_range_and_failed_task(site: ThreadedSite, http: Any) -> None:
+    base = site.running.url
+    await login(http, base)
+    token = await csrf(http, base)
+    assert (await post(http, base, "galactic", {**TINY_GALAXY, "model_number": 3}, token))[0] \
+        == 200
+    assert (await wait_idle(http, base, 3))[3] == "Completed"
+    async with http.get(f"{base}/gi/view_data/3/") as resp:
+        page = await resp.text()
+    href, size = re.search(r"<a href='([^']+)'>preview\.png</a></td><td>(\d+)</td>", page).groups()  # type: ignore[union-attr]
+    assert href.startswith("/ast80011/media/")
+    url = str(URL(base).join(URL(href)))
+    async with http.get(url) as resp:
+        whole = await resp.read()
+        assert int(resp.headers["Content-Length"]) == int(size) == len(whole)
+    async with http.get(url, headers={"Range": "bytes=10-"}) as resp:
+        assert resp.status == 206 and await resp.read() == whole[10:]
+
+    merge = {**read_base()["merge.json"], "model_number": 1}  # model 1 holds no galaxies
+    token = await csrf(http, base, "galacticsmerge")
+    assert (await post(http, base, "galacticsmerge", merge, token))[0] == 200
+    assert (await wait_idle(http, base, 1))[3] == "Failed"
+    async with http.get(f"{base}/gi/view_data/1/") as resp:
+        page = await resp.text()
+    assert "<h3>Galaxy Merge - Status: Failed</h3>" in page and ">error.txt</a>" in page
+
+
+async def test_each_fault_switch(site: ThreadedSite, http: Any) -> None:
+    base = site.running.url
+    faults = site.running.site.faults
+    await login(http, base)
+    faults.script("error", "/gi/view_jobs/")
+    async with http.get(f"{base}/gi/view_jobs/") as resp:
+        assert resp.status == 502
+    await wait_idle(http, base, 3)
+    token = await csrf(http, base)
+    before = len(site.running.site.store.tasks("alice"))
+    faults.script("post_502", "/gi/galactic")
+    status, _ = await post(http, base, "galactic", {**TINY_GALAXY, "model_number": 3}, token)
+    assert status == 502 and len(site.running.site.store.tasks("alice")) == before + 1
+    await wait_idle(http, base, 3)
+    async with http.get(f"{base}/gi/view_data/3/") as resp:
+        href = re.search(r"<a href='([^']+)'>galaxy\.h5</a>", await resp.text())[1]  # type: ignore[index]
+    url = str(URL(base).join(URL(href)))
+    faults.script("cut", "/media/")
+    with pytest.raises(aiohttp.ClientPayloadError):
+        async with http.get(url) as resp:
+            await resp.read()
+    faults.script("hang", "/gi/view_jobs/")
+    with pytest.raises(TimeoutError):
+        async with http.get(f"{base}/gi/view_jobs/",
+                            timeout=aiohttp.ClientTimeout(total=0.5)) as resp:
+            await resp.read()
+    assert {k: faults.injected[k] for k in ("error", "post_502", "cut", "hang")} == {
+        "error": 1, "post_502": 1, "cut": 1, "hang": 1}
+
+
+async def test_logout_ends_the_session(site: ThreadedSite, http: Any) -> None:
+    base = site.running.url
+    await login(http, base)
+    async with http.get(f"{base}/accounts/logout/") as resp:
+        assert resp.status == 200
+    async with http.get(f"{base}/gi/view_jobs/", allow_redirects=False) as resp:
+        assert resp.status == 302
