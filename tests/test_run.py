@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -303,3 +305,40 @@ def test_two_processes_on_overlapping_model_numbers(
     # No model number was driven by two clients: each model's tasks came from one folder.
     models = {e.model for e in Journal(folders[1]).events() if e.event == "step-submitted"}
     assert models == {3}
+
+
+def _partial_bytes(root: Path) -> int:
+    total = 0
+    for part in root.rglob("*.part"):
+        with contextlib.suppress(FileNotFoundError):  # renamed into place meanwhile
+            total += part.stat().st_size
+    return total
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_kill_9_mid_download_then_resume(
+    three_jobs: Path, tmp_path: Path, make_site: Callable[..., ThreadedSite]
+) -> None:
+    site = make_site()
+    site.running.site.faults.update(cut_rate=1.0)  # every download stops halfway
+    server, env = _site_process_env(site, tmp_path)
+    args = ("run", "--jobs", str(three_jobs), "--models", "1", *server)
+    log = tmp_path / "run.log"
+    first = gibatch(log, *args, env=env)
+    try:
+        deadline = time.monotonic() + 120
+        # A bounded wait for a partial file holding some bytes.
+        while not _partial_bytes(three_jobs):
+            assert time.monotonic() < deadline and first.poll() is None, log.read_text()
+            time.sleep(0.02)
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait(timeout=30)
+    assert _partial_bytes(three_jobs) > 0
+    site.running.site.faults.update(cut_rate=0.0)
+    second = gibatch(log, *args, env=env)
+    second.wait(timeout=240)
+    assert second.returncode == 0, log.read_text()
+    assert_outputs_match_site(three_jobs, site.running.site.config.data_dir)
+    assert site.running.site.store.task_count() == MINIMUM_TASKS
