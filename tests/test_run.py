@@ -342,3 +342,39 @@ def test_kill_9_mid_download_then_resume(
     assert second.returncode == 0, log.read_text()
     assert_outputs_match_site(three_jobs, site.running.site.config.data_dir)
     assert site.running.site.store.task_count() == MINIMUM_TASKS
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_second_signal_aborts_at_once_and_loses_nothing(
+    three_jobs: Path, tmp_path: Path, make_site: Callable[..., ThreadedSite]
+) -> None:
+    site = make_site()
+    site.running.site.faults.script("hang", "/media/", times=1000)  # downloads never answer
+    server, env = _site_process_env(site, tmp_path)
+    args = ("run", "--jobs", str(three_jobs), "--models", "1", "--grace", "600", *server)
+    log = tmp_path / "run.log"
+    proc = gibatch(log, *args, env=env)
+    try:
+        wait_for_event(three_jobs, "step-completed", "plot2", deadline_s=90)
+        proc.send_signal(signal.SIGINT)  # the hung downloads may take the whole grace...
+        _wait_for_text(log, "no new tasks", deadline_s=30)
+        proc.send_signal(signal.SIGINT)  # ...but a second Ctrl-C stops at once
+        proc.wait(timeout=30)
+    finally:
+        proc.kill()
+    out = log.read_text()
+    assert "second signal: stopping now" in out and "Traceback" not in out, out
+    site.running.site.faults.clear()
+    second = gibatch(log, *args, env=env)
+    second.wait(timeout=240)
+    assert second.returncode == 0, log.read_text()
+    assert site.running.site.store.task_count() == MINIMUM_TASKS
+    assert_outputs_match_site(three_jobs, site.running.site.config.data_dir)
+
+
+def _wait_for_text(path: Path, text: str, deadline_s: float) -> None:
+    end = time.monotonic() + deadline_s
+    while text not in path.read_text():
+        assert time.monotonic() < end, f"no {text!r} in {path} within {deadline_s} s"
+        time.sleep(0.05)
