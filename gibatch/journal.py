@@ -13,13 +13,12 @@ It keeps what a run must not forget when it is killed:
 from __future__ import annotations
 
 import os
-import sqlite3
-import threading
 import time
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 
+from gibatch.database import Database
 from gibatch.jobs import STATE_DIR
 from gibatch.steps import DEFAULT_STAGE_COST_S, Stage
 
@@ -81,24 +80,13 @@ class EventRow:
     detail: str | None
 
 
-class Journal:
+class Journal(Database):
     """Thread-safe; callers on the event loop go through `anyio.to_thread`."""
 
     def __init__(self, jobs_dir: Path) -> None:
         folder = jobs_dir / STATE_DIR
         folder.mkdir(exist_ok=True)
-        self.path = folder / JOURNAL_FILE
-        self._db = sqlite3.connect(
-            self.path, check_same_thread=False, isolation_level=None, timeout=30
-        )
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.executescript(_SCHEMA)
-        self._lock = threading.Lock()
-
-    def close(self) -> None:
-        with self._lock:
-            self._db.close()
+        super().__init__(folder / JOURNAL_FILE, _SCHEMA)
 
     def _exec(self, sql: str, args: tuple[object, ...] = ()) -> list[tuple[object, ...]]:
         with self._lock:

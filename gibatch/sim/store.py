@@ -9,13 +9,12 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
-import sqlite3
-import threading
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
 
+from gibatch.database import Database
 from gibatch.steps import Stage, Step, section_stage
 
 
@@ -77,16 +76,9 @@ class Busy(Exception):
     """The model number's current task is still queued or running (409)."""
 
 
-class Store:
+class Store(Database):
     def __init__(self, path: Path) -> None:
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.executescript(_SCHEMA)
-        self._lock = threading.Lock()
-
-    def close(self) -> None:
-        with self._lock:
-            self._db.close()
+        super().__init__(path, _SCHEMA)
 
     # accounts
     def set_password(self, username: str, password: str) -> None:

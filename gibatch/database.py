@@ -1,0 +1,27 @@
+"""One SQLite file in WAL mode, shared by the threads of a process behind one lock.
+
+WAL lets readers in other processes (`gibatch status`) read beside the writer;
+synchronous=NORMAL keeps every commit safe from a crash of the process (`kill -9`),
+and loses at most the last commits on a power cut.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from pathlib import Path
+
+
+class Database:
+    def __init__(self, path: Path, schema: str) -> None:
+        self.path = path
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None,
+                                   timeout=30)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.executescript(schema)
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
