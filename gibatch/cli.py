@@ -283,7 +283,7 @@ def make_sweep(
 ) -> None:
     """Write job folders from a base job and variations of its keys, plus sweep.json.
 
-    Example: gibatch sweep examples/base_job --out jobs
+    Example: gibatch sweep examples/base_job --out jobs \\
     --vary merge.theta_galaxy_2=0:90:15 --vary interact.mass_2=1,1.5,2
     """
     from gibatch import sweep as sw
