@@ -54,20 +54,25 @@ def read(job: Job) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
-def is_complete(job: Job) -> bool:
-    """The record exists, matches this job's parameters, and every file is whole."""
+def complete_record(job: Job) -> dict[str, Any] | None:
+    """The record, if it matches this job's parameters and every file it lists is whole."""
     data = read(job)
     if data is None or data.get("lineage") != {s.name: job.lineage[s] for s in job.steps}:
-        return False
+        return None
     for section, files in data.get("sections", {}).items():
         for f in files:
             path = job.output / section / f["name"]
             try:
                 if path.stat().st_size != f["size"]:
-                    return False
+                    return None
             except OSError:
-                return False
-    return True
+                return None
+    return data
+
+
+def is_complete(job: Job) -> bool:
+    """The record exists, matches this job's parameters, and every file is whole."""
+    return complete_record(job) is not None
 
 
 def prune(job: Job, keep: dict[str, set[str]]) -> None:

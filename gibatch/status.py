@@ -106,8 +106,8 @@ def sweep_status(sweep: Sweep, journal: Journal, recent: int = 10) -> SweepStatu
     jobs: list[JobStatus] = []
     for job in sweep.jobs:
         ev = last.get(job.name)
-        if record.is_complete(job):
-            data = record.read(job) or {}
+        data = record.complete_record(job)
+        if data is not None:
             model = data.get("model_number")
             jobs.append(JobStatus(job.name, JobState.COMPLETE,
                                   model if isinstance(model, int) else None))
