@@ -211,9 +211,12 @@ def render_page(title: str, rows: list[Row], keys: list[str], page_dir: Path,
 def build_report(sweep: Sweep, status: SweepStatus, page: Path | None = None) -> Report:
     """Write the page (default `JOBS/report.html`), its thumbnails and the contact sheet."""
     root = sweep.root
-    page = page or root / REPORT_FILE
-    media = (root / STATE_DIR / "report" if page == root / REPORT_FILE
-             else page.with_name(page.stem + "_files"))
+    default = page is None or page == root / REPORT_FILE
+    page = root / REPORT_FILE if page is None else page
+    # Beside the default page, the media hide in JOBS/.gibatch (a folder there would
+    # be taken for a job); beside any other page, in PAGE_files/.
+    media = root / STATE_DIR / "report" if default else page.with_name(page.stem + "_files")
+    sheet = page.with_name(SHEET_FILE) if default else media / SHEET_FILE
     rows = collect_rows(sweep, status)
     thumbs: dict[tuple[str, str], Path] = {}
     for index, row in enumerate(rows):
@@ -222,7 +225,6 @@ def build_report(sweep: Sweep, status: SweepStatus, page: Path | None = None) ->
                 dest = media / f"{index:05d}-{shot.section.replace(' ', '')}.png"
                 make_thumbnail(shot.still, dest)
                 thumbs[(row.name, shot.section)] = dest
-    sheet = page.with_name(SHEET_FILE) if page == root / REPORT_FILE else media / SHEET_FILE
     media.mkdir(parents=True, exist_ok=True)
     has_sheet = contact_sheet(rows, sheet)
     keys = varying_keys(r.values for r in rows if r.values)
