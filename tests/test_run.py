@@ -209,6 +209,16 @@ def test_502_storm_on_login_is_ridden_out(
     assert site.running.site.store.task_count() == MINIMUM_TASKS
 
 
+def rerun_finishes_minimally(site: ThreadedSite, jobs: Path, log: Path, args: tuple[str, ...],
+                             env: dict[str, str]) -> None:
+    """Run the same command again: it exits 0, every job whole, no task ever sent twice."""
+    second = gibatch(log, *args, env=env)
+    second.wait(timeout=240)
+    assert second.returncode == 0, log.read_text()
+    assert site.running.site.store.task_count() == MINIMUM_TASKS
+    assert_outputs_match_site(jobs, site.running.site.config.data_dir)
+
+
 def _site_process_env(site: ThreadedSite, tmp_path: Path) -> tuple[list[str], dict[str, str]]:
     return (["--server", site.running.url, "--username", "alice"],
             {"GIBATCH_PASSWORD": "pw", "GIBATCH_LOCK_DIR": str(tmp_path / "locks")})
@@ -266,12 +276,8 @@ def test_sigterm_stops_cleanly_and_the_next_run_finishes(
     assert events[-1] == "run-end" and "job-interrupted" in events
     interrupted_tasks = site.running.site.store.task_count()
     # The lock was released and the journal kept: the next run resumes, no task twice.
-    second = gibatch(log, *args, env=env)
-    second.wait(timeout=240)
-    assert second.returncode == 0, log.read_text()
-    assert site.running.site.store.task_count() == MINIMUM_TASKS
     assert interrupted_tasks < MINIMUM_TASKS
-    assert_outputs_match_site(three_jobs, site.running.site.config.data_dir)
+    rerun_finishes_minimally(site, three_jobs, log, args, env)
 
 
 @pytest.mark.slow
@@ -337,11 +343,7 @@ def test_kill_9_mid_download_then_resume(
         first.wait(timeout=30)
     assert _partial_bytes(three_jobs) > 0
     site.running.site.faults.update(cut_rate=0.0)
-    second = gibatch(log, *args, env=env)
-    second.wait(timeout=240)
-    assert second.returncode == 0, log.read_text()
-    assert_outputs_match_site(three_jobs, site.running.site.config.data_dir)
-    assert site.running.site.store.task_count() == MINIMUM_TASKS
+    rerun_finishes_minimally(site, three_jobs, log, args, env)
 
 
 @pytest.mark.slow
@@ -366,11 +368,7 @@ def test_second_signal_aborts_at_once_and_loses_nothing(
     out = log.read_text()
     assert "second signal: stopping now" in out and "Traceback" not in out, out
     site.running.site.faults.clear()
-    second = gibatch(log, *args, env=env)
-    second.wait(timeout=240)
-    assert second.returncode == 0, log.read_text()
-    assert site.running.site.store.task_count() == MINIMUM_TASKS
-    assert_outputs_match_site(three_jobs, site.running.site.config.data_dir)
+    rerun_finishes_minimally(site, three_jobs, log, args, env)
 
 
 def _wait_for_text(path: Path, text: str, deadline_s: float) -> None:
