@@ -1,11 +1,9 @@
-"""The local site as a server: driven by a positional scraper written the way the
-course's original batch script was (stdlib only, no gibatch code), restarted without
+"""The local site as a server: driven the way the course's own batch script reads it
+(requests and BeautifulSoup, no gibatch code), restarted without
 losing results, and run standalone as `gibatch serve` in a process of its own."""
 
 from __future__ import annotations
 
-import http.cookiejar
-import json
 import os
 import queue
 import re
@@ -14,15 +12,14 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
-import uuid
-from html.parser import HTMLParser
 from pathlib import Path
 from typing import IO
-from urllib.parse import urljoin
+from urllib.parse import urlsplit
 
 import anyio
 import pytest
+import requests
+from bs4 import BeautifulSoup
 
 from gibatch import steps
 from gibatch.errors import LoginFailed
@@ -35,116 +32,125 @@ PAGES = {"galaxy1": "gi/galactic", "galaxy2": "gi/galactic", "merge": "gi/galact
          "interact": "gi/interactgalaxies", "plot1": "gi/plotgalaxies"}
 
 
-class Cells(HTMLParser):
-    """Every table row's cell texts, in order: what a positional scraper reads."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.rows: list[list[str]] = []
-        self._cell: list[str] | None = None
-
-    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
-        if tag == "tr":
-            self.rows.append([])
-        elif tag in ("td", "th"):
-            self._cell = []
-
-    def handle_endtag(self, tag: str) -> None:
-        if tag in ("td", "th") and self._cell is not None and self.rows:
-            self.rows[-1].append("".join(self._cell).strip())
-            self._cell = None
-
-    def handle_data(self, data: str) -> None:
-        if self._cell is not None:
-            self._cell.append(data)
-
-
-class OldScript:
-    """The original batch script's way: urllib, cookies, multipart login, JSON POSTs,
-    and positional scraping of view_jobs and view_data."""
+class CourseScript:
+    """The course's batch script's way of reading the site, with its library: requests,
+    BeautifulSoup's `html.parser`, the multipart login with Referer, the JSON POST with
+    `X-CSRFToken` scraped from `window.CSRF_TOKEN = "`, the `th` -> `tr` -> `thead` ->
+    `table` climb to `<tbody>` in view_jobs (the last row read for a model number is its
+    state), the `<h3>` / `find_next('table')` walk of view_data, and file links joined
+    to the site's root with the leading slash stripped."""
 
     def __init__(self, base: str) -> None:
         self.base = base.rstrip("/") + "/"
-        self.jar = http.cookiejar.CookieJar()
-        self.http = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(self.jar))
+        parts = urlsplit(base)
+        self.root = f"{parts.scheme}://{parts.netloc}"
+        self.http = requests.Session()
 
-    def get(self, path: str) -> str:
-        with self.http.open(urljoin(self.base, path), timeout=30) as r:
-            return str(r.read().decode())
+    def get(self, path: str) -> requests.Response:
+        response = self.http.get(self.base + path, timeout=30)
+        assert response.status_code == 200, (path, response.status_code)
+        return response
 
     def login(self, user: str, password: str) -> None:
-        page = self.get("accounts/login/")
-        token = re.search(r'name="csrfmiddlewaretoken" value="([^"]+)"', page)[1]  # type: ignore[index]
-        boundary = uuid.uuid4().hex
-        body = "".join(f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n'
-                       f"{v}\r\n" for k, v in (("csrfmiddlewaretoken", token),
-                                               ("username", user), ("password", password)))
-        body += f"--{boundary}--\r\n"
-        url = urljoin(self.base, "accounts/login/")
-        request = urllib.request.Request(url, data=body.encode(), headers={
-            "Content-Type": f"multipart/form-data; boundary={boundary}", "Referer": url})
-        self.http.open(request, timeout=30).close()
-        assert any(c.name == "sessionid" for c in self.jar)
+        soup = BeautifulSoup(self.get("accounts/login/").text, "html.parser")
+        token = soup.find("input", {"name": "csrfmiddlewaretoken"})["value"]  # type: ignore[index]
+        form = {"csrfmiddlewaretoken": (None, token), "username": (None, user),
+                "password": (None, password)}
+        response = self.http.post(self.base + "accounts/login/", files=form, timeout=30,
+                                  headers={"Referer": self.base + "accounts/login/"})
+        assert response.status_code == 200
+        assert "sessionid" in self.http.cookies
+
+    def logout(self) -> None:
+        self.get("accounts/logout/")
 
     def submit(self, step: str, model: int, params: dict[str, object]) -> None:
-        page = self.get(PAGES[step])
-        token = re.search(r'window\.CSRF_TOKEN = "([^"]+)";', page)[1]  # type: ignore[index]
-        request = urllib.request.Request(
-            urljoin(self.base, PAGES[step]), data=json.dumps({**params, "model_number": model})
-            .encode(), headers={"Content-Type": "application/json", "X-CSRFToken": token})
-        with self.http.open(request, timeout=30) as r:
-            assert r.status == 200
+        html = self.get(PAGES[step]).text
+        begin = 'window.CSRF_TOKEN = "'
+        start = html.index(begin) + len(begin)
+        token = html[start:html.index('"', start)]
+        response = self.http.post(self.base + PAGES[step], json={**params, "model_number": model},
+                                  headers={"X-CSRFToken": token}, timeout=30)
+        assert response.status_code == 200
 
-    def jobs(self) -> list[list[str]]:
-        parser = Cells()
-        parser.feed(self.get("gi/view_jobs/"))
-        header, *rows = parser.rows
-        assert "Job Type" in header
-        return rows
+    def task_status(self) -> dict[int, str]:
+        soup = BeautifulSoup(self.get("gi/view_jobs/").text, "html.parser")
+        status: dict[int, str] = {}
+        for header in soup.find_all("th"):
+            if header.text == "Job Type":
+                body = header.parent.parent.parent.find("tbody")
+                for row in body.find_all("tr"):
+                    cells = row.find_all("td")
+                    status[int(cells[2].text)] = cells[3].text
+                break
+        return status
 
-    def wait_last_completed(self, deadline_s: float = 60) -> None:
+    def rows(self) -> list[list[str]]:
+        soup = BeautifulSoup(self.get("gi/view_jobs/").text, "html.parser")
+        header = next(h for h in soup.find_all("th") if h.text == "Job Type")
+        body = header.parent.parent.parent.find("tbody")
+        return [[td.text for td in tr.find_all("td")] for tr in body.find_all("tr")]
+
+    def wait_completed(self, model: int, deadline_s: float = 60) -> None:
         end = time.monotonic() + deadline_s
         while time.monotonic() < end:
-            last = self.jobs()[-1]
-            if last[3] in ("Completed", "Failed"):
-                assert last[3] == "Completed", last
+            state = self.task_status().get(model)
+            if state in ("Completed", "Failed"):
+                assert state == "Completed"
                 return
             time.sleep(0.1)
         raise AssertionError("task did not finish")
 
-    def sections(self, model: int) -> dict[str, tuple[str, list[tuple[str, str]]]]:
-        page = self.get(f"gi/view_data/{model}/")
-        out = {}
-        for m in re.finditer(r"<h3>(.*?) - Status: (\w+)</h3>\s*<table>(.*?)</table>", page, re.S):
-            links = re.findall(r"<a href=[\"']([^\"']+)[\"']>([^<]+)</a>", m[3])
-            out[m[1]] = (m[2], links)
+    def files(self, model: int) -> dict[str, dict[str, str]]:
+        soup = BeautifulSoup(self.get(f"gi/view_data/{model}/").text, "html.parser")
+        out: dict[str, dict[str, str]] = {}
+        for heading in soup.find_all("h3"):
+            name = heading.text[:heading.text.find(" - Status:")]
+            table = heading.find_next("table")
+            out[name] = {a.text: a["href"] for a in table.find_all("a")}
         return out
 
+    def download(self, href: str) -> bytes:
+        response = self.http.get(f"{self.root}/{href.lstrip('/')}", stream=True, timeout=30)
+        response.raise_for_status()
+        return b"".join(response.iter_content(chunk_size=1 << 20))
 
-def test_original_script_style_scraper_drives_the_site(tmp_path: Path) -> None:
+
+def test_course_script_drives_the_site(tmp_path: Path) -> None:
     site = ThreadedSite(SiteConfig(data_dir=tmp_path / "site", accounts={"s": "pw"}))
     try:
-        script = OldScript(site.running.url)
+        script = CourseScript(site.running.url)
         script.login("s", "pw")
+        assert script.task_status() == {}
         files = {k.removesuffix(".json"): v for k, v in tiny_job_files().items()}
-        for step in ("galaxy1", "galaxy2", "merge", "interact", "plot1"):
+        chain = ("galaxy1", "galaxy2", "merge", "interact", "plot1")
+        for step in chain:
             script.submit(step, 2, files[step])
-            script.wait_last_completed()
-        rows = script.jobs()
-        assert [r[1] for r in rows] == ["Galaxy 1", "Galaxy 2", "Galaxy Merge",
-                                        "Galaxy Interaction", "Plot"]
-        assert {r[2] for r in rows} == {"2"}
-        sections = script.sections(2)
+            script.wait_completed(2)
+        script.submit("galaxy1", 3, files["galaxy1"])  # another model: its own last row
+        script.wait_completed(3)
+        rows = script.rows()
+        assert [(r[1], r[2], r[3]) for r in rows] == [
+            ("Galaxy 1", "2", "Completed"), ("Galaxy 2", "2", "Completed"),
+            ("Galaxy Merge", "2", "Completed"), ("Galaxy Interaction", "2", "Completed"),
+            ("Plot", "2", "Completed"), ("Galaxy 1", "3", "Completed")]
+        assert [int(r[0]) for r in rows] == sorted(int(r[0]) for r in rows)
+        assert script.task_status() == {2: "Completed", 3: "Completed"}
+
+        sections = script.files(2)
         assert list(sections) == ["Galaxy 1", "Galaxy 2", "Galaxy Merge", "Galaxy Interaction",
                                   "Plot 1"]
-        status, links = sections["Plot 1"]
-        assert status == "Completed"
-        names = {name for _, name in links}
-        assert {"final.png", "animation.gif"} <= names
-        href = next(h for h, n in links if n == "animation.gif")
-        assert href.startswith("/ast80011/")  # root-relative, as on the real site
-        with script.http.open(urljoin(script.base, href), timeout=30) as r:
-            assert r.read(6) in (b"GIF87a", b"GIF89a")
+        assert all(sections.values()), "every section lists its files"
+        assert {"final.png", "animation.gif"} <= set(sections["Plot 1"])
+        for section in sections.values():
+            for href in section.values():
+                assert href.startswith("/ast80011/media/")  # root-relative, as on the real site
+        gif = script.download(sections["Plot 1"]["animation.gif"])
+        assert gif[:6] in (b"GIF87a", b"GIF89a")
+        script.logout()
+        assert "sessionid" not in script.http.cookies or not script.http.cookies["sessionid"]
+        assert script.http.get(script.base + "gi/view_jobs/", timeout=30).url.startswith(
+            script.base + "accounts/login/")
     finally:
         site.stop()
 

@@ -61,9 +61,11 @@ def view_jobs(tasks: Iterable[Task]) -> str:
         f"<td>{t.status.value}</td><td>{escape(t.submitted)}</td></tr>"
         for t in tasks
     )
+    # A Django template table: the course's script climbs th -> tr -> thead -> table and
+    # takes that table's <tbody> (html.parser adds no implicit one), so both must be there.
     return page("Jobs", (
-        "<table><tr><th>Job ID</th><th>Job Type</th><th>Model Number</th><th>Status</th>"
-        f"<th>Submitted</th></tr>{rows}</table>"
+        "<table><thead><tr><th>Job ID</th><th>Job Type</th><th>Model Number</th>"
+        f"<th>Status</th><th>Submitted</th></tr></thead><tbody>{rows}</tbody></table>"
     ))
 
 
