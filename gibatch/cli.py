@@ -344,6 +344,13 @@ def serve(
     cut_rate: Annotated[float, typer.Option(help="Fault: share of downloads cut midway.")] = 0.0,
     post_502_rate: Annotated[float, typer.Option(
         help="Fault: share of task POSTs accepted but answered 502.")] = 0.0,
+    browser_rate: Annotated[float, typer.Option(
+        help="Fault: share of requests after which someone starts a task in the browser "
+             "on the model number concerned, as soon as it is free.")] = 0.0,
+    strict: Annotated[bool, typer.Option(
+        help="Only what the real site is known to do, and the worst it may: view_jobs "
+             "newest first, HTML answers to task POSTs, no sizes, no plot_number, no Range."
+    )] = False,
 ) -> None:
     """Run the local GI Simulator site standalone (password from $GIBATCH_PASSWORD).
 
@@ -358,9 +365,9 @@ def serve(
     password = os.environ.get(PASSWORD_ENV) or secrets.token_urlsafe(12)
     config = SiteConfig(
         data_dir=data_dir, accounts={user: password}, model_count=model_count,
-        session_lifetime_s=session_lifetime,
+        session_lifetime_s=session_lifetime, strict=strict,
         faults=Faults(error_rate=error_rate, hang_rate=hang_rate, cut_rate=cut_rate,
-                      post_502_rate=post_502_rate),
+                      post_502_rate=post_502_rate, browser_rate=browser_rate),
     )
 
     async def main() -> None:

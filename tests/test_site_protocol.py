@@ -120,7 +120,7 @@ def test_store_invalidation_and_plot_numbering(tmp_path: Path) -> None:
     store = Store(tmp_path / "s.db")
 
     def run(step: steps.Step) -> int:
-        job = store.submit("u", 1, step, "{}")
+        job = store.submit("u", 1, step, "{}").job_id
         store.set_status(job, TaskStatus.COMPLETED)
         return job
 

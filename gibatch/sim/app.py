@@ -4,13 +4,24 @@ Sections 1 and 2 of the protocol: Django-style sessions and CSRF, the four task 
 view_jobs and view_data, media files with Content-Length and Range, 400/403/409
 answers, downstream invalidation, plot numbering and session expiry; plus the faults
 of `faults.py` in front of everything, as the course site's proxy would show them.
+
+Like the real site, a model number holds only its current results: a task that
+replaces or clears a section deletes the files of the task that filled it, and their
+URLs answer 404. Media are private to their owner's session.
+
+`strict=True` keeps only what section 1 guarantees and takes the worst variations of
+section 3: view_jobs newest first with other words for waiting work (`Pending`), task
+POSTs answered 200 with an HTML page and no job id, no size cell in view_data,
+`plot_number` refused with 400, and `Range` ignored (files always whole, 200).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import re
 import secrets
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,9 +33,10 @@ from pydantic import ValidationError
 
 from gibatch.params import GalaxyParams, InteractParams, MergeParams, PlotParams, describe_errors
 from gibatch.sim import pages
+from gibatch.sim.browser import click_task
 from gibatch.sim.faults import Faults
 from gibatch.sim.runner import Runner
-from gibatch.sim.store import Busy, Store, TaskStatus
+from gibatch.sim.store import Busy, Store, Task, TaskStatus
 from gibatch.steps import GALAXY1, GALAXY2, INTERACT, MERGE, Step, plot
 
 DEFAULT_PREFIX = "/ast80011"
@@ -49,6 +61,7 @@ class SiteConfig:
     session_lifetime_s: float = DEFAULT_SESSION_LIFETIME_S
     workers: int | None = None
     faults: Faults = field(default_factory=Faults)
+    strict: bool = False
 
 
 class Site:
@@ -62,6 +75,8 @@ class Site:
             self.store.set_password(user, password)
         self.runner: Runner | None = None
         self._sessions: dict[str, tuple[str, float]] = {}
+        self._clicks: dict[tuple[str, int], list[str | None]] = {}  # waiting for a free model
+        self.clicked: list[int] = []  # job ids of browser tasks, for tests and benchmarks
 
     @property
     def faults(self) -> Faults:
@@ -72,7 +87,7 @@ class Site:
         return self.config.data_dir / "media"
 
     async def startup(self, _app: web.Application) -> None:
-        self.runner = Runner(self.store, self.media, self.config.workers)
+        self.runner = Runner(self.store, self.media, self.config.workers, self._task_ended)
         for task in await asyncio.to_thread(self.store.unfinished):
             self.runner.start(task)  # a restarted site finishes what it had accepted
 
@@ -80,6 +95,42 @@ class Site:
         if self.runner is not None:
             await self.runner.close()
         self.store.close()
+
+    # tasks
+    def submit(self, user: str, model: int, step: Step, payload: str,
+               plot_number: int | None = None) -> int:
+        """Queue a task (Busy if the model is occupied) and delete what it replaces.
+
+        Runs on the event loop: the runner starts the task in the same turn.
+        """
+        assert self.runner is not None
+        done = self.store.submit(user, model, step, payload, plot_number)
+        for old in done.replaced:
+            shutil.rmtree(self.runner.task_dir(user, model, old), ignore_errors=True)
+        task = self.store.task(done.job_id)
+        assert task is not None
+        self.runner.start(task)
+        return done.job_id
+
+    def click(self, user: str, model: int | None = None, kind: str | None = None) -> None:
+        """Someone starts a task in the browser on `model` (default: a random one of the
+        account's) as soon as it is free: now if idle, else when its current task ends."""
+        if model is None:
+            model = self.faults.rng.randint(1, self.config.model_count)
+        if self.store.is_busy(user, model):
+            self._clicks.setdefault((user, model), []).append(kind)
+            return
+        self._start_click(user, model, kind)
+
+    def _start_click(self, user: str, model: int, kind: str | None) -> None:
+        step, payload = click_task(self.faults.rng, kind or self.faults.browser_step)
+        self.clicked.append(self.submit(user, model, step, payload))
+
+    def _task_ended(self, task: Task, status: TaskStatus) -> None:
+        self.store.set_status(task.job_id, status)
+        waiting = self._clicks.get((task.username, task.model))
+        if waiting:
+            self._start_click(task.username, task.model, waiting.pop(0))
 
     # sessions
     def login(self, username: str) -> str:
@@ -144,8 +195,28 @@ async def proxy_faults(request: web.Request, handler: Any) -> web.StreamResponse
             await asyncio.sleep(faults.error_delay_s)
         return web.Response(status=502, text="<html><body><h1>502 Bad Gateway</h1></body></html>",
                             content_type="text/html")
+    site = _site(request)
+    user = site.user_of(request)
+    if user is not None and faults.draw("browser", request.path):
+        site.click(user, await _model_concerned(request, site))
     response: web.StreamResponse = await handler(request)
     return response
+
+
+_MODEL_IN_PATH = re.compile(r"/(?:gi/view_data|media/[^/]+)/(\d+)/")
+
+
+async def _model_concerned(request: web.Request, site: Site) -> int | None:
+    """The model number a request is about, if it names one that exists."""
+    found = _MODEL_IN_PATH.search(request.path)
+    value: object = int(found[1]) if found else None
+    if value is None and request.method == "POST" and request.path.endswith(
+            tuple(_TASK_PAGES) + tuple(f"{p}/" for p in _TASK_PAGES)):
+        try:
+            value = json.loads(await request.read()).get("model_number")
+        except (ValueError, AttributeError, RecursionError):
+            value = None
+    return _model_number(value, site)
 
 
 # --- accounts -------------------------------------------------------------------------------
@@ -159,7 +230,10 @@ async def login_get(request: web.Request) -> web.Response:
 
 async def login_post(request: web.Request) -> web.Response:
     site = _site(request)
-    form = await request.post()
+    try:
+        form = await request.post()
+    except (ValueError, UnicodeDecodeError, AssertionError) as exc:  # a malformed body
+        return _html(pages.page("Bad request", f"<p>Unreadable login form: {exc}</p>"), 400)
     cookie = request.cookies.get("csrftoken")
     if not cookie or form.get("csrfmiddlewaretoken") != cookie:
         return _html(pages.page("Forbidden", "<p>CSRF verification failed.</p>"), 403)
@@ -228,8 +302,8 @@ async def task_post(request: web.Request) -> web.Response:
     page = request.match_info["page"]
     try:
         body = json.loads(await request.read())
-    except (ValueError, UnicodeDecodeError):
-        return _json_error(400, "body: not valid JSON")
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return _json_error(400, "body: not valid JSON (or nested too deeply)")
     if not isinstance(body, dict):
         return _json_error(400, "body: must be a JSON object")
     model = _model_number(body.pop("model_number", None), site)
@@ -237,6 +311,8 @@ async def task_post(request: web.Request) -> web.Response:
         return _json_error(400, f"model_number: must be an integer from 1 to "
                                 f"{site.config.model_count}")
     plot_number = body.pop("plot_number", None) if page == "plotgalaxies" else None
+    if plot_number is not None and site.config.strict:
+        return _json_error(400, "plot_number: unknown field")
     if plot_number is not None and (isinstance(plot_number, bool)
                                     or not isinstance(plot_number, int)):
         return _json_error(400, "plot_number: must be an integer")
@@ -246,18 +322,15 @@ async def task_post(request: web.Request) -> web.Response:
         return _json_error(400, "; ".join(f"{f}: {m}" for f, m in describe_errors(exc)))
     payload = json.dumps(params.model_dump(mode="json", exclude_none=True))
     try:
-        job_id = await asyncio.to_thread(
-            site.store.submit, user, model, _step_of(page, body), payload, plot_number
-        )
+        job_id = site.submit(user, model, _step_of(page, body), payload, plot_number)
     except Busy:
         return _json_error(409, f"model_number: model {model} is busy with another task")
     except ValueError as exc:
         return _json_error(400, str(exc))
-    assert site.runner is not None
-    task = next(t for t in await asyncio.to_thread(site.store.tasks, user) if t.job_id == job_id)
-    site.runner.start(task)
     if site.faults.draw("post_502", request.path):
         return web.Response(status=502, text="<h1>502 Bad Gateway</h1>", content_type="text/html")
+    if site.config.strict:
+        return _html(pages.page("Task submitted", "<p>Your task has been submitted.</p>"))
     return web.json_response({"job_id": job_id})
 
 
@@ -266,7 +339,10 @@ async def task_post(request: web.Request) -> web.Response:
 async def view_jobs(request: web.Request) -> web.Response:
     site = _site(request)
     user = site.require_user(request)
-    return _html(pages.view_jobs(await asyncio.to_thread(site.store.tasks, user)))
+    tasks = await asyncio.to_thread(site.store.tasks, user)
+    if site.config.strict:
+        return _html(pages.view_jobs(reversed(tasks), pages.STRICT_WORDS))
+    return _html(pages.view_jobs(tasks))
 
 
 async def view_data(request: web.Request) -> web.Response:
@@ -290,20 +366,41 @@ async def view_data(request: web.Request) -> web.Response:
                            f"{section.job_id}/{quote(f.name)}")
                     files.append((f.name, url, f.stat().st_size))
         listed.append((section, files))
+    if site.config.strict:
+        return _html(pages.view_data(model, listed, sizes=False, words=pages.STRICT_WORDS))
     return _html(pages.view_data(model, listed))
 
 
 async def media(request: web.Request) -> web.StreamResponse:
+    """A result file, to its owner's session only; anything else is 404 (not 403: whether
+    a file exists is the owner's business too)."""
     site = _site(request)
     user, model, job, name = (request.match_info[k] for k in ("user", "model", "job", "name"))
-    if "/" in name or name.startswith(".") or not (model.isdigit() and job.isdigit()):
+    if site.user_of(request) != user or not (model.isdigit() and job.isdigit()):
         raise web.HTTPNotFound()
-    path = site.media / user / model / job / name
-    if path.parent.parent.parent.parent != site.media or not path.is_file():
+    root = site.media.resolve()
+    path = (site.media / user / model / job / name).resolve()
+    # Resolved paths, not text: `..`, encoded forms and symlinks all end up compared here.
+    if path.parent != root / user / model / job or not path.is_file():
         raise web.HTTPNotFound()
     if site.faults.draw("cut", request.path):
         return await _cut_download(request, path)
+    if site.config.strict:
+        return await _whole_file(request, path)
     return web.FileResponse(path)
+
+
+async def _whole_file(request: web.Request, path: Path) -> web.StreamResponse:
+    """The file from its first byte, 200, whatever Range asked (a site without Range)."""
+    resp = web.StreamResponse()
+    resp.content_length = path.stat().st_size
+    resp.content_type = "application/octet-stream"
+    await resp.prepare(request)
+    with path.open("rb") as f:
+        while block := await asyncio.to_thread(f.read, 1 << 20):
+            await resp.write(block)
+    await resp.write_eof()
+    return resp
 
 
 async def _cut_download(request: web.Request, path: Path) -> web.StreamResponse:

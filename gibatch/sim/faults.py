@@ -9,6 +9,12 @@ kinds:
   hang       the request never answers (held `hang_s`, then dropped)
   cut        a file download stops mid-stream and the connection closes
   post_502   a task POST is accepted (the task is queued) but answered 502
+  browser    someone starts a task "in the browser" on the model number the request
+             concerns (view_data/N, a file of model N, a task POST for N; any other
+             request: a random one of the account's), as soon as that model is free:
+             at once if it is idle, else the moment its current task ends (before any
+             client can see that end). `browser_step` fixes the kind of task
+             (galaxy1, galaxy2, merge, interact, plot); unset, each click draws one.
 Session expiry is a site setting (`session_lifetime_s`), not a fault here.
 """
 
@@ -20,7 +26,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Literal
 
-FaultKind = Literal["error", "hang", "cut", "post_502"]
+FaultKind = Literal["error", "hang", "cut", "post_502", "browser"]
 
 
 @dataclass
@@ -29,6 +35,8 @@ class Faults:
     hang_rate: float = 0.0
     cut_rate: float = 0.0
     post_502_rate: float = 0.0
+    browser_rate: float = 0.0
+    browser_step: str | None = None
     error_delay_s: float = 0.0
     hang_s: float = 3600.0
     seed: int = 0
@@ -40,7 +48,7 @@ class Faults:
     def __post_init__(self) -> None:
         self._rng = random.Random(self.seed)
 
-    def update(self, **rates: float) -> None:
+    def update(self, **rates: float | str | None) -> None:
         """Change rates while the site runs (tests call this from another thread)."""
         with self._lock:
             for name, value in rates.items():
@@ -56,6 +64,12 @@ class Faults:
         with self._lock:
             self._scripted.clear()
             self.error_rate = self.hang_rate = self.cut_rate = self.post_502_rate = 0.0
+            self.browser_rate = 0.0
+
+    @property
+    def rng(self) -> random.Random:
+        """The seeded generator, for what a fault does once drawn (a click's task)."""
+        return self._rng
 
     def draw(self, kind: FaultKind, path: str) -> bool:
         """Whether this request meets fault `kind` (a scripted one is consumed)."""

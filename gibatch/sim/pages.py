@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from html import escape
 
-from gibatch.sim.store import Section, Task
+from gibatch.sim.store import Section, Task, TaskStatus
+
+# What a strict site calls a status (site-protocol.md section 3: other words for waiting
+# work; only `Completed` means done).
+STRICT_WORDS: Mapping[TaskStatus, str] = {TaskStatus.QUEUED: "Pending"}
 
 _STYLE = (
     "body{font-family:sans-serif;margin:2em;max-width:70em}"
@@ -55,10 +59,14 @@ def task_page(title: str, csrf: str) -> str:
     )
 
 
-def view_jobs(tasks: Iterable[Task]) -> str:
+def _word(status: TaskStatus, words: Mapping[TaskStatus, str] | None) -> str:
+    return (words or {}).get(status, status.value)
+
+
+def view_jobs(tasks: Iterable[Task], words: Mapping[TaskStatus, str] | None = None) -> str:
     rows = "".join(
         f"<tr><td>{t.job_id}</td><td>{escape(t.job_type)}</td><td>{t.model}</td>"
-        f"<td>{t.status.value}</td><td>{escape(t.submitted)}</td></tr>"
+        f"<td>{_word(t.status, words)}</td><td>{escape(t.submitted)}</td></tr>"
         for t in tasks
     )
     # A Django template table: the course's script climbs th -> tr -> thead -> table and
@@ -70,18 +78,21 @@ def view_jobs(tasks: Iterable[Task]) -> str:
 
 
 def view_data(
-    model: int, sections: Iterable[tuple[Section, list[tuple[str, str, int]]]]
+    model: int, sections: Iterable[tuple[Section, list[tuple[str, str, int]]]],
+    sizes: bool = True, words: Mapping[TaskStatus, str] | None = None,
 ) -> str:
-    """One <h3> and <table> per section; rows hold (link, size in bytes)."""
+    """One <h3> and <table> per section; rows hold (link, size in bytes unless not `sizes`)."""
     parts: list[str] = []
     thumbs: list[str] = []
     for section, files in sections:
         rows = "".join(
-            f"<tr><td><a href='{escape(url)}'>{escape(name)}</a></td><td>{size}</td></tr>"
+            f"<tr><td><a href='{escape(url)}'>{escape(name)}</a></td>"
+            + (f"<td>{size}</td>" if sizes else "") + "</tr>"
             for name, url, size in files
         )
         parts.append(
-            f"<h3>{escape(section.name)} - Status: {section.status.value}</h3><table>{rows}</table>"
+            f"<h3>{escape(section.name)} - Status: {_word(section.status, words)}</h3>"
+            f"<table>{rows}</table>"
         )
         urls = {name: url for name, url, _ in files}
         if "thumbnail.png" in urls:

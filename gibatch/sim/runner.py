@@ -10,6 +10,7 @@ import multiprocessing
 import os
 import shutil
 import traceback
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -49,13 +50,23 @@ def default_workers() -> int:
     return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1)
 
 
-class Runner:
-    """Owns the process pool; `start(task)` runs a queued task to Completed or Failed."""
+TaskEnd = Callable[[Task, TaskStatus], None]
 
-    def __init__(self, store: Store, media: Path, workers: int | None = None) -> None:
+
+class Runner:
+    """Owns the process pool; `start(task)` runs a queued task to Completed or Failed.
+
+    `on_end(task, status)` records the end; it runs on the event loop with no await
+    between it and the task's last file, so what it does next (a browser click waiting
+    for the model to be free) happens before any request can see the task finished.
+    """
+
+    def __init__(self, store: Store, media: Path, workers: int | None = None,
+                 on_end: TaskEnd | None = None) -> None:
         self.store = store
         self.media = media
         self.workers = workers or default_workers()
+        self._on_end = on_end or (lambda task, status: store.set_status(task.job_id, status))
         # spawn: the site may run inside a threaded client; forking that is unsafe.
         self._pool = ProcessPoolExecutor(
             self.workers, mp_context=multiprocessing.get_context("spawn")
@@ -97,7 +108,7 @@ class Runner:
             if error is not None:
                 (out / "error.txt").write_text(error + "\n")
             status = TaskStatus.FAILED if error else TaskStatus.COMPLETED
-            await asyncio.to_thread(self.store.set_status, task.job_id, status)
+            self._on_end(task, status)
             log.debug("task %d %s model %d: %s", task.job_id, task.step, task.model, status.value)
 
     async def close(self) -> None:

@@ -7,10 +7,12 @@ import asyncio
 import secrets
 import threading
 from collections.abc import AsyncIterator
+from collections.abc import Callable
 from concurrent.futures import Future
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 from aiohttp import web
 
@@ -19,6 +21,7 @@ from gibatch.sim.app import Site, SiteConfig, create_app
 LOOPBACK = "127.0.0.1"
 EMBEDDED_USER = "gibatch"
 SHUTDOWN_GRACE_S = 2.0
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -79,6 +82,21 @@ class ThreadedSite:
             if not self._ready.done():
                 self._ready.set_exception(exc)
             raise
+
+    def call(self, fn: Callable[[], T]) -> T:
+        """Run `fn` on the site's event loop and return its result (e.g. a browser click:
+        `threaded.call(lambda: threaded.running.site.click("alice", 2))`)."""
+        assert self._loop is not None
+        done: Future[T] = Future()
+
+        def run() -> None:
+            try:
+                done.set_result(fn())
+            except BaseException as exc:
+                done.set_exception(exc)
+
+        self._loop.call_soon_threadsafe(run)
+        return done.result(timeout=30)
 
     def stop(self) -> None:
         if self._loop is not None and self._stop is not None and self._thread.is_alive():

@@ -43,6 +43,15 @@ class Task:
 
 
 @dataclass(frozen=True)
+class Submission:
+    """A queued task, and the earlier tasks whose results it replaced or cleared: a model
+    number holds only its current results, so those tasks' files are to be deleted."""
+
+    job_id: int
+    replaced: tuple[int, ...]
+
+
+@dataclass(frozen=True)
 class Section:
     name: str
     job_id: int
@@ -110,7 +119,7 @@ class Store(Database):
 
     def submit(
         self, username: str, model: int, step: Step, payload: str, plot_number: int | None = None
-    ) -> int:
+    ) -> Submission:
         """Queue a task and apply downstream invalidation, atomically; Busy if occupied.
 
         A plot goes to section `Plot k`: k = plot_number when given (replacing it), else
@@ -119,11 +128,7 @@ class Store(Database):
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
-                row = self._db.execute(
-                    "SELECT status FROM tasks WHERE username = ? AND model = ? "
-                    "ORDER BY job_id DESC LIMIT 1", (username, model),
-                ).fetchone()
-                if row is not None and TaskStatus(row[0]).active:
+                if self._busy_unlocked(username, model):
                     raise Busy()
                 section = step.section
                 if step.stage is Stage.PLOT:
@@ -141,9 +146,13 @@ class Store(Database):
                      step.job_type, section, payload, TaskStatus.QUEUED.value, _now()),
                 )
                 job_id = int(cur.lastrowid or 0)
-                for name, _ in self._sections_unlocked(username, model):
+                replaced = []
+                for name, old in self._sections_unlocked(username, model):
                     stage = section_stage(name)
-                    if stage is not None and stage > step.stage:
+                    if name == section:
+                        replaced.append(int(old))
+                    elif stage is not None and stage > step.stage:
+                        replaced.append(int(old))
                         self._db.execute(
                             "DELETE FROM sections WHERE username = ? AND model = ? AND name = ?",
                             (username, model, name),
@@ -156,7 +165,19 @@ class Store(Database):
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
-        return job_id
+        return Submission(job_id, tuple(replaced))
+
+    def is_busy(self, username: str, model: int) -> bool:
+        """Whether the model number's current task is still queued or running."""
+        with self._lock:
+            return self._busy_unlocked(username, model)
+
+    def _busy_unlocked(self, username: str, model: int) -> bool:
+        row = self._db.execute(
+            "SELECT status FROM tasks WHERE username = ? AND model = ? "
+            "ORDER BY job_id DESC LIMIT 1", (username, model),
+        ).fetchone()
+        return row is not None and TaskStatus(row[0]).active
 
     def set_status(self, job_id: int, status: TaskStatus) -> None:
         column = "started" if status is TaskStatus.RUNNING else "finished"
@@ -172,6 +193,13 @@ class Store(Database):
                 "SELECT status FROM tasks WHERE job_id = ?", (job_id,)
             ).fetchone()
         return None if row is None else TaskStatus(row[0])
+
+    def task(self, job_id: int) -> Task | None:
+        with self._lock:
+            row = self._db.execute(
+                f"SELECT {self._TASK_COLS} FROM tasks WHERE job_id = ?", (job_id,)
+            ).fetchone()
+        return None if row is None else self._row(row)
 
     def tasks(self, username: str) -> list[Task]:
         with self._lock:
