@@ -56,6 +56,7 @@ class Event(StrEnum):
     JOB_FAILED = "job-failed"
     JOB_INVALID = "job-invalid"
     JOB_INTERRUPTED = "job-interrupted"
+    JOB_REQUEUED = "job-requeued"
     MEMORY_VOID = "memory-void"
 
 

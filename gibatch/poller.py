@@ -1,34 +1,42 @@
 """One shared poller of the site's task list for every model-number worker.
 
-Its interval adapts: with a measured estimate E of a task's duration it waits until
-about 0.6 E, then polls every POLL_INTERVAL_MIN_S, backing off past E by a tenth of
-the overrun up to POLL_INTERVAL_MAX_S (with no estimate, E = 0: the interval grows
-with the task's age, so the time lost noticing its end stays a small fraction of it).
-A poll answers every waiting worker at once.
+Every answer goes first to the observers (each model's memory accounts for its new
+rows there, so a foreign task is seen whoever polled), then to the waiters, each with
+its own condition. Its interval adapts: with a measured estimate E of a task's
+duration it waits until about 0.6 E, then polls every POLL_INTERVAL_MIN_S, backing off
+past E by a tenth of the overrun up to POLL_INTERVAL_MAX_S (with no estimate, E = 0:
+the interval grows with the task's age, so the time lost noticing its end stays a
+small fraction of it). A poll that fails past its retries fails every waiter with
+that error: each job's boundary decides what it means for the job.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import anyio
 
-from gibatch.site import SiteClient, TaskRow, TaskState
+from gibatch.site import SiteClient, TaskRow
 
 POLL_INTERVAL_MIN_S = 0.1
 POLL_INTERVAL_MAX_S = 5.0
 EARLY_FRACTION = 0.6
 OVERRUN_BACKOFF = 0.1  # extra seconds of interval per second past the estimate
 
+T = TypeVar("T")
+Observer = Callable[[list[TaskRow]], object]
+
 
 @dataclass
 class _Waiter:
-    model: int
-    after_task_id: int
+    check: Callable[[list[TaskRow]], Any]
     since: float
     estimate_s: float
-    found: TaskRow | None = None
+    result: Any = None
+    error: BaseException | None = None
     done: anyio.Event = field(default_factory=anyio.Event)
 
 
@@ -47,22 +55,24 @@ class Poller:
         self.rows: list[TaskRow] = []
         self.polled_at = float("-inf")
         self.polls = 0
+        self.observers: list[Observer] = []
         self._waiters: list[_Waiter] = []
         self._wake = anyio.Event()
 
     async def refresh(self) -> list[TaskRow]:
-        """Poll now and hand the answer to every waiter."""
-        self.rows = await self.client.tasks()
-        self.polled_at = time.monotonic()
+        """Poll now; the answer goes to every observer, then to every waiter."""
+        rows = await self.client.tasks()
+        self.rows, self.polled_at = rows, time.monotonic()
         self.polls += 1
+        for observe in self.observers:
+            observe(rows)
         for w in list(self._waiters):
-            row = newest(self.rows, w.model)
-            finished = row is not None and row.state is not TaskState.ACTIVE
-            if row is not None and finished and row.job_id > w.after_task_id:
-                w.found = row
+            found = w.check(rows)
+            if found is not None:
+                w.result = found
                 w.done.set()
                 self._waiters.remove(w)
-        return self.rows
+        return rows
 
     async def recent(self, max_age_s: float) -> list[TaskRow]:
         """The task list, polled anew only if the last answer is older than `max_age_s`."""
@@ -70,14 +80,20 @@ class Poller:
             return self.rows
         return await self.refresh()
 
-    async def wait_finished(self, model: int, after_task_id: int, estimate_s: float) -> TaskRow:
-        """The first task of `model` newer than `after_task_id`, once it is no longer active."""
-        waiter = _Waiter(model, after_task_id, time.monotonic(), estimate_s)
+    async def wait(self, check: Callable[[list[TaskRow]], T | None], estimate_s: float) -> T:
+        """Poll until `check(rows)` gives a value (not None) and return it."""
+        waiter = _Waiter(check, time.monotonic(), estimate_s)
         self._waiters.append(waiter)
         self._wake.set()
-        await waiter.done.wait()
-        assert waiter.found is not None
-        return waiter.found
+        try:
+            await waiter.done.wait()
+        finally:
+            if waiter in self._waiters:
+                self._waiters.remove(waiter)
+        if waiter.error is not None:
+            raise waiter.error
+        result: T = waiter.result
+        return result
 
     async def run(self) -> None:
         """Poll while anyone waits; sleep until someone does."""
@@ -95,7 +111,13 @@ class Poller:
             if woken:  # a new waiter: its wishes may move the next poll
                 self._wake = anyio.Event()
                 continue
-            await self.refresh()
+            try:
+                await self.refresh()
+            except Exception as exc:  # noqa: BLE001 - the waiters' boundaries judge it
+                for w in self._waiters:
+                    w.error = exc
+                    w.done.set()
+                self._waiters.clear()
 
 
 def newest(rows: list[TaskRow], model: int) -> TaskRow | None:

@@ -92,6 +92,14 @@ def prune(job: Job, keep: dict[str, set[str]]) -> None:
                 _remove(f)
 
 
+def drop_partials(job: Job) -> None:
+    """Delete the job's partial downloads: its tasks are about to produce new results,
+    and a `.part` of an old one must never be resumed with bytes of a new one."""
+    if job.output.is_dir():
+        for part in job.output.glob(f"*/*{PART_SUFFIX}"):
+            part.unlink(missing_ok=True)
+
+
 def _remove(path: Path) -> None:
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path)

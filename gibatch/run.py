@@ -1,10 +1,16 @@
 """The scheduler: one worker per model number, all owned by one task group.
 
 Each worker holds its model number's OS lock, takes the pending job that lets it skip
-the most work (affinity), runs the job's steps in chain order, skipping every step whose
-lineage the model already holds, and hands the finished job to a finisher that
-downloads its sections and writes the completion record. The worker meanwhile starts
-the next job; a task that would clear a section still downloading waits for it.
+the most work (affinity), runs the job's steps (`worker.py`) and hands the listed
+sections to a finisher that downloads them and writes the completion record, while
+the worker starts the next job; a task that would clear a section still being read
+waits for its readers (`memory.py`).
+
+Every job has one error boundary (`_settle`): whatever ends an attempt, grouped in an
+`ExceptionGroup` or not, becomes that job's outcome. A result that vanished sends the
+job back to the queue (a few times); a full disk stops the run; a bug fails the job
+with its traceback in the log and the journal; the run goes on. Only cancellation
+(Ctrl-C past the grace period) passes through, and every job still gets an outcome.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ from __future__ import annotations
 import logging
 import signal
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -22,26 +29,26 @@ from anyio.abc import TaskGroup
 
 from gibatch import record
 from gibatch.errors import (
-    AmbiguousSubmit,
+    DiskFull,
     GibatchError,
     NoModelAvailable,
-    PermanentError,
-    TransientError,
+    ResultVanished,
+    leaves,
 )
-from gibatch.holdings import after_task, best_job, held_section, new_section, section_step
+from gibatch.holdings import best_job
 from gibatch.jobs import Job, Sweep
-from gibatch.journal import Event, Intent, Journal
-from gibatch.poller import Poller, newest
-from gibatch.site import ModelBusy, RemoteFile, Section, SiteClient, TaskRow, TaskState
+from gibatch.journal import Event, Journal
+from gibatch.memory import ModelMemory
+from gibatch.poller import Poller
+from gibatch.site import Section, SiteClient
 from gibatch.slots import JobClaim, ModelLock
-from gibatch.steps import Stage, Step, survives
-from gibatch.transfer import FileRecord, fetch
+from gibatch.transfer import FileRecord, fetch, local_names
+from gibatch.worker import Counts, Durations, Interrupted, Listed, ModelWorker
 
 log = logging.getLogger("gibatch")
 
-SUBMIT_RETRY_S = 2.0
-FRESH_ROWS_S = 1.0  # a task list this recent is as good as a new poll before a job
 DEFAULT_GRACE_S = 30.0
+MAX_VANISHED = 3  # times a job's results may vanish before it fails
 
 
 class Outcome(StrEnum):
@@ -62,28 +69,27 @@ class Options:
 
 
 @dataclass
-class ModelState:
-    """What one model number holds: section name -> lineage, and its last known task."""
-
-    model: int
-    lock: ModelLock
-    held: dict[str, str] = field(default_factory=dict)
-    last_task_id: int = 0
-    downloading: dict[str, anyio.Event] = field(default_factory=dict)
-
-
-@dataclass
 class Summary:
     outcomes: dict[str, Outcome] = field(default_factory=dict)
     reasons: dict[str, str] = field(default_factory=dict)
-    tasks_submitted: int = 0
-    steps_skipped: int = 0
+    counts: Counts = field(default_factory=Counts)
     models_used: list[int] = field(default_factory=list)
     models_refused: dict[int, str] = field(default_factory=dict)
-    dispatch_delays_s: list[float] = field(default_factory=list)
     requests: dict[str, int] = field(default_factory=dict)
     started: float = field(default_factory=time.monotonic)
     ended: float = 0.0
+
+    @property
+    def tasks_submitted(self) -> int:
+        return self.counts.tasks_submitted
+
+    @property
+    def steps_skipped(self) -> int:
+        return self.counts.steps_skipped
+
+    @property
+    def dispatch_delays_s(self) -> list[float]:
+        return self.counts.dispatch_delays_s
 
     def count(self, outcome: Outcome) -> int:
         return sum(1 for o in self.outcomes.values() if o is outcome)
@@ -94,14 +100,6 @@ class Summary:
             return 3
         bad = (Outcome.FAILED, Outcome.INVALID, Outcome.NOT_RUN)
         return 1 if any(o in bad for o in self.outcomes.values()) else 0
-
-
-class JobFailed(GibatchError):
-    pass
-
-
-class Interrupted(GibatchError):
-    """A stop was asked for (Ctrl-C, SIGTERM) before the job's next task was sent."""
 
 
 Listener = Callable[[str, dict[str, object]], None]
@@ -119,16 +117,15 @@ class Scheduler:
         self.site = client.site_key
         self.poller = Poller(client)
         self.summary = Summary()
+        self.durations = Durations(journal)
         self.pending: list[Job] = []
         self.claims: dict[str, JobClaim] = {}
+        self.vanished: dict[str, int] = {}
+        self.finishing: set[str] = set()  # jobs whose downloads are under way
         self.transfers = anyio.Semaphore(max(1, options.concurrency))
-        self.estimates = journal.stage_estimates()  # for affinity: defaults are fine
-        # Only measured durations may delay polling: a default that overstates a short
-        # task would hold back the next submission by the difference.
-        self.measured = {Stage(k) for k in journal.mean_durations()}
         self.stopping = False
         self._listener = listener
-        self._last_finish: dict[int, float] = {}
+        self._changed = anyio.Event()  # the queue or the set of finishers changed
 
     # -- reporting
 
@@ -156,30 +153,30 @@ class Scheduler:
                 self.summary.outcomes[job.name] = Outcome.ALREADY_COMPLETE
             else:
                 self.pending.append(job)
-        states = await self._lock_models()
-        if not states:
+        workers = await self._lock_models()
+        if not workers:
             self.summary.ended = time.monotonic()
             raise NoModelAvailable("every requested model number is held by another gibatch: "
                                    + "; ".join(f"model {m}: {why}" for m, why in
                                                self.summary.models_refused.items()))
         self.emit(Event.RUN_START, detail=f"{len(self.pending)} jobs to run",
-                  jobs=len(self.pending), models=[s.model for s in states])
+                  jobs=len(self.pending), models=[w.model for w in workers])
         try:
             if self.pending:
                 await self.client.login()
                 async with anyio.create_task_group() as outer:
                     outer.start_soon(self.poller.run)
                     outer.start_soon(self._watch_signals, outer)
-                    async with anyio.create_task_group() as workers:
-                        for state in states:
-                            workers.start_soon(self._worker, state, workers)
+                    async with anyio.create_task_group() as tg:
+                        for worker in workers:
+                            tg.start_soon(self._work, worker, tg)
                     outer.cancel_scope.cancel()
         finally:
-            for state in states:
-                state.lock.release()
+            for worker in workers:
+                worker.lock.release()
             for claim in self.claims.values():
                 claim.release()
-            for job in self.pending:
+            for job in self.sweep.jobs:
                 self.summary.outcomes.setdefault(job.name, Outcome.NOT_RUN)
             self.summary.ended = time.monotonic()
             self.summary.requests = dict(self.client.requests)
@@ -190,21 +187,22 @@ class Scheduler:
         s = self.summary
         return ", ".join(f"{o.value}: {s.count(o)}" for o in Outcome if s.count(o))
 
-    async def _lock_models(self) -> list[ModelState]:
-        states = []
+    async def _lock_models(self) -> list[ModelWorker]:
+        workers = []
         for model in self.options.models:
             lock = ModelLock(self.site, model, self.options.jobs_dir)
             if await anyio.to_thread.run_sync(lock.acquire):
-                held = self.journal.held(self.site, model)
-                last = self.journal.last_task_id(self.site, model)
-                states.append(ModelState(model, lock, held, last if last is not None else -1))
+                memory = ModelMemory.load(model, self.site, self.journal)
+                workers.append(ModelWorker(self.client, self.poller, memory, lock,
+                                           self.durations, self.summary.counts, self.emit,
+                                           lambda: self.stopping))
                 self.summary.models_used.append(model)
             else:
                 holder = lock.holder()
                 why = f"held by another gibatch ({holder})" if holder else "held by another gibatch"
                 self.summary.models_refused[model] = why
                 log.warning("model %d is %s; going on without it", model, why)
-        return states
+        return workers
 
     async def _watch_signals(self, outer: TaskGroup) -> None:
         with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
@@ -213,46 +211,56 @@ class Scheduler:
                     log.warning("second signal: stopping now")
                     outer.cancel_scope.cancel()
                     return
-                self.stopping = True
-                log.warning("%s: no new tasks; finishing what is in flight (grace %.0f s)",
-                            signal.Signals(signum).name, self.options.grace_s)
+                self._stop(f"{signal.Signals(signum).name}: no new tasks; finishing what is "
+                           f"in flight (grace {self.options.grace_s:.0f} s)")
                 outer.start_soon(self._grace_then_cancel, outer)
+
+    def _stop(self, why: str) -> None:
+        self.stopping = True
+        log.warning("%s", why)
+        self._notify()
 
     async def _grace_then_cancel(self, outer: TaskGroup) -> None:
         await anyio.sleep(self.options.grace_s)
         log.warning("grace period over: cancelling what is left")
         outer.cancel_scope.cancel()
 
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = anyio.Event()
+
     # -- one model number
 
-    async def _worker(self, state: ModelState, tg: TaskGroup) -> None:
-        await self._reconcile(state)
+    async def _work(self, worker: ModelWorker, tg: TaskGroup) -> None:
+        try:
+            await worker.reconcile()
+        except BaseException as exc:  # the model cannot be used: its jobs go elsewhere
+            self._model_lost(worker, exc)
+            return
         while not self.stopping:
-            job = await self._pick(state)
+            job = self._pick(worker)
             if job is None:
-                return
+                if not self.finishing:
+                    return
+                await self._changed.wait()  # a finisher may yet send a job back
+                continue
             try:
-                await self._run_job(state, job, tg)
-            except (PermanentError, JobFailed) as exc:
-                self._fail(job, state.model, str(exc))
-            except Interrupted as exc:
-                self.summary.outcomes[job.name] = Outcome.NOT_RUN
-                self.summary.reasons[job.name] = str(exc)
-                self.emit(Event.JOB_INTERRUPTED, job.name, state.model, detail=str(exc))
-                self._release(job)
+                listed = await worker.run_job(job)
+            except BaseException as exc:
+                self._settle(job, worker.model, exc)
+                continue
+            names = [s.name for s in listed.chosen.values()]
+            worker.memory.hold(names)
+            self.finishing.add(job.name)
+            tg.start_soon(self._finish, worker, job, listed, names)
 
-    def _fail(self, job: Job, model: int, reason: str) -> None:
-        self.summary.outcomes[job.name] = Outcome.FAILED
-        self.summary.reasons[job.name] = reason
-        self.emit(Event.JOB_FAILED, job.name, model, detail=reason)
-        self._release(job)
+    def _model_lost(self, worker: ModelWorker, exc: BaseException) -> None:
+        if any(isinstance(e, anyio.get_cancelled_exc_class()) for e in leaves(exc)):
+            raise exc
+        log.error("model %d cannot be used: %s", worker.model, _describe(exc))
+        self.summary.models_refused[worker.model] = _describe(exc)
 
-    def _release(self, job: Job) -> None:
-        claim = self.claims.pop(job.name, None)
-        if claim:
-            claim.release()
-
-    async def _pick(self, state: ModelState) -> Job | None:
+    def _pick(self, worker: ModelWorker) -> Job | None:
         """Claim the pending job with the most work already done here (ties: natural order).
 
         Choosing and claiming happen without an await in between, so two workers of
@@ -260,12 +268,14 @@ class Scheduler:
         processes off it.
         """
         while self.pending:
-            job = self.pending.pop(best_job(self.pending, state.held, self.estimates))
-            claim = JobClaim(self.options.jobs_dir, job.name)
-            if not claim.acquire():
-                self.summary.outcomes[job.name] = Outcome.ELSEWHERE
-                continue
-            self.claims[job.name] = claim
+            job = self.pending.pop(best_job(self.pending, worker.memory.held,
+                                            self.durations.estimates))
+            if job.name not in self.claims:
+                claim = JobClaim(self.options.jobs_dir, job.name)
+                if not claim.acquire():
+                    self.summary.outcomes[job.name] = Outcome.ELSEWHERE
+                    continue
+                self.claims[job.name] = claim
             if record.is_complete(job):  # another run finished it meanwhile
                 self.summary.outcomes[job.name] = Outcome.ALREADY_COMPLETE
                 self._release(job)
@@ -273,200 +283,111 @@ class Scheduler:
             return job
         return None
 
-    def _persist(self, state: ModelState) -> None:
-        self.journal.set_held(self.site, state.model, state.held, state.last_task_id)
+    def _release(self, job: Job) -> None:
+        claim = self.claims.pop(job.name, None)
+        if claim:
+            claim.release()
 
-    async def _reconcile(self, state: ModelState) -> None:
-        """Square the remembered state of a model number with what the site shows."""
-        rows = await self.poller.refresh()
-        intent = self.journal.intent(self.site, state.model)
-        if intent is not None:
-            adopted = _adoptable(rows, state.model, intent.after_task_id, intent.job_type)
-            if adopted is not None:
-                self.emit(Event.STEP_ADOPTED, intent.job, state.model, intent.step,
-                          f"task {adopted.job_id} found after a restart")
-                stage = section_step(intent.section).stage
-                row = await self._finish_wait(state, adopted, stage)
-                self._apply(state, intent.section, row, intent.lineage)
-            self.journal.clear_intent(self.site, state.model)
-        top = newest(self.poller.rows, state.model)
-        if top is not None and top.state is TaskState.ACTIVE:
-            top = await self.poller.wait_finished(state.model, top.job_id - 1, 0.0)
-        top_id = top.job_id if top else 0
-        if state.last_task_id < 0 or top_id > state.last_task_id:
-            if state.held:
-                self.emit(Event.MEMORY_VOID, model=state.model,
-                          detail=f"task {top_id} on the site was not submitted by this gibatch")
-            state.held = {}
-            state.last_task_id = top_id
-        self._persist(state)
+    # -- the end of a job attempt
 
-    async def _finish_wait(self, state: ModelState, row: TaskRow, stage: Stage) -> TaskRow:
-        if row.state is TaskState.ACTIVE:
-            row = await self.poller.wait_finished(state.model, row.job_id - 1,
-                                                  self._poll_estimate(stage))
-        return row
+    def _settle(self, job: Job, model: int, exc: BaseException) -> None:
+        """The one boundary of a job attempt: turn whatever ended it into its outcome.
 
-    def _apply(self, state: ModelState, section: str, row: TaskRow, lineage: str) -> None:
-        """Record a finished task of ours: invalidation downstream, then its own section."""
-        state.held = after_task(state.held, section_step(section), section, lineage,
-                                row.state is TaskState.COMPLETED)
-        state.last_task_id = max(state.last_task_id, row.job_id)
-        self._persist(state)
-
-    # -- one job
-
-    async def _run_job(self, state: ModelState, job: Job, tg: TaskGroup) -> None:
-        started = time.time()
-        self.emit(Event.JOB_START, job.name, state.model)
-        await self._check_foreign(state)
-        placed: dict[Step, str] = {}
-        for step in job.steps:
-            held = held_section(state.held, job, step)
-            if held is not None:
-                placed[step] = held
-                self.summary.steps_skipped += 1
-                self.emit(Event.STEP_SKIPPED, job.name, state.model, step.name,
-                          f"model holds it as {held!r}")
-                continue
-            if self.stopping:
-                raise Interrupted(f"stopped before submitting {step.name}; "
-                                  "the next run goes on from there")
-            placed[step] = await self._run_step(state, job, step)
-        await self._collect(state, job, placed, started, tg)
-
-    async def _check_foreign(self, state: ModelState) -> None:
-        rows = await self.poller.recent(FRESH_ROWS_S)
-        top = newest(rows, state.model)
-        if top is not None and top.job_id > state.last_task_id:
-            self.emit(Event.MEMORY_VOID, model=state.model,
-                      detail=f"task {top.job_id} ({top.job_type}) appeared behind our back")
-            if top.state is TaskState.ACTIVE:
-                await self.poller.wait_finished(state.model, top.job_id - 1, 0.0)
-            state.held = {}
-            state.last_task_id = top.job_id
-            self._persist(state)
-
-    async def _run_step(self, state: ModelState, job: Job, step: Step) -> str:
-        for name, done in list(state.downloading.items()):
-            if not survives(name, step):
-                await done.wait()  # never clear a section still being downloaded
-        section = new_section(state.held, step)
-        before = state.last_task_id
-        self.journal.set_intent(self.site, state.model, Intent(
-            job.name, step.name, section, step.job_type, job.lineage[step], before))
-        submitted = time.monotonic()
-        if state.model in self._last_finish:
-            self.summary.dispatch_delays_s.append(submitted - self._last_finish[state.model])
-        await self._submit(state, job, step, before)
-        self.summary.tasks_submitted += 1
-        self.emit(Event.STEP_SUBMITTED, job.name, state.model, step.name, section)
-        row = await self.poller.wait_finished(state.model, before,
-                                              self._poll_estimate(step.stage))
-        finished = time.monotonic()
-        self._last_finish[state.model] = finished
-        self._learn(step.stage, finished - submitted)
-        self._apply(state, section, row, job.lineage[step])
-        self.journal.clear_intent(self.site, state.model)
-        if row.state is not TaskState.COMPLETED:
-            self.emit(Event.STEP_FAILED, job.name, state.model, step.name, row.status)
-            await self._save_error(state, job, step, section)
-            raise JobFailed(f"the site's {step.name} task {row.job_id} failed"
-                            f" (see output/{step.section}/error.txt)")
-        self.emit(Event.STEP_COMPLETED, job.name, state.model, step.name,
-                  f"task {row.job_id} in {finished - submitted:.1f} s")
-        return section
-
-    def _poll_estimate(self, stage: Stage) -> float:
-        return self.estimates[stage] if stage in self.measured else 0.0
-
-    def _learn(self, stage: Stage, seconds: float) -> None:
-        if stage in self.measured:
-            self.estimates[stage] = 0.7 * self.estimates[stage] + 0.3 * seconds
-        else:
-            self.estimates[stage] = seconds
-            self.measured.add(stage)
-        self.journal.add_duration(int(stage), seconds)
-
-    async def _submit(self, state: ModelState, job: Job, step: Step, before: int) -> None:
-        """POST once; after an ambiguous failure, adopt the task if the site has it."""
-        while True:
-            try:
-                await self.client.submit(step, state.model, job.payload(step))
+        Cancellation is re-raised (after recording the job as not run); everything
+        else stays here.
+        """
+        found = leaves(exc)
+        if any(not isinstance(e, Exception) for e in found):  # cancelled, KeyboardInterrupt
+            self._end(job, model, Outcome.NOT_RUN, "interrupted; the next run goes on")
+            raise exc
+        bugs = [e for e in found if not isinstance(e, GibatchError)]
+        if bugs:
+            trace = "".join(traceback.format_exception(bugs[0]))
+            log.error("internal error in job %s:\n%s", job.name, trace)
+            self._end(job, model, Outcome.FAILED, f"internal error: {bugs[0]!r}\n{trace}")
+            return
+        full = next((e for e in found if isinstance(e, DiskFull)), None)
+        if full is not None:
+            self._end(job, model, Outcome.FAILED, str(full))
+            self._stop(f"{full}: stopping the run (nothing more can be saved)")
+            return
+        stop = next((e for e in found if isinstance(e, Interrupted)), None)
+        if stop is not None:
+            self._end(job, model, Outcome.NOT_RUN, str(stop))
+            return
+        gone = next((e for e in found if isinstance(e, ResultVanished)), None)
+        if gone is not None and all(isinstance(e, ResultVanished) for e in found):
+            self.vanished[job.name] = self.vanished.get(job.name, 0) + 1
+            if self.vanished[job.name] <= MAX_VANISHED and not self.stopping:
+                self.emit(Event.JOB_REQUEUED, job.name, model,
+                          detail=f"{gone}; running what is missing again")
+                self.pending.insert(0, job)
+                self._notify()
                 return
-            except (AmbiguousSubmit, ModelBusy) as exc:
-                rows = await self.poller.refresh()
-                if _adoptable(rows, state.model, before, step.job_type) is not None:
-                    self.emit(Event.STEP_ADOPTED, job.name, state.model, step.name,
-                              f"the site had queued it despite: {exc}")
-                    return
-                top = newest(rows, state.model)
-                if top is not None and top.state is TaskState.ACTIVE:
-                    raise JobFailed(f"model {state.model} is busy with task {top.job_id}, "
-                                    "which this gibatch did not submit") from exc
-                log.info("retrying %s of job %s after: %s", step.name, job.name, exc)
-                await anyio.sleep(SUBMIT_RETRY_S)
-            except TransientError as exc:  # the token page failed: nothing was sent
-                log.info("retrying %s of job %s after: %s", step.name, job.name, exc)
-                await anyio.sleep(SUBMIT_RETRY_S)
+            self._end(job, model, Outcome.FAILED,
+                      f"results kept vanishing ({self.vanished[job.name]} times); last: {gone}")
+            return
+        self._end(job, model, Outcome.FAILED, "; ".join(_describe(e) for e in found))
 
-    async def _save_error(self, state: ModelState, job: Job, step: Step, section: str) -> None:
-        sections = {s.name: s for s in await self.client.sections(state.model)}
-        found = sections.get(section)
-        for remote in found.files if found else ():
-            if remote.name == "error.txt":
-                await fetch(self.client, remote, job.output / step.section, self.transfers)
+    def _end(self, job: Job, model: int, outcome: Outcome, reason: str) -> None:
+        self.summary.outcomes[job.name] = outcome
+        self.summary.reasons[job.name] = reason
+        event = Event.JOB_INTERRUPTED if outcome is Outcome.NOT_RUN else Event.JOB_FAILED
+        self.emit(event, job.name, model, detail=reason)
+        self._release(job)
 
-    async def _collect(self, state: ModelState, job: Job, placed: dict[Step, str],
-                       started: float, tg: TaskGroup) -> None:
-        """List the job's sections once, then download them in the background."""
-        listing = {s.name: s for s in await self.client.sections(state.model)}
-        chosen: dict[str, Section] = {}
-        for step, site_name in placed.items():
-            section = listing.get(site_name)
-            if section is None or section.state is not TaskState.COMPLETED:
-                state.held = {}
-                self._persist(state)
-                raise JobFailed(f"the site does not show {site_name!r} as completed; "
-                                "the model's memory is void, the job will be rerun")
-            chosen[step.section] = section
-        events = {}
-        for site_name in placed.values():
-            ev = state.downloading.get(site_name) or anyio.Event()
-            state.downloading[site_name] = events[site_name] = ev
-        tg.start_soon(self._finish, state, job, chosen, started, events)
-
-    async def _finish(self, state: ModelState, job: Job, chosen: dict[str, Section],
-                      started: float, events: dict[str, anyio.Event]) -> None:
+    async def _finish(self, worker: ModelWorker, job: Job, listed: Listed,
+                      names: list[str]) -> None:
         try:
-            files: dict[str, list[FileRecord]] = {}
-            async with anyio.create_task_group() as tg:
-                for folder, section in chosen.items():
-                    files[folder] = []
-                    for remote in section.files:
-                        tg.start_soon(self._fetch_into, remote, job.output / folder,
-                                      files[folder])
+            files = await self._download(job, listed.chosen)
+            await self.poller.refresh()  # files of a section replaced meanwhile are not its
+            if worker.memory.disturbed(listed.foreign_mark, names):
+                for name in names:
+                    worker.memory.forget(name)
+                raise ResultVanished("a task started elsewhere replaced results while they "
+                                     "downloaded", job=job.name, model=worker.model)
             # No await from here on: the record is written whole or not at all.
             record.prune(job, {k: {f.name for f in v} for k, v in files.items()})
-            record.write(job, files, self.site, state.model, started)
+            record.write(job, files, self.site, worker.model, listed.started)
             self.summary.outcomes[job.name] = Outcome.COMPLETE
+            self.summary.reasons.pop(job.name, None)
             n = sum(len(v) for v in files.values())
-            self.emit(Event.JOB_COMPLETE, job.name, state.model,
-                      detail=f"{n} files in {time.time() - started:.1f} s")
-        except GibatchError as exc:
-            self._fail(job, state.model, f"download failed: {exc}")
-        finally:
-            for name, ev in events.items():
-                ev.set()
-                if state.downloading.get(name) is ev:
-                    del state.downloading[name]
+            self.emit(Event.JOB_COMPLETE, job.name, worker.model,
+                      detail=f"{n} files in {time.time() - listed.started:.1f} s")
             self._release(job)
+        except BaseException as exc:
+            for e in leaves(exc):
+                if isinstance(e, ResultVanished) and e.section:
+                    worker.memory.forget(e.section)
+            self._settle(job, worker.model, exc)
+        finally:
+            worker.memory.release(names)
+            self.finishing.discard(job.name)
+            self._notify()
 
-    async def _fetch_into(self, remote: RemoteFile, folder: Path, out: list[FileRecord]) -> None:
-        out.append(await fetch(self.client, remote, folder, self.transfers))
+    async def _download(self, job: Job, chosen: dict[str, Section]
+                        ) -> dict[str, list[FileRecord]]:
+        """Every file of every chosen section, concurrently (bounded by `transfers`)."""
+        files: dict[str, list[FileRecord]] = {}
+
+        async def one(folder: str, section: Section, remote_name: str, local: str) -> None:
+            remote = next(f for f in section.files if f.name == remote_name)
+            try:
+                got = await fetch(self.client, remote, job.output / folder, self.transfers,
+                                  local)
+            except ResultVanished as exc:
+                raise ResultVanished(f"{section.name}/{remote.name}: {exc}",
+                                     section=section.name, job=job.name) from exc
+            files[folder].append(got)
+
+        async with anyio.create_task_group() as tg:
+            for folder, section in chosen.items():
+                files[folder] = []
+                names = local_names(f.name for f in section.files)
+                for remote_name, local in names.items():
+                    tg.start_soon(one, folder, section, remote_name, local)
+        return files
 
 
-def _adoptable(rows: list[TaskRow], model: int, after: int, job_type: str) -> TaskRow | None:
-    mine = [r for r in rows if r.model == model and r.job_id > after and r.job_type == job_type]
-    return min(mine, key=lambda r: r.job_id) if mine else None
-
+def _describe(exc: BaseException) -> str:
+    return str(exc) if isinstance(exc, GibatchError) else f"{type(exc).__name__}: {exc}"

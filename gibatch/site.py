@@ -26,9 +26,11 @@ from gibatch.errors import (
     AmbiguousSubmit,
     GibatchError,
     LoginFailed,
+    ModelBusy,
     NetworkError,
     ProtocolError,
     RequestRejected,
+    ResultVanished,
     ServerError,
     SessionExpired,
     TransientError,
@@ -49,6 +51,9 @@ _CSRF_IN_FORM = re.compile(
     r"""|<input[^>]*value=["']([^"']+)["'][^>]*name=["']csrfmiddlewaretoken["']"""
 )
 _LOGIN_PATH = "/accounts/login/"
+MAX_LOGIN_REDIRECTS = 5
+_GONE = (404, 410)
+_REDIRECTS = (301, 302, 303, 307, 308)
 
 
 @dataclass(frozen=True)
@@ -242,6 +247,17 @@ def parse_sections(html: str, page_url: str) -> list[Section]:
 
 # --- the client -----------------------------------------------------------------------------
 
+def origin(url: str) -> tuple[str, str, int | None]:
+    """Scheme, host and port: what decides where the site's cookies and token may go."""
+    parts = urlsplit(url)
+    default = {"http": 80, "https": 443}.get(parts.scheme.lower())
+    try:
+        port = parts.port or default
+    except ValueError:
+        port = None
+    return parts.scheme.lower(), (parts.hostname or "").lower(), port
+
+
 def translate(exc: BaseException) -> GibatchError:
     """Map an aiohttp/OS/timeout exception to our tree (the caller chains it)."""
     if isinstance(exc, GibatchError):
@@ -284,6 +300,7 @@ class SiteClient:
         self.retry = retry or RetryPolicy()
         self.requests: Counter[str] = Counter()  # by kind, for benchmarks and status
         self._session: aiohttp.ClientSession | None = None
+        self._elsewhere: aiohttp.ClientSession | None = None  # other origins: no cookies
         self._login_lock = asyncio.Lock()
         self._generation = 0  # bumped at each login
         self._csrf: str | None = None
@@ -300,11 +317,16 @@ class SiteClient:
             ),
             headers={"User-Agent": "gibatch"},
         )
+        # Files the site links on another origin (a separate file host) are fetched
+        # without the site's cookies, CSRF token or Referer: a jar that keeps nothing.
+        self._elsewhere = aiohttp.ClientSession(
+            cookie_jar=aiohttp.DummyCookieJar(), headers={"User-Agent": "gibatch"})
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        if self._session is not None:
-            await self._session.close()
+        for session in (self._session, self._elsewhere):
+            if session is not None:
+                await session.close()
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -314,6 +336,11 @@ class SiteClient:
 
     def url(self, path: str) -> str:
         return urljoin(self.base, path)
+
+    @property
+    def generation(self) -> int:
+        """Bumped at each login: pass it back to `login(after_generation=...)`."""
+        return self._generation
 
     @property
     def site_key(self) -> str:
@@ -349,7 +376,7 @@ class SiteClient:
             raise translate(exc) from exc
 
     def _raise_for(self, resp: aiohttp.ClientResponse) -> None:
-        if resp.status in (301, 302, 303, 307, 308):
+        if resp.status in _REDIRECTS:
             if _LOGIN_PATH in resp.headers.get("Location", ""):
                 raise SessionExpired("the site asked to log in again")
             raise ProtocolError(f"unexpected redirect to {resp.headers.get('Location')}")
@@ -388,16 +415,36 @@ class SiteClient:
                 data.add_field(key, value)
             self.requests["login"] += 1
             async with self.session.post(
-                url, data=data, headers={"Referer": url}, allow_redirects=True
+                url, data=data, headers={"Referer": url}, allow_redirects=False
             ) as resp:
-                if resp.status >= 500:
-                    raise ServerError(resp.status)
-                body = await resp.text()
+                body = await self._after_login(resp)
         except _NETWORK_EXCEPTIONS as exc:
             raise translate(exc) from exc
         # 200 alone means nothing: a wrong password also answers 200 with the form.
         if not self._cookie("sessionid") or "csrfmiddlewaretoken" in body:
             raise LoginFailed(f"the site did not accept the login of {self.username!r}")
+
+    async def _after_login(self, resp: aiohttp.ClientResponse) -> str:
+        """Follow the login's redirects by hand: same origin only, a bounded number."""
+        status, location, url = resp.status, resp.headers.get("Location", ""), str(resp.url)
+        body = await resp.text()
+        for _ in range(MAX_LOGIN_REDIRECTS):
+            if status not in _REDIRECTS:
+                break
+            target = urljoin(url, location)
+            if origin(target) != origin(self.base):
+                raise ProtocolError(f"the login redirected to another origin ({target}); "
+                                    "not following it with the site's cookies")
+            self.requests["login"] += 1
+            async with self.session.get(target, allow_redirects=False) as page:
+                status, location, url = page.status, page.headers.get("Location", ""), target
+                body = await page.text()
+        if status >= 500:
+            raise ServerError(status)
+        if status in _REDIRECTS:
+            raise ProtocolError(f"the login kept redirecting (more than {MAX_LOGIN_REDIRECTS} "
+                                "redirects): a redirect loop on the site")
+        return body
 
     def _cookie(self, name: str) -> str | None:
         for cookie in self.session.cookie_jar:
@@ -438,7 +485,7 @@ class SiteClient:
                 raise AmbiguousSubmit(f"task POST failed: {translate(exc)}", model=model) from exc
             if status == 200:
                 return _job_id_of(text)
-            if status in (301, 302, 303) and _LOGIN_PATH in location:
+            if status in _REDIRECTS and _LOGIN_PATH in location:
                 await self.login(after_generation=generation)  # not accepted: safe to repeat
                 continue
             if status == 403 and attempt == 0:
@@ -461,7 +508,20 @@ class SiteClient:
 
     @asynccontextmanager
     async def open_file(self, url: str, offset: int) -> AsyncIterator[aiohttp.ClientResponse]:
-        """A streaming GET of a result file from `offset` (Range); the caller reads it."""
+        """A streaming GET of a result file from `offset` (Range); the caller reads it.
+
+        On the site's own origin the session goes along; on another origin (a file
+        host) nothing of the site's does. Only http(s), and never https -> http.
+        Raises ResultVanished on 404/410: the result was replaced or deleted.
+        """
+        scheme, _, _ = origin(url)
+        if scheme not in ("http", "https"):
+            raise ProtocolError(f"refusing a file link that is not http(s): {url}")
+        if scheme == "http" and origin(self.base)[0] == "https":
+            raise ProtocolError(f"refusing a plain-http file link from an https site: {url}")
+        own = origin(url) == origin(self.base)
+        session = self.session if own else self._elsewhere
+        assert session is not None
         headers = {"Range": f"bytes={offset}-"} if offset else {}
         timeout = aiohttp.ClientTimeout(
             total=self.timeouts.download_s, sock_connect=self.timeouts.connect_s,
@@ -469,17 +529,17 @@ class SiteClient:
         )
         self.requests["download"] += 1
         try:
-            async with self.session.get(
+            async with session.get(
                 url, headers=headers, timeout=timeout, allow_redirects=False
             ) as resp:
+                if resp.status in _GONE:
+                    raise ResultVanished(f"{url} answered {resp.status}: the result is gone")
+                if not own and resp.status in _REDIRECTS:
+                    raise ProtocolError(f"the file host redirected {url}; not following it")
                 self._raise_for(resp)
                 yield resp
         except _NETWORK_EXCEPTIONS as exc:
             raise translate(exc) from exc
-
-
-class ModelBusy(GibatchError):
-    """409: the model number's current task is still queued or running."""
 
 
 def _job_id_of(text: str) -> int | None:

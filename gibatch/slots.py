@@ -50,7 +50,7 @@ class ModelLock:
         self.model = model
         self.path = lock_dir() / f"{tag}-model{model}.lock"
         self.info = self.path.with_suffix(".json")
-        self._lock = FileLock(self.path, timeout=0)
+        self._lock = FileLock(self.path, timeout=0, thread_local=False)  # acquired in a thread, released on the loop
         self._jobs_dir = jobs_dir
 
     def acquire(self) -> bool:
@@ -83,7 +83,7 @@ class JobClaim:
         folder = jobs_dir / STATE_DIR / "claims"
         folder.mkdir(parents=True, exist_ok=True)
         name = hashlib.sha256(job.encode()).hexdigest()[:24]
-        self._lock = FileLock(folder / f"{name}.lock", timeout=0)
+        self._lock = FileLock(folder / f"{name}.lock", timeout=0, thread_local=False)
 
     def acquire(self) -> bool:
         try:

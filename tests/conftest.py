@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -15,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from gibatch import steps
 from gibatch.journal import Journal
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -103,3 +105,50 @@ def wait_for_event(jobs: Path, event: str, step: str | None, deadline_s: float) 
                 journal.close()
         time.sleep(0.05)
     raise AssertionError(f"no {event} {step} within {deadline_s} s")
+
+
+def assert_jobs_match_ledger(jobs: Path, site_dir: Path, only: set[str] | None = None) -> None:
+    """Each complete job's files are byte for byte those of site tasks run with the job's
+    own parameters on inputs that were themselves the job's (the site's ledger keeps
+    what every task produced and read, after replaced files are deleted)."""
+    from gibatch import record
+    from gibatch.holdings import section_step
+    from gibatch.jobs import load_sweep
+    from gibatch.sim.store import Store
+
+    store = Store(site_dir / "site.db")
+    try:
+        tasks = {t.job_id: t for user in _users(store) for t in store.tasks(user)}
+
+        def made_by(task_id: int, job: Any, step: Any) -> bool:
+            task = tasks[task_id]
+            if task.job_type != step.job_type or json.loads(task.payload) != job.payload(step):
+                return False
+            wanted = {"merge": [steps.GALAXY1, steps.GALAXY2], "interact": [steps.MERGE]}.get(
+                step.name, [steps.INTERACT] if step.stage is steps.Stage.PLOT else [])
+            read = store.inputs_of(task_id)
+            return len(read) == len(wanted) and all(
+                any(made_by(r, job, w) for r in read) for w in wanted)
+
+        for job in load_sweep(jobs).jobs:
+            if only is not None and job.name not in only:
+                continue
+            data = record.complete_record(job)
+            assert data is not None, f"{job.name} is not complete"
+            assert set(data["sections"]) == {s.section for s in job.steps}
+            for section, files in data["sections"].items():
+                step = section_step(section)
+                got = {f["name"]: (f["size"], f["sha256"]) for f in files}
+                for f in files:
+                    path = job.output / section / f["name"]
+                    assert hashlib.sha256(path.read_bytes()).hexdigest() == f["sha256"]
+                assert any(store.produced(t) == got and made_by(t, job, step) for t in tasks), \
+                    f"{job.name}/{section}: not what the site made for this job"
+            assert not list(job.output.rglob("*.part")), job.name
+    finally:
+        store.close()
+
+
+def _users(store: Any) -> list[str]:
+    with store._lock:
+        return [str(r[0]) for r in store._db.execute("SELECT DISTINCT username FROM tasks")]

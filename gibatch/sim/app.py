@@ -232,8 +232,16 @@ async def login_post(request: web.Request) -> web.Response:
     site = _site(request)
     try:
         form = await request.post()
-    except (ValueError, UnicodeDecodeError, AssertionError) as exc:  # a malformed body
-        return _html(pages.page("Bad request", f"<p>Unreadable login form: {exc}</p>"), 400)
+    except web.HTTPException:
+        raise  # 413: a body over the size limit
+    except Exception as exc:
+        # Whatever the parser trips on is the client's bytes: ValueError, but also
+        # LookupError (an unknown charset) and RuntimeError (an unknown transfer
+        # encoding) in aiohttp's multipart reader. The reason echoes input: escaped.
+        from html import escape
+
+        return _html(pages.page("Bad request", f"<p>Unreadable login form: "
+                                               f"{escape(str(exc))}</p>"), 400)
     cookie = request.cookies.get("csrftoken")
     if not cookie or form.get("csrfmiddlewaretoken") != cookie:
         return _html(pages.page("Forbidden", "<p>CSRF verification failed.</p>"), 403)
@@ -372,16 +380,21 @@ async def view_data(request: web.Request) -> web.Response:
 
 
 async def media(request: web.Request) -> web.StreamResponse:
-    """A result file, to its owner's session only; anything else is 404 (not 403: whether
-    a file exists is the owner's business too)."""
+    """A result file, to its owner's session only. Without a session: to the login page,
+    as Django's login_required does; another account: 404 (not 403: whether a file
+    exists is the owner's business too)."""
     site = _site(request)
     user, model, job, name = (request.match_info[k] for k in ("user", "model", "job", "name"))
-    if site.user_of(request) != user or not (model.isdigit() and job.isdigit()):
+    if site.require_user(request) != user or not (model.isdigit() and job.isdigit()):
         raise web.HTTPNotFound()
     root = site.media.resolve()
-    path = (site.media / user / model / job / name).resolve()
-    # Resolved paths, not text: `..`, encoded forms and symlinks all end up compared here.
-    if path.parent != root / user / model / job or not path.is_file():
+    try:
+        path = (site.media / user / model / job / name).resolve()
+        # Resolved paths, not text: `..`, encoded forms and symlinks all end up compared here.
+        found = path.parent == root / user / model / job and path.is_file()
+    except (OSError, ValueError, RuntimeError):  # a name too long, a NUL, a symlink loop
+        found = False
+    if not found:
         raise web.HTTPNotFound()
     if site.faults.draw("cut", request.path):
         return await _cut_download(request, path)
@@ -408,7 +421,7 @@ async def _cut_download(request: web.Request, path: Path) -> web.StreamResponse:
     size = path.stat().st_size
     start = 0
     rng = request.headers.get("Range", "")
-    if rng.startswith("bytes=") and rng[6:].split("-")[0].isdigit():
+    if rng.startswith("bytes=") and rng[6:].split("-")[0].isdecimal():  # int() takes these
         start = min(int(rng[6:].split("-")[0]), size)
     resp = web.StreamResponse(status=206 if start else 200)
     resp.content_length = size - start

@@ -1,14 +1,24 @@
 """Runs queued tasks in a process pool: one task at a time per model number, model
-numbers concurrently, at most `workers` tasks computing at once."""
+numbers concurrently, at most `workers` tasks computing at once.
+
+The workers never outlive the site's process: each dies with its parent however the
+parent ends (SIGKILL included), and closing the site ends them at once.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import hashlib
 import json
 import logging
 import multiprocessing
 import os
 import shutil
+import signal
+import sys
+import threading
+import time
 import traceback
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
@@ -46,6 +56,47 @@ def execute(step: str, payload: dict[str, Any], inputs: list[str | None], out: s
     return None
 
 
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+WATCHDOG_PERIOD_S = 0.5
+WORKER_EXIT_S = 5.0  # after SIGTERM, before SIGKILL
+
+
+def _die_with_parent(parent: int) -> None:
+    """Worker initializer: end this worker when `parent` (the site's process) ends.
+
+    A spawned worker blocks on a queue whose write end it holds itself, so it never sees
+    its parent go: left alone it would finish a minutes-long task, then wait forever,
+    holding ~100 MB and the resource tracker's pipe (which keeps that alive too).
+    """
+    # Ctrl-C on a terminal reaches the whole process group; the site decides what its
+    # workers do (Runner.close), and a worker's KeyboardInterrupt would only print noise.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if sys.platform == "linux":
+        # The kernel kills us the moment the parent dies, even mid-computation. It fires
+        # when the *thread* that started the worker ends: that is the event loop's
+        # thread (run_in_executor spawns workers on demand), which outlives the pool.
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+            log.debug("prctl(PR_SET_PDEATHSIG) failed: errno %d", ctypes.get_errno())
+    if os.getppid() != parent:  # the parent died before the line above took effect
+        os._exit(1)
+    # Elsewhere (and should prctl fail), notice the parent's death by being re-parented.
+    threading.Thread(target=_watch_parent, args=(parent,), name="parent-watchdog",
+                     daemon=True).start()
+
+
+def _watch_parent(parent: int) -> None:
+    while os.getppid() == parent:
+        time.sleep(WATCHDOG_PERIOD_S)
+    os._exit(1)  # no clean-up to do: the task's result has no one left to receive it
+
+
+def _ledger(folder: Path) -> list[tuple[str, int, str]]:
+    """(name, size, sha256) of every file a task wrote."""
+    return [(f.name, f.stat().st_size, hashlib.sha256(f.read_bytes()).hexdigest())
+            for f in sorted(folder.iterdir()) if f.is_file()]
+
+
 def default_workers() -> int:
     return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1)
 
@@ -69,7 +120,8 @@ class Runner:
         self._on_end = on_end or (lambda task, status: store.set_status(task.job_id, status))
         # spawn: the site may run inside a threaded client; forking that is unsafe.
         self._pool = ProcessPoolExecutor(
-            self.workers, mp_context=multiprocessing.get_context("spawn")
+            self.workers, mp_context=multiprocessing.get_context("spawn"),
+            initializer=_die_with_parent, initargs=(os.getpid(),),
         )
         self._slots = asyncio.Semaphore(self.workers)
         self._running: set[asyncio.Task[None]] = set()
@@ -88,7 +140,8 @@ class Runner:
             out = self.task_dir(task.username, task.model, task.job_id)
             shutil.rmtree(out, ignore_errors=True)  # a restarted task starts clean
             out.mkdir(parents=True)
-            inputs = []
+            inputs: list[str | None] = []
+            read: list[int] = []
             for section in _INPUTS[task.step]:
                 job = await asyncio.to_thread(
                     self.store.section_job, task.username, task.model, section
@@ -98,6 +151,7 @@ class Runner:
                     str(self.task_dir(task.username, task.model, job))
                     if job is not None and ok else None
                 )
+                read += [job] if job is not None and ok else []
             loop = asyncio.get_running_loop()
             try:
                 error = await loop.run_in_executor(
@@ -107,12 +161,28 @@ class Runner:
                 error = f"internal error: the simulator's worker process failed: {exc!r}"
             if error is not None:
                 (out / "error.txt").write_text(error + "\n")
+            await asyncio.to_thread(self.store.record_output, task.job_id, _ledger(out), read)
             status = TaskStatus.FAILED if error else TaskStatus.COMPLETED
             self._on_end(task, status)
             log.debug("task %d %s model %d: %s", task.job_id, task.step, task.model, status.value)
 
     async def close(self) -> None:
+        """Stop now. A task still computing is abandoned rather than awaited: its status
+        stays Running, so a restarted site runs it again from scratch, and its result
+        would have had no one to receive it anyway."""
         for t in list(self._running):
             t.cancel()
         await asyncio.gather(*self._running, return_exceptions=True)
+        await asyncio.to_thread(self._stop_workers)
+
+    def _stop_workers(self) -> None:
+        workers = list((self._pool._processes or {}).values())  # shutdown() forgets them
+        for worker in workers:
+            worker.terminate()
+        for worker in workers:
+            worker.join(WORKER_EXIT_S)
+            if worker.is_alive():
+                worker.kill()
+                worker.join()
+        # The pool's manager thread sees its workers gone and winds up; this joins it.
         self._pool.shutdown(wait=True, cancel_futures=True)

@@ -70,6 +70,11 @@ CREATE INDEX IF NOT EXISTS tasks_by_model ON tasks (username, model, job_id);
 CREATE TABLE IF NOT EXISTS sections (
     username TEXT NOT NULL, model INTEGER NOT NULL, name TEXT NOT NULL,
     job_id INTEGER NOT NULL, PRIMARY KEY (username, model, name));
+CREATE TABLE IF NOT EXISTS produced (
+    job_id INTEGER NOT NULL, name TEXT NOT NULL, size INTEGER NOT NULL,
+    sha256 TEXT NOT NULL, PRIMARY KEY (job_id, name));
+CREATE TABLE IF NOT EXISTS inputs (
+    job_id INTEGER NOT NULL, input_job_id INTEGER NOT NULL);
 """
 
 
@@ -193,6 +198,29 @@ class Store(Database):
                 "SELECT status FROM tasks WHERE job_id = ?", (job_id,)
             ).fetchone()
         return None if row is None else TaskStatus(row[0])
+
+    # the ledger: what each task produced and read, kept after its files are deleted, so
+    # tests and benchmarks can check a client's downloads byte for byte, chain and all
+    def record_output(self, job_id: int, files: list[tuple[str, int, str]],
+                      inputs: list[int]) -> None:
+        with self._lock:
+            self._db.executemany("INSERT OR REPLACE INTO produced VALUES (?, ?, ?, ?)",
+                                 [(job_id, *f) for f in files])
+            self._db.executemany("INSERT INTO inputs VALUES (?, ?)",
+                                 [(job_id, i) for i in inputs])
+
+    def produced(self, job_id: int) -> dict[str, tuple[int, str]]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT name, size, sha256 FROM produced WHERE job_id = ?", (job_id,)
+            ).fetchall()
+        return {str(n): (int(size), str(sha)) for n, size, sha in rows}
+
+    def inputs_of(self, job_id: int) -> list[int]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT input_job_id FROM inputs WHERE job_id = ?", (job_id,)).fetchall()
+        return [int(r[0]) for r in rows]
 
     def task(self, job_id: int) -> Task | None:
         with self._lock:

@@ -1,0 +1,216 @@
+"""What one model number holds, which of its tasks are gibatch's own, and who still reads it.
+
+`ModelMemory` is the one home of three rules:
+
+- **Holdings** (`holdings.py` has the pure site rules): section -> lineage of what
+  produced it, kept in the journal so that a later run skips what is already there.
+- **Know your own task**: after a POST, gibatch's task is the first new row of the
+  right job type on this model after the last task it accounted for (or the job id the
+  POST answer gave, when the site gives one). Every other new row, before, between or
+  after gibatch's own, in any listing order, is *foreign*: its effect on the sections
+  is applied by the site's rules (a foreign plot appends, a foreign galaxy clears
+  merge, interaction and plots) with an unknown lineage, so nothing it touched is ever
+  taken for a job's result. A task of a type gibatch does not know voids everything.
+  gibatch's own task that ran on top of a foreign result is not the job's result either:
+  its section is recorded only if its inputs still held the job's lineages.
+- **Readers**: a per-section count of jobs still downloading it. No task that would
+  replace or clear a section is submitted while its count is above zero.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+import anyio
+
+from gibatch.holdings import FAILED_MARK, after_task, held_section, new_section, section_step
+from gibatch.jobs import Job
+from gibatch.journal import Journal
+from gibatch.site import TaskRow, TaskState
+from gibatch.steps import GALAXY1, GALAXY2, INTERACT, MERGE, Stage, Step, plot, survives
+
+UNKNOWN = "?unknown"  # a section whose producer gibatch does not know: never a job's result
+
+_STEP_OF_TYPE: dict[str, Step] = {
+    GALAXY1.job_type: GALAXY1, GALAXY2.job_type: GALAXY2, MERGE.job_type: MERGE,
+    INTERACT.job_type: INTERACT, "Plot": plot(0),
+}
+
+
+def step_of_type(job_type: str) -> Step | None:
+    """The step a listed job type stands for (a plot's number is not in its type)."""
+    return _STEP_OF_TYPE.get(job_type.strip())
+
+
+def inputs_of(job: Job, placed: Mapping[Step, str], step: Step) -> dict[str, str]:
+    """The sections `step` reads and the lineage each must hold for `job`."""
+    wanted = {Stage.MERGE: (GALAXY1, GALAXY2), Stage.INTERACT: (MERGE,),
+              Stage.PLOT: (INTERACT,)}.get(step.stage, ())
+    return {placed[s]: job.lineage[s] for s in wanted if s in placed}
+
+
+class Posting(StrEnum):
+    """Where gibatch's POST of its task stands: which new rows may be its own."""
+
+    UNSENT = "unsent"  # nothing of ours can be on the site: every new row is foreign
+    SENT = "sent"  # in flight: a matching row may be ours, but is not applied yet
+    ACCEPTED = "accepted"  # 200, or found on the site after an ambiguous answer
+
+
+@dataclass
+class Expected:
+    """gibatch's own task, posted (or about to be) and not yet accounted for.
+
+    `inputs` maps each section the task reads to the lineage it must hold for the
+    result to be the job's; None (a task adopted after a crash) means: intact unless a
+    foreign task was seen after `foreign_at`.
+    """
+
+    step: Step
+    lineage: str
+    inputs: dict[str, str] | None
+    after_task_id: int
+    foreign_at: int
+    posting: Posting = Posting.UNSENT
+    job_id: int | None = None  # from the POST's answer, or once its row is seen
+    row: TaskRow | None = None  # its row once it has finished
+    section: str | None = None  # where the site put its result
+
+
+@dataclass
+class ModelMemory:
+    model: int
+    site: str
+    journal: Journal
+    held: dict[str, str] = field(default_factory=dict)
+    last_task_id: int = -1  # every task of this model up to this id is accounted for
+    names_known: bool = False  # whether `held` names every section the site shows
+    expected: Expected | None = None
+    foreign: list[Step | None] = field(default_factory=list)  # in the order seen
+    readers: Counter[str] = field(default_factory=Counter)
+    _released: anyio.Event = field(default_factory=anyio.Event)
+
+    @classmethod
+    def load(cls, model: int, site: str, journal: Journal) -> ModelMemory:
+        last = journal.last_task_id(site, model)
+        return cls(model, site, journal, journal.held(site, model),
+                   -1 if last is None else last, names_known=last is not None)
+
+    def persist(self) -> None:
+        self.journal.set_held(self.site, self.model, self.held, self.last_task_id)
+
+    # -- what the model holds
+
+    def holds(self, job: Job, step: Step) -> str | None:
+        return held_section(self.held, job, step)
+
+    def void(self) -> None:
+        """Nothing held is known for sure any more, not even the sections' names."""
+        self.held, self.names_known = {}, False
+        self.persist()
+
+    def learn_names(self, sections: Iterable[str]) -> None:
+        """Take the site's section names (after a void), none of them a known result."""
+        self.held = {name: self.held.get(name, UNKNOWN) for name in sections}
+        self.names_known = True
+        self.persist()
+
+    def forget(self, section: str) -> None:
+        """A result vanished: the section and everything after it are no longer held."""
+        try:
+            step = section_step(section)
+        except ValueError:
+            self.void()
+            return
+        self.held = {s: v for s, v in self.held.items() if s != section and survives(s, step)}
+        self.persist()
+
+    # -- own and foreign tasks
+
+    def expect(self, step: Step, lineage: str, inputs: dict[str, str] | None,
+               after_task_id: int | None = None) -> Expected:
+        """Get ready to post `step` (UNSENT until the caller marks it SENT)."""
+        self.expected = Expected(
+            step, lineage, inputs,
+            self.last_task_id if after_task_id is None else after_task_id, len(self.foreign))
+        return self.expected
+
+    def refused(self, own: Expected) -> None:
+        """The POST was not accepted (409, 4xx, or not found after an ambiguous answer):
+        a row taken for it meanwhile is somebody else's."""
+        own.posting, own.job_id = Posting.UNSENT, None
+
+    def observe(self, rows: Iterable[TaskRow]) -> list[TaskRow]:
+        """Account, in id order, for this model's rows newer than the last accounted:
+        gibatch's expected task (once finished) and foreign ones. Returns the foreign."""
+        new = sorted((r for r in rows if r.model == self.model and r.job_id > self.last_task_id),
+                     key=lambda r: r.job_id)
+        foreign: list[TaskRow] = []
+        for row in new:
+            own = self.expected
+            if (own is not None and own.row is None and own.posting is not Posting.UNSENT
+                    and self._is_expected(own, row)):
+                own.job_id = row.job_id
+                if row.state is TaskState.ACTIVE or own.posting is Posting.SENT:
+                    break  # accounted for once it ends and the POST has its answer
+                self._apply_own(own, row)
+            else:
+                foreign.append(row)
+                self._apply_foreign(row)
+            self.last_task_id = row.job_id
+        if new:
+            self.persist()
+        return foreign
+
+    def _is_expected(self, own: Expected, row: TaskRow) -> bool:
+        if own.job_id is not None:
+            return row.job_id == own.job_id
+        return row.job_id > own.after_task_id and row.job_type.strip() == own.step.job_type
+
+    def _apply_own(self, own: Expected, row: TaskRow) -> None:
+        if own.inputs is None:
+            intact = len(self.foreign) == own.foreign_at
+        else:
+            intact = all(self.held.get(s) == lineage for s, lineage in own.inputs.items())
+        own.section = new_section(self.held, own.step)
+        completed = row.state is TaskState.COMPLETED
+        self.held = after_task(self.held, own.step, own.section,
+                               own.lineage if intact else UNKNOWN, completed)
+        own.row = row
+
+    def _apply_foreign(self, row: TaskRow) -> None:
+        step = step_of_type(row.job_type)
+        self.foreign.append(step)
+        if step is None or not self.names_known:
+            self.held, self.names_known = {}, False
+            return
+        self.held = after_task(self.held, step, new_section(self.held, step), UNKNOWN,
+                               row.state is not TaskState.FAILED)
+
+    def disturbed(self, since: int, sections: Iterable[str]) -> bool:
+        """Whether a foreign task seen after the `since`-th may have touched `sections`."""
+        names = list(sections)
+        return any(step is None or any(not survives(s, step) for s in names)
+                   for step in self.foreign[since:])
+
+    # -- readers
+
+    def hold(self, sections: Iterable[str]) -> None:
+        self.readers.update(sections)
+
+    def release(self, sections: Iterable[str]) -> None:
+        self.readers.subtract(sections)
+        self.readers += Counter()  # drop zero counts
+        self._released.set()
+        self._released = anyio.Event()
+
+    async def wait_readers(self, step: Step) -> None:
+        """Until no section that a task of `step` would clear is still being read."""
+        while any(not survives(s, step) for s in self.readers):
+            await self._released.wait()
+
+
+__all__ = ["FAILED_MARK", "UNKNOWN", "Expected", "ModelMemory", "inputs_of", "step_of_type"]

@@ -1,0 +1,327 @@
+"""One model number's worker: runs a job's steps on it, in chain order, and lists its results.
+
+It speaks to the site through the client and the shared poller, and keeps what the
+model holds in its `ModelMemory`. It never decides a job's outcome: whatever goes
+wrong is raised to the job's boundary in `run.py`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import anyio
+
+from gibatch import record
+from gibatch.errors import (
+    AmbiguousSubmit,
+    GibatchError,
+    JobFailed,
+    ModelBusy,
+    ResultVanished,
+    SessionExpired,
+    TransientError,
+)
+from gibatch.jobs import Job
+from gibatch.journal import Event, Intent, Journal
+from gibatch.memory import ModelMemory, Posting, inputs_of
+from gibatch.poller import Poller, newest
+from gibatch.site import Section, SiteClient, TaskRow, TaskState
+from gibatch.slots import ModelLock
+from gibatch.steps import GALAXY1, GALAXY2, INTERACT, MERGE, Stage, Step, plot
+from gibatch.transfer import fetch
+
+log = logging.getLogger("gibatch")
+
+FRESH_ROWS_S = 1.0  # a task list this recent is as good as a new poll before a job
+MAX_FOREIGN_RESTARTS = 8  # a model someone keeps using cannot hold a job forever
+
+Emit = Callable[..., None]
+
+
+class Interrupted(GibatchError):
+    """A stop was asked for (Ctrl-C, SIGTERM) before the job's next task was sent."""
+
+
+class _ForeignRestart(Exception):
+    """A foreign task held the model when a step was posted: start the job over."""
+
+
+@dataclass
+class Durations:
+    """Seconds per stage: measured means where known, stated defaults elsewhere.
+
+    Only measured durations may delay polling: a default that overstates a short task
+    would hold back the next submission by the difference.
+    """
+
+    journal: Journal
+    estimates: dict[Stage, float] = field(default_factory=dict)
+    measured: set[Stage] = field(default_factory=set)
+
+    def __post_init__(self) -> None:
+        self.estimates = self.journal.stage_estimates()
+        self.measured = {Stage(k) for k in self.journal.mean_durations()}
+
+    def poll_estimate(self, stage: Stage) -> float:
+        return self.estimates[stage] if stage in self.measured else 0.0
+
+    def learn(self, stage: Stage, seconds: float) -> None:
+        if stage in self.measured:
+            self.estimates[stage] = 0.7 * self.estimates[stage] + 0.3 * seconds
+        else:
+            self.estimates[stage] = seconds
+            self.measured.add(stage)
+        self.journal.add_duration(int(stage), seconds)
+
+
+@dataclass(frozen=True)
+class Listed:
+    """A job whose every step is on the model: the sections to download, by output folder."""
+
+    chosen: dict[str, Section]
+    foreign_mark: int  # foreign tasks seen when the listing was taken
+    started: float
+
+
+@dataclass
+class Counts:
+    tasks_submitted: int = 0
+    steps_skipped: int = 0
+    dispatch_delays_s: list[float] = field(default_factory=list)
+
+
+class ModelWorker:
+    def __init__(self, client: SiteClient, poller: Poller, memory: ModelMemory,
+                 lock: ModelLock, durations: Durations, counts: Counts, emit: Emit,
+                 stopping: Callable[[], bool]) -> None:
+        self.client = client
+        self.poller = poller
+        self.memory = memory
+        self.lock = lock
+        self.durations = durations
+        self.counts = counts
+        self.emit = emit
+        self.stopping = stopping
+        self.model = memory.model
+        self._last_finish: float | None = None
+        poller.observers.append(self._observe)
+
+    @property
+    def journal(self) -> Journal:
+        return self.memory.journal
+
+    def _observe(self, rows: list[TaskRow]) -> None:
+        for row in self.memory.observe(rows):
+            self.emit(Event.MEMORY_VOID, model=self.model,
+                      detail=f"task {row.job_id} ({row.job_type}, {row.status}) was started "
+                             "elsewhere; what it replaced is no longer counted as held")
+
+    # -- before any job
+
+    async def reconcile(self) -> None:
+        """Square the remembered state with the site: adopt a task posted just before a
+        crash, account for everything newer, learn section names if unknown."""
+        intent = self.journal.intent(self.memory.site, self.model)
+        own = None
+        if intent is not None:
+            own = self.memory.expect(_step_named(intent.step), intent.lineage, None,
+                                     intent.after_task_id)
+            own.posting = Posting.ACCEPTED  # it may have been: the first matching row is it
+        await self.poller.refresh()
+        if intent is not None and own is not None:
+            if own.job_id is not None:
+                self.emit(Event.STEP_ADOPTED, intent.job, self.model, intent.step,
+                          f"task {own.job_id} found after a restart")
+                await self.poller.wait(lambda _rows: own.row, 0.0)
+            self.memory.expected = None
+            self.journal.clear_intent(self.memory.site, self.model)
+        if self.memory.last_task_id < 0:  # never seen this model: nothing is known held
+            self.memory.last_task_id = max((r.job_id for r in self.poller.rows
+                                            if r.model == self.model), default=0)
+            self.memory.void()
+        await self._settle()
+
+    async def _settle(self) -> None:
+        """Until the model is idle (a foreign task running ends) and its names are known."""
+        rows = await self.poller.recent(FRESH_ROWS_S)
+        top = newest(rows, self.model)
+        if top is not None and top.state is TaskState.ACTIVE:
+            self.emit(Event.MEMORY_VOID, model=self.model,
+                      detail=f"waiting for task {top.job_id} ({top.job_type}) started elsewhere")
+            await self.poller.wait(self._idle, 0.0)
+        while not self.memory.names_known:
+            sections = await self.client.sections(self.model)
+            mark = len(self.memory.foreign)
+            await self.poller.refresh()
+            if len(self.memory.foreign) == mark:
+                self.memory.learn_names(s.name for s in sections)
+
+    def _idle(self, rows: list[TaskRow]) -> bool | None:
+        top = newest(rows, self.model)
+        return True if top is None or top.state is not TaskState.ACTIVE else None
+
+    # -- one job
+
+    async def run_job(self, job: Job) -> Listed:
+        """Every step of `job` on this model (skipping what it holds), then its listing.
+
+        A foreign task seen meanwhile sends the job back to its first step, where every
+        step the model still holds for sure is skipped again.
+        """
+        started = time.time()
+        self.emit(Event.JOB_START, job.name, self.model)
+        partials_dropped = False
+        for _ in range(MAX_FOREIGN_RESTARTS):
+            await self._settle()
+            mark = len(self.memory.foreign)
+            placed: dict[Step, str] = {}
+            for step in job.steps:
+                held = self.memory.holds(job, step)
+                if held is not None:
+                    placed[step] = held
+                    self.counts.steps_skipped += 1
+                    self.emit(Event.STEP_SKIPPED, job.name, self.model, step.name,
+                              f"model holds it as {held!r}")
+                    continue
+                if self.stopping():
+                    raise Interrupted(f"stopped before submitting {step.name}; "
+                                      "the next run goes on from there")
+                if not partials_dropped:  # new results: no old partial file may be resumed
+                    await anyio.to_thread.run_sync(record.drop_partials, job)
+                    partials_dropped = True
+                try:
+                    placed[step] = await self._run_step(job, step, placed)
+                except _ForeignRestart:
+                    break
+                if len(self.memory.foreign) != mark:
+                    break
+            else:
+                listed = await self._listing(job, placed, mark, started)
+                if listed is not None:
+                    return listed
+        raise JobFailed(f"model {self.model} kept being changed by tasks started elsewhere "
+                        f"({len(self.memory.foreign)} seen); giving up on this job for now")
+
+    async def _listing(self, job: Job, placed: dict[Step, str], mark: int,
+                       started: float) -> Listed | None:
+        """The sections of `placed`, checked against a task list polled after them."""
+        sections = {s.name: s for s in await self.client.sections(self.model)}
+        await self.poller.refresh()
+        if len(self.memory.foreign) != mark:
+            return None
+        chosen: dict[str, Section] = {}
+        for step, name in placed.items():
+            found = sections.get(name)
+            if found is None or found.state is not TaskState.COMPLETED:
+                self.memory.forget(name)
+                raise ResultVanished(
+                    f"the site no longer shows {name!r} ({step.name}) as completed on "
+                    f"model {self.model}", section=name, job=job.name, model=self.model)
+            chosen[step.section] = found
+        return Listed(chosen, mark, started)
+
+    async def _run_step(self, job: Job, step: Step, placed: dict[Step, str]) -> str:
+        await self.memory.wait_readers(step)  # never clear a section still being downloaded
+        own = self.memory.expect(step, job.lineage[step], inputs_of(job, placed, step))
+        self.journal.set_intent(self.memory.site, self.model, Intent(
+            job.name, step.name, step.section, step.job_type, job.lineage[step],
+            own.after_task_id))
+        submitted = time.monotonic()
+        if self._last_finish is not None:
+            self.counts.dispatch_delays_s.append(submitted - self._last_finish)
+        try:
+            await self._submit(job, step)
+            self.counts.tasks_submitted += 1
+            self.emit(Event.STEP_SUBMITTED, job.name, self.model, step.name)
+            row = await self.poller.wait(lambda _rows: own.row,
+                                         self.durations.poll_estimate(step.stage))
+        except BaseException:
+            # A task that may be on the site keeps its intent, for the next run to adopt.
+            if own.posting is Posting.UNSENT:
+                self.journal.clear_intent(self.memory.site, self.model)
+            raise
+        finally:
+            self.memory.expected = None
+        self.journal.clear_intent(self.memory.site, self.model)
+        finished = time.monotonic()
+        self._last_finish = finished
+        self.durations.learn(step.stage, finished - submitted)
+        assert own.section is not None
+        if row.state is not TaskState.COMPLETED:
+            self.emit(Event.STEP_FAILED, job.name, self.model, step.name, row.status)
+            await self._save_error(job, step, own.section)
+            raise JobFailed(f"the site's {step.name} task {row.job_id} failed on model "
+                            f"{self.model} (see output/{step.section}/error.txt)")
+        self.emit(Event.STEP_COMPLETED, job.name, self.model, step.name,
+                  f"task {row.job_id} in {finished - submitted:.1f} s as {own.section!r}")
+        return own.section
+
+    async def _submit(self, job: Job, step: Step) -> None:
+        """POST the expected task; after an ambiguous answer, adopt it if the site has it.
+
+        Refused or ambiguous POSTs are retried with the client's backoff policy, then
+        the job fails. A 409 means someone else's task is running: wait for it to end
+        (the foreign task is accounted for) and post again.
+        """
+        own = self.memory.expected
+        assert own is not None
+        give_up = time.monotonic() + self.client.retry.give_up_after_s
+        delay = self.client.retry.base_s
+        while True:
+            own.posting = Posting.SENT
+            try:
+                job_id = await self.client.submit(step, self.model, job.payload(step))
+            except ModelBusy as exc:
+                self.memory.refused(own)
+                await self.poller.refresh()
+                await self.poller.wait(self._idle, 0.0)
+                raise _ForeignRestart() from exc
+            except AmbiguousSubmit as exc:
+                last: Exception = exc
+                own.posting = Posting.ACCEPTED  # maybe: the first matching new row is it
+                await self.poller.refresh()
+                if own.job_id is not None:
+                    self.emit(Event.STEP_ADOPTED, job.name, self.model, step.name,
+                              f"task {own.job_id}: the site had queued it despite: {exc}")
+                    return
+                self.memory.refused(own)
+            except (TransientError, SessionExpired) as exc:  # nothing was sent
+                last = exc
+                self.memory.refused(own)
+                last = exc
+            except BaseException:
+                self.memory.refused(own)
+                raise
+            else:
+                if job_id is not None and job_id > own.after_task_id:
+                    own.job_id = job_id
+                own.posting = Posting.ACCEPTED
+                return
+            if time.monotonic() + delay > give_up:
+                raise JobFailed(f"the site kept refusing {step.name} on model {self.model}: "
+                                f"{last}")
+            log.info("retrying %s of job %s in %.1f s after: %s", step.name, job.name,
+                     delay, last)
+            await anyio.sleep(delay)
+            delay = min(self.client.retry.cap_s, delay * 2)
+
+    async def _save_error(self, job: Job, step: Step, section: str) -> None:
+        sections = {s.name: s for s in await self.client.sections(self.model)}
+        found = sections.get(section)
+        for remote in found.files if found else ():
+            if remote.name == "error.txt":
+                await fetch(self.client, remote, job.output / step.section,
+                            anyio.Semaphore(1))
+
+
+def _step_named(name: str) -> Step:
+    """A step from its job-folder stem (galaxy1, merge, plot2), as kept in intents."""
+    fixed = {"galaxy1": GALAXY1, "galaxy2": GALAXY2, "merge": MERGE, "interact": INTERACT}
+    return fixed.get(name) or plot(int(name.removeprefix("plot")))
+
+
+__all__ = ["Counts", "Durations", "Interrupted", "Listed",
+           "ModelWorker"]
