@@ -12,6 +12,7 @@ import time
 from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Annotated
+from urllib.parse import urlsplit
 
 import anyio
 import typer
@@ -20,7 +21,7 @@ from rich.live import Live
 
 from gibatch.display import RunDisplay
 from gibatch.errors import GibatchError, NoModelAvailable
-from gibatch.jobs import STATE_DIR, load_sweep
+from gibatch.jobs import STATE_DIR, discover, load_sweep, printable
 from gibatch.journal import Journal
 from gibatch.run import Listener, Options, Outcome, Scheduler, Summary
 from gibatch.site import SiteClient
@@ -28,6 +29,8 @@ from gibatch.site import SiteClient
 PASSWORD_ENV = "GIBATCH_PASSWORD"
 EXIT_USAGE = 2
 EXIT_NO_MODEL = 3
+# A password file holds one line; a bound keeps /dev/zero from filling the memory.
+_MAX_PASSWORD_FILE_BYTES = 4096
 
 app = typer.Typer(
     help="Unattended, resumable parameter sweeps on the GI Simulator site.",
@@ -58,13 +61,26 @@ def _usage_error(message: str) -> typer.Exit:
 
 
 def _password(password_file: Path | None) -> str:
-    """From the environment, a file, or a hidden prompt: never from argv."""
+    """From the environment, a file, or a hidden prompt: never from argv.
+
+    A file loses one trailing newline (`echo` adds it), nothing more: a password may
+    end in spaces or even in a second newline.
+    """
     if password_file is not None:
         try:
-            return password_file.read_text().rstrip("\r\n")
+            with password_file.open("rb") as f:
+                data = f.read(_MAX_PASSWORD_FILE_BYTES + 1)
         except OSError as exc:
             raise _usage_error(
                 f"cannot read --password-file {password_file}: {exc.strerror}") from None
+        if len(data) > _MAX_PASSWORD_FILE_BYTES:
+            raise _usage_error(f"--password-file {password_file} is larger than "
+                               f"{_MAX_PASSWORD_FILE_BYTES} bytes; it holds only the password")
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError:
+            raise _usage_error(f"--password-file {password_file} is not UTF-8 text") from None
+        return text[:-2] if text.endswith("\r\n") else text.removesuffix("\n")
     if os.environ.get(PASSWORD_ENV):
         return os.environ[PASSWORD_ENV]
     if sys.stdin.isatty():
@@ -77,6 +93,51 @@ def _jobs_dir(jobs: Path) -> Path:
     if not jobs.is_dir():
         raise _usage_error(f"--jobs {jobs}: no such folder")
     return jobs
+
+
+def _require_job_folders(jobs: Path) -> Path:
+    """`jobs` if it holds at least one job folder; else exit 1.
+
+    An empty sweep is almost always a wrong --jobs path: `check` must not call it
+    valid, nor `run` report success having done nothing.
+    """
+    _jobs_dir(jobs)
+    try:
+        found = discover(jobs)
+    except OSError as exc:
+        typer.echo(f"error: cannot list {printable(str(jobs))}: {exc.strerror}", err=True)
+        raise typer.Exit(1) from None
+    if not found:
+        typer.echo(f"error: no job folders in {printable(str(jobs))}", err=True)
+        raise typer.Exit(1)
+    return jobs
+
+
+def _check_server(server: str | None) -> None:
+    """Refuse a --server URL that is not plain http(s)://HOST[:PORT]/PATH.
+
+    Credentials in it are refused, not stripped: the URL keys the journal and the
+    completion records, and shows in logs, so a password in it would be stored. The
+    URL is never echoed, for the same reason.
+    """
+    if server is None:
+        return
+    try:
+        parts = urlsplit(server)
+        _ = parts.port  # parsed on access: ValueError if not a number in range
+    except ValueError:
+        raise _usage_error("--server is not a valid URL") from None
+    if "@" in parts.netloc:
+        raise _usage_error("--server must not hold credentials (user:password@): pass "
+                           f"--username, and the password in ${PASSWORD_ENV} or "
+                           "--password-file")
+    if parts.scheme.lower() not in ("http", "https"):
+        raise _usage_error("--server must be an http:// or https:// URL, "
+                           "e.g. https://HOST/ast80011")
+    if not parts.hostname:
+        raise _usage_error("--server has no host, e.g. https://HOST/ast80011")
+    if any(c.isspace() or not c.isprintable() for c in server):
+        raise _usage_error("--server holds spaces or control characters")
 
 
 def _embedded_data(jobs: Path) -> tuple[Path, str]:
@@ -161,7 +222,8 @@ def run(
 
     Example: gibatch run --jobs examples/sweep --models 1-4 --concurrency 4
     """
-    _jobs_dir(jobs)
+    _check_server(server)
+    _require_job_folders(jobs)
     model_list = parse_models(models)
     if server is not None and not username:
         raise _usage_error("--server needs --username")
@@ -215,7 +277,7 @@ def check(jobs: Annotated[Path, typer.Option(help="Folder of job folders.")]) ->
 
     Example: gibatch check --jobs examples/sweep
     """
-    sweep = load_sweep(_jobs_dir(jobs))
+    sweep = load_sweep(_require_job_folders(jobs))
     for problem in sweep.problems:
         typer.echo(str(problem))
     typer.echo(f"{len(sweep.jobs)} valid, {len(sweep.invalid_jobs)} invalid")
@@ -239,6 +301,7 @@ def plan(
     """
     from gibatch.commands import show_plan
 
+    _check_server(server)
     _jobs_dir(jobs)
     model_list = parse_models(models)
     if server is not None and not username:

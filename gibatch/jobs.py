@@ -11,10 +11,12 @@ import hashlib
 import json
 import os
 import re
+import stat
+import unicodedata
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from pydantic import BaseModel, ValidationError
 
@@ -31,8 +33,27 @@ from gibatch.steps import Stage, Step
 
 OUTPUT_DIR = "output"
 STATE_DIR = ".gibatch"
-_PLOT_FILE = re.compile(r"^plot(\d+)\.json$")
+# ASCII digits, no leading zero: `plot01.json` or `plot١.json` must not pass for plot 1.
+_PLOT_FILE = re.compile(r"^plot([1-9][0-9]*)\.json$")
 _MAX_JOB_FILE_BYTES = 1 << 20
+# A job file needs 2 levels ({"halo": {...}}); far deeper is an attack or an accident,
+# and would reach recursion limits in the parser, pydantic or the lineage hash.
+MAX_JSON_DEPTH = 32
+# No parameter needs more digits; a longer integer is refused before int() spends
+# quadratic time on it (or trips Python's 4300-digit conversion limit).
+_MAX_INT_DIGITS = 32
+# Byte-order marks of encodings an editor may have saved the file in instead of UTF-8.
+_BOMS = {b"\xef\xbb\xbf": "starts with a UTF-8 byte-order mark (BOM); save it as UTF-8 "
+                          "without BOM",
+         b"\xff\xfe": "is UTF-16 text; save it as UTF-8",
+         b"\xfe\xff": "is UTF-16 text; save it as UTF-8"}
+# POSIX flags (absent elsewhere): never block on a FIFO, never adopt a terminal.
+_OPEN_FLAGS = os.O_RDONLY | sum(getattr(os, f, 0) for f in ("O_NONBLOCK", "O_NOCTTY",
+                                                             "O_CLOEXEC"))
+# Control, format (bidi overrides), surrogate (undecodable bytes in a file name),
+# private, unassigned and line/paragraph separator characters: what could forge or
+# hide output.
+_UNSAFE_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"})
 
 _MODEL_OF_STAGE: dict[Stage, type[BaseModel]] = {
     Stage.GALAXY: GalaxyParams,
@@ -40,6 +61,18 @@ _MODEL_OF_STAGE: dict[Stage, type[BaseModel]] = {
     Stage.INTERACT: InteractParams,
     Stage.PLOT: PlotParams,
 }
+
+
+def printable(text: str) -> str:
+    """`text` with control-like characters escaped as in repr(), other Unicode kept.
+
+    Folder names and JSON keys are chosen by whoever wrote the sweep: a newline in one
+    must not forge a line of `check`'s output, nor an undecodable byte crash the print.
+    """
+    if text.isprintable():
+        return text
+    return "".join(repr(c)[1:-1] if unicodedata.category(c) in _UNSAFE_CATEGORIES else c
+                   for c in text)
 
 
 @dataclass(frozen=True)
@@ -52,9 +85,10 @@ class Problem:
     message: str
 
     def __str__(self) -> str:
+        """One line, whatever the names hold (every output path prints this)."""
         where = f"{self.job}/{self.file}" if self.file else self.job
         field = f"{self.field}: " if self.field else ""
-        return f"{where}: {field}{self.message}"
+        return printable(f"{where}: {field}{self.message}")
 
 
 class JobInvalid(Exception):
@@ -94,10 +128,22 @@ def natural_key(name: str) -> list[tuple[int, int | str]]:
     return [(0, int(p)) if p.isdigit() else (1, p) for p in re.split(r"(\d+)", name) if p]
 
 
+def _may_be_job(entry: os.DirEntry[str]) -> bool:
+    """A folder not starting with `.`; also an entry whose type cannot be read (a
+    symlink loop, no permission), so that load_job reports it instead of a traceback
+    here or a job silently left out."""
+    if entry.name.startswith("."):
+        return False
+    try:
+        return entry.is_dir()
+    except OSError:
+        return True
+
+
 def discover(root: Path) -> list[Path]:
     """The job folders of a sweep, in natural order (dot-folders are not jobs)."""
     with os.scandir(root) as it:
-        dirs = [e.name for e in it if e.is_dir() and not e.name.startswith(".")]
+        dirs = [e.name for e in it if _may_be_job(e)]
     return [root / name for name in sorted(dirs, key=natural_key)]
 
 
@@ -122,28 +168,181 @@ def compute_lineage(params: dict[Step, StepParams]) -> dict[Step, str]:
     return out
 
 
-def _read_json(job: str, path: Path, problems: list[Problem]) -> Any:
+class NotRegularFile(OSError):
+    """A path that is a folder, FIFO, socket or device where a file's content is wanted."""
+
+
+def _require_regular(mode: int) -> None:
+    if stat.S_ISREG(mode):
+        return
+    kind = ("a folder" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode)
+            else "a socket" if stat.S_ISSOCK(mode) else "a device")
+    raise NotRegularFile(f"is {kind}, not a regular file")
+
+
+def _open_regular(path: Path) -> int:
+    """A descriptor open for reading on `path` (symlinks followed) if it is a regular
+    file, else OSError (NotRegularFile saying what it is).
+
+    The type is checked before opening, so a device is never opened, and again on the
+    descriptor in case the path was swapped; O_NONBLOCK means even a FIFO put there in
+    between cannot hang the open.
+    """
+    _require_regular(os.stat(path).st_mode)
+    fd = os.open(path, _OPEN_FLAGS)
     try:
-        if path.stat().st_size > _MAX_JOB_FILE_BYTES:
-            problems.append(Problem(job, path.name, "", "file is larger than 1 MiB"))
-            return None
-        text = path.read_text(encoding="utf-8")
+        _require_regular(os.fstat(fd).st_mode)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def open_regular(path: Path) -> BinaryIO:
+    """`path` open for reading, if it is a regular file (see _open_regular)."""
+    return os.fdopen(_open_regular(path), "rb")
+
+
+def read_regular(path: Path, limit: int) -> bytes:
+    """Up to `limit` bytes of the regular file `path` (see _open_regular).
+
+    The limit counts bytes actually read, not what stat says (/proc files, a file still
+    growing); small reads, as one read(limit) would allocate all of it for every file.
+    """
+    fd = _open_regular(path)
+    try:
+        chunks: list[bytes] = []
+        size = 0
+        while size < limit and (chunk := os.read(fd, min(1 << 16, limit - size))):
+            chunks.append(chunk)
+            size += len(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+class _NotJson(ValueError):
+    """Bytes that are not strict JSON (RFC 8259), though Python's json might take them;
+    `field` names where, when the reason lies inside the object."""
+
+    def __init__(self, message: str, field: str = "") -> None:
+        super().__init__(message)
+        self.field = field
+
+
+class _RepeatedKey(dict[str, Any]):
+    """A JSON object in which `key` appears more than once (the parser keeps the last)."""
+
+    made = 0  # how many ever: a parse that leaves it unchanged needs no search for one
+
+    def __init__(self, pairs: list[tuple[str, Any]], key: str) -> None:
+        super().__init__(pairs)
+        self.key = key
+        _RepeatedKey.made += 1
+
+
+def _object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """Mark a repeated key instead of silently keeping its last value."""
+    obj = dict(pairs)
+    if len(obj) == len(pairs):
+        return obj
+    seen: set[str] = set()
+    for key, _ in pairs:
+        if key in seen:
+            return _RepeatedKey(pairs, key)
+        seen.add(key)
+    raise AssertionError("unreachable: fewer keys than pairs means a repeat")
+
+
+def _constant(name: str) -> Any:
+    raise _NotJson(f"{name} is not a JSON number (numbers must be finite)")
+
+
+def _int(text: str) -> int:
+    if len(text) > _MAX_INT_DIGITS:
+        raise _NotJson(f"a number of {len(text)} digits is too long")
+    return int(text)
+
+
+# Built once: json.loads with hooks would build a decoder per file.
+_DECODER = json.JSONDecoder(object_pairs_hook=_object, parse_constant=_constant,
+                            parse_int=_int)
+
+
+def _check_shape(data: Any) -> None:
+    """Raise _NotJson for a repeated key or a nesting deeper than MAX_JSON_DEPTH.
+
+    Iterative, so that no depth the parser let through can exhaust the stack here; a
+    node's path is kept as a (parent, key) link and spelt out only for the message.
+    """
+    stack: list[tuple[Any, Any, int]] = [(data, None, 1)]
+    while stack:
+        node, where, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise _NotJson(f"nested more than {MAX_JSON_DEPTH} levels deep")
+        if isinstance(node, _RepeatedKey):
+            keys = [node.key]
+            while where is not None:
+                where, key = where
+                keys.append(str(key))
+            raise _NotJson("key appears more than once in its object",
+                           ".".join(reversed(keys)))
+        items = node.items() if isinstance(node, dict) else enumerate(node)
+        stack.extend((v, (where, k), depth + 1) for k, v in items if isinstance(v, dict | list))
+
+
+def _parse(data: bytes) -> Any:
+    """Strict JSON from bytes: UTF-8 without BOM, no NaN/Infinity, no endless integers,
+    no repeated keys, at most MAX_JSON_DEPTH levels. Raises _NotJson saying why not.
+
+    A number too large for a float (1e999) parses as inf; the models refuse it, naming
+    the field.
+    """
+    for bom, why in _BOMS.items():
+        if data.startswith(bom):
+            raise _NotJson(why)
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise _NotJson(f"is not UTF-8 text (byte 0x{data[exc.start]:02x} at offset "
+                       f"{exc.start})") from None
+    if not text.strip():
+        raise _NotJson("file is empty (a job file holds a JSON object {...})")
+    repeats = _RepeatedKey.made
+    try:
+        parsed = _DECODER.decode(text)
+    except json.JSONDecodeError as exc:
+        raise _NotJson(f"malformed JSON at line {exc.lineno} column {exc.colno}: "
+                       f"{exc.msg}") from None
+    except RecursionError:  # the C parser gives up cleanly long before the stack does
+        raise _NotJson(f"nested more than {MAX_JSON_DEPTH} levels deep") from None
+    # The walk only when it can find something (it costs as much as the parse).
+    if _RepeatedKey.made != repeats or text.count("{") + text.count("[") > MAX_JSON_DEPTH:
+        _check_shape(parsed)
+    return parsed
+
+
+def _read_json(job: str, path: Path, problems: list[Problem]) -> Any:
+    """The JSON object in `path`, or None with the reason appended to `problems`."""
+    try:
+        data = read_regular(path, _MAX_JOB_FILE_BYTES + 1)
+        if len(data) > _MAX_JOB_FILE_BYTES:
+            raise _NotJson("file is larger than 1 MiB")
+        parsed = _parse(data)
+        if not isinstance(parsed, dict):
+            raise _NotJson("must hold a JSON object {...}")
+        return parsed
     except FileNotFoundError:
         problems.append(Problem(job, path.name, "", "file is missing"))
-        return None
-    except (OSError, UnicodeDecodeError) as exc:
-        problems.append(Problem(job, path.name, "", f"cannot read: {exc}"))
-        return None
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        msg = f"malformed JSON at line {exc.lineno} column {exc.colno}: {exc.msg}"
-        problems.append(Problem(job, path.name, "", msg))
-        return None
-    if not isinstance(data, dict):
-        problems.append(Problem(job, path.name, "", "must hold a JSON object {...}"))
-        return None
-    return data
+    except NotRegularFile as exc:
+        problems.append(Problem(job, path.name, "", str(exc)))
+    except OSError as exc:
+        problems.append(Problem(job, path.name, "", f"cannot read: {exc.strerror or exc}"))
+    except _NotJson as exc:
+        problems.append(Problem(job, path.name, exc.field, str(exc)))
+    except ValueError as exc:  # anything else the parser may raise
+        problems.append(Problem(job, path.name, "", f"not valid JSON: {exc}"))
+    return None
 
 
 def _plot_numbers(job: str, folder: Path, problems: list[Problem]) -> int:
@@ -167,7 +366,11 @@ def load_job(folder: Path) -> Job:
     """Parse and validate one job folder; raise JobInvalid listing every problem found."""
     name = folder.name
     problems: list[Problem] = []
-    plot_count = _plot_numbers(name, folder, problems)
+    try:
+        plot_count = _plot_numbers(name, folder, problems)
+    except OSError as exc:  # a symlink loop, no permission, not a folder after all
+        raise JobInvalid([Problem(name, "", "", f"cannot read the folder: "
+                                                f"{exc.strerror or exc}")]) from None
     params: dict[Step, StepParams] = {}
     for step in steps.chain(max(plot_count, 0)):
         data = _read_json(name, folder / step.filename, problems)

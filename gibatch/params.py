@@ -20,9 +20,13 @@ MAX_ABS_KM_S = 1e5
 
 
 class StrictModel(BaseModel):
-    """Unknown keys are errors (a misspelt key must never be read as a default)."""
+    """Unknown keys are errors (a misspelt key must never be read as a default).
 
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+    NaN and infinities are refused whatever parsed them (the local site's POST body
+    included): a NaN passes no range check by comparison, and neither is JSON.
+    """
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, allow_inf_nan=False)
 
 
 class Component(StrEnum):

@@ -11,17 +11,19 @@ from __future__ import annotations
 
 import html
 import json
+import logging
 import math
 import os
+import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from urllib.parse import quote
 
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, UnidentifiedImageError
 
-from gibatch.jobs import STATE_DIR, Job, Sweep, payload_of
+from gibatch.jobs import STATE_DIR, Job, Sweep, open_regular, payload_of, printable
 from gibatch.status import JobState, JobStatus, SweepStatus
 from gibatch.steps import Stage
 
@@ -33,6 +35,10 @@ _ANIMATION_SUFFIXES = (".gif", ".mp4", ".webm")
 _STILL_NAMES = ("final.png",)
 
 Value = int | float | str
+# What a corrupt, truncated, hostile or oversized image can make Pillow raise.
+_IMAGE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError,
+                 Image.DecompressionBombWarning)
+log = logging.getLogger("gibatch")
 
 
 @dataclass(frozen=True)
@@ -97,18 +103,39 @@ def find_shot(section_dir: Path) -> Shot:
     return Shot(section_dir.name, still, animation)
 
 
+def placeholder(size: int = THUMB_PX) -> Image.Image:
+    """A grey square saying the image could not be read."""
+    image = Image.new("RGB", (size, size), "#d0d0d0")
+    ImageDraw.Draw(image).text((8, size // 2 - 6), "unreadable image", fill="black")
+    return image
+
+
 def last_frame(path: Path) -> Image.Image:
-    with Image.open(path) as image:
-        frames = getattr(image, "n_frames", 1)
-        if frames > 1:
-            image.seek(frames - 1)
-        return image.convert("RGB")
+    """`path`'s last frame in RGB, or a placeholder if it cannot be read: one corrupt
+    file costs its own picture, not the whole report. A bomb is refused, not decoded."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with open_regular(path) as f, Image.open(f) as image:
+                frames = getattr(image, "n_frames", 1)
+                if frames > 1:
+                    image.seek(frames - 1)
+                return image.convert("RGB")
+    except _IMAGE_ERRORS as exc:
+        why = ("not an image format Pillow reads" if isinstance(exc, UnidentifiedImageError)
+               else exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc))
+        log.warning("%s: cannot read the image (%s); shown as a placeholder",
+                    printable(str(path)), printable(why))
+        return placeholder()
 
 
 def make_thumbnail(still: Path, dest: Path, size: int = THUMB_PX) -> None:
     """A small PNG of `still`'s last frame; kept if newer than its source."""
-    if dest.exists() and dest.stat().st_mtime >= still.stat().st_mtime:
-        return
+    try:
+        if dest.exists() and dest.stat().st_mtime >= still.stat().st_mtime:
+            return
+    except OSError:  # a dangling link, say: last_frame makes the placeholder
+        pass
     image = last_frame(still)
     image.thumbnail((size, size))
     dest.parent.mkdir(parents=True, exist_ok=True)

@@ -239,12 +239,12 @@ def job_name(index: int, width: int, point: Mapping[str, Value]) -> str:
 
 def read_base(base: Path) -> dict[str, Any]:
     """The base job's files, checked: it must itself be a valid job."""
+    if not base.is_dir():
+        raise SweepError(f"{base}: no such job folder")
     try:
         load_job(base)
     except JobInvalid as exc:
         raise SweepError(f"the base job is not valid: {exc}") from None
-    except FileNotFoundError:
-        raise SweepError(f"{base}: no such job folder") from None
     return {p.stem: json.loads(p.read_text()) for p in sorted(base.glob("*.json"))}
 
 
