@@ -78,6 +78,7 @@ class Expected:
     job_id: int | None = None  # from the POST's answer, or once its row is seen
     row: TaskRow | None = None  # its row once it has finished
     section: str | None = None  # where the site put its result
+    intact: bool = True  # whether it ran on the job's own inputs
 
 
 @dataclass
@@ -175,7 +176,7 @@ class ModelMemory:
             intact = len(self.foreign) == own.foreign_at
         else:
             intact = all(self.held.get(s) == lineage for s, lineage in own.inputs.items())
-        own.section = new_section(self.held, own.step)
+        own.section, own.intact = new_section(self.held, own.step), intact
         completed = row.state is TaskState.COMPLETED
         self.held = after_task(self.held, own.step, own.section,
                                own.lineage if intact else UNKNOWN, completed)

@@ -113,7 +113,7 @@ class Poller:
                 continue
             try:
                 await self.refresh()
-            except Exception as exc:  # noqa: BLE001 - the waiters' boundaries judge it
+            except Exception as exc:
                 for w in self._waiters:
                     w.error = exc
                     w.done.set()

@@ -50,7 +50,8 @@ class ModelLock:
         self.model = model
         self.path = lock_dir() / f"{tag}-model{model}.lock"
         self.info = self.path.with_suffix(".json")
-        self._lock = FileLock(self.path, timeout=0, thread_local=False)  # acquired in a thread, released on the loop
+        # Not thread-local: acquired in a worker thread, released on the event loop.
+        self._lock = FileLock(self.path, timeout=0, thread_local=False)
         self._jobs_dir = jobs_dir
 
     def acquire(self) -> bool:

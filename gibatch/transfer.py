@@ -120,8 +120,8 @@ async def _stream_once(client: SiteClient, remote: RemoteFile, part: _Part) -> i
         offset = 0
     async with client.open_file(remote.url, offset) as resp:
         resumed = bool(offset) and resp.status == 206  # else the site ignored Range
-        await anyio.to_thread.run_sync(part.open, resumed)
         try:
+            await anyio.to_thread.run_sync(part.open, resumed)
             expected = remote.size
             if expected is None:
                 if resp.content_length is None:
@@ -145,7 +145,7 @@ async def _stream_once(client: SiteClient, remote: RemoteFile, part: _Part) -> i
             if batch:
                 await anyio.to_thread.run_sync(part.write, bytes(batch))
         finally:
-            await anyio.to_thread.run_sync(part.close)
+            part.close()  # at once, on the loop: it must happen even when cancelled
     return expected
 
 
@@ -186,8 +186,10 @@ async def fetch(
 
     async def whole() -> int:
         if remote.size is not None and _size(part.path) == remote.size:
-            await anyio.to_thread.run_sync(part.open, True)  # left whole: verify, rename
-            await anyio.to_thread.run_sync(part.close)
+            try:
+                await anyio.to_thread.run_sync(part.open, True)  # left whole: hash, rename
+            finally:
+                part.close()
             return remote.size
         expected = await client.retry.wrap(attempt)()
         if part.size == expected:

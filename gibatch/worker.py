@@ -250,6 +250,8 @@ class ModelWorker:
         self._last_finish = finished
         self.durations.learn(step.stage, finished - submitted)
         assert own.section is not None
+        if not own.intact:  # a foreign task changed its inputs: not the job's result
+            raise _ForeignRestart()
         if row.state is not TaskState.COMPLETED:
             self.emit(Event.STEP_FAILED, job.name, self.model, step.name, row.status)
             await self._save_error(job, step, own.section)

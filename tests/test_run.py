@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import os
 import signal
 import subprocess
@@ -20,7 +19,6 @@ import pytest
 from gibatch import steps
 from gibatch.jobs import load_sweep
 from gibatch.journal import Journal
-from gibatch.record import RECORD_FILE
 from gibatch.run import Options, Outcome, Scheduler, Summary
 from gibatch.sim.app import SiteConfig
 from gibatch.sim.faults import Faults

@@ -1,0 +1,211 @@
+"""`gibatch run` on a site as hard as a real one: replaced results deleted (404), strict
+listings (newest first, HTML POST answers, no sizes, no plot_number, no Range), tasks
+started "in the browser" between, during and after gibatch's own, every fault at once.
+Each sweep must end with every job byte for byte what the site made for it."""
+
+from __future__ import annotations
+
+import errno
+import logging
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+from gibatch import transfer
+from gibatch.errors import local_io
+from gibatch.jobs import load_sweep
+from gibatch.journal import Journal
+from gibatch.plan import make_plan
+from gibatch.run import Options, Outcome, Scheduler, Summary
+from gibatch.sim.app import SiteConfig
+from gibatch.sim.faults import Faults
+from gibatch.sim.server import ThreadedSite
+from gibatch.site import RetryPolicy, SiteClient, Timeouts
+from gibatch.steps import DEFAULT_STAGE_COST_S
+from tests.conftest import assert_jobs_match_ledger, tiny_job_files, write_job
+
+FAST_RETRY = RetryPolicy(base_s=0.05, cap_s=0.5, give_up_after_s=60)
+PLOT_VARIANTS = [{"colour_scheme": "blackonwhite"}, {"x_min": -250}, {"y_min": -260},
+                 {"x_max": 240}, {"plot_size": "medium"}, {"y_max": 270}]
+
+
+def shared_sweep(root: Path, n: int) -> int:
+    """`n` jobs sharing galaxies and merge, two interactions between them, plot 1 varied:
+    consecutive jobs on one model skip held sections another job may still be
+    downloading. Returns the fewest tasks on one model number (the planner's count)."""
+    for i in range(n):
+        write_job(root, f"{i + 1:02d}", tiny_job_files(**{
+            "interact.json": {"mass_2": 1.0 + (i // 2) % 2},
+            "plot1.json": PLOT_VARIANTS[i % len(PLOT_VARIANTS)],
+        }))
+    return make_plan(load_sweep(root).jobs, {1: {}}, DEFAULT_STAGE_COST_S).tasks
+
+
+@pytest.fixture
+def make_site(tmp_path: Path) -> Iterator[Callable[..., ThreadedSite]]:
+    sites: list[ThreadedSite] = []
+
+    def make(**options: Any) -> ThreadedSite:
+        config = SiteConfig(data_dir=tmp_path / f"site{len(sites)}",
+                            accounts={"alice": "pw"}, workers=2, **options)
+        sites.append(ThreadedSite(config))
+        return sites[-1]
+
+    yield make
+    for s in sites:
+        s.stop()
+
+
+def run_sweep(site: ThreadedSite, jobs: Path, models: list[int],
+              concurrency: int = 3) -> Summary:
+    async def main() -> Summary:
+        journal = Journal(jobs)
+        try:
+            async with SiteClient(site.running.url, "alice", "pw", retry=FAST_RETRY,
+                                  timeouts=Timeouts(read_s=2.0, page_s=5.0)) as client:
+                return await Scheduler(client, load_sweep(jobs),
+                                       Options(jobs, models, concurrency=concurrency),
+                                       journal).execute()
+        finally:
+            journal.close()
+
+    return anyio.run(main)
+
+
+def own_tasks(site: ThreadedSite) -> int:
+    return site.running.site.store.task_count() - len(site.running.site.clicked)
+
+
+def assert_all_right(summary: Summary, jobs: Path, site: ThreadedSite) -> None:
+    assert set(summary.outcomes.values()) == {Outcome.COMPLETE}, summary.reasons
+    assert_jobs_match_ledger(jobs, site.running.site.config.data_dir)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strict", [False, True], ids=["normal", "strict"])
+def test_consecutive_jobs_sharing_held_sections(
+    tmp_path: Path, make_site: Callable[..., ThreadedSite], strict: bool
+) -> None:
+    """The race that lost a third of a clean sweep: the next job's task replacing a
+    section a finished job still downloads."""
+    jobs = tmp_path / "jobs"
+    minimum = shared_sweep(jobs, 10)
+    site = make_site(strict=strict)
+    summary = run_sweep(site, jobs, [1], concurrency=1)
+    assert_all_right(summary, jobs, site)
+    assert own_tasks(site) == minimum == summary.tasks_submitted
+
+
+@pytest.mark.slow
+def test_strict_site_with_browser_tasks_at_scripted_moments(
+    tmp_path: Path, make_site: Callable[..., ThreadedSite]
+) -> None:
+    jobs = tmp_path / "jobs"
+    minimum = shared_sweep(jobs, 8)
+    site = make_site(strict=True)
+    faults = site.running.site.faults
+    faults.script("browser", "/gi/view_jobs/", times=2)  # between two steps of a job
+    faults.script("browser", "/media/")  # during a download
+    faults.script("browser", "/gi/plotgalaxies")  # just before gibatch's own POST
+    summary = run_sweep(site, jobs, [1, 2])
+    assert_all_right(summary, jobs, site)
+    clicks = len(site.running.site.clicked)
+    assert faults.injected["browser"] == 4 and clicks == 4
+    # Each click can force at most one job's whole chain again.
+    assert minimum <= own_tasks(site) <= minimum + 6 * clicks + 6  # two models: one chain more
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_every_fault_at_once_on_a_strict_site(
+    tmp_path: Path, make_site: Callable[..., ThreadedSite]
+) -> None:
+    jobs = tmp_path / "jobs"
+    shared_sweep(jobs, 8)
+    site = make_site(strict=True, session_lifetime_s=2.0, faults=Faults(
+        error_rate=0.1, cut_rate=0.3, post_502_rate=0.3, browser_rate=0.01, seed=11))
+    site.running.site.faults.script("browser", "/gi/view_jobs/", times=2)
+    summary = run_sweep(site, jobs, [1, 2, 3])
+    assert_all_right(summary, jobs, site)
+    injected = site.running.site.faults.injected
+    assert injected.get("cut") and injected.get("post_502") and injected.get("browser")
+
+
+@pytest.mark.slow
+def test_a_partial_file_left_whole_is_renamed_not_requested(
+    tmp_path: Path, make_site: Callable[..., ThreadedSite]
+) -> None:
+    jobs = tmp_path / "jobs"
+    write_job(jobs, "a", tiny_job_files())
+    site = make_site()
+    assert run_sweep(site, jobs, [1]).outcomes["a"] is Outcome.COMPLETE
+    # As if killed between the last byte and the rename: the record and one file gone.
+    out = jobs / "a" / "output"
+    (out / ".gibatch-complete.json").unlink()
+    gif = out / "Plot 1" / "animation.gif"
+    gif.rename(gif.with_name(gif.name + ".part"))
+    tasks = site.running.site.store.task_count()
+    summary = run_sweep(site, jobs, [1])
+    assert summary.outcomes["a"] is Outcome.COMPLETE, summary.reasons
+    assert_jobs_match_ledger(jobs, site.running.site.config.data_dir)
+    assert site.running.site.store.task_count() == tasks
+    # Every other file is fetched again into place; the whole .part is only renamed.
+    assert summary.requests["download"] == _file_count(out) - 1
+
+
+def _file_count(out: Path) -> int:
+    return sum(1 for p in out.rglob("*") if p.is_file() and not p.name.startswith("."))
+
+
+@pytest.mark.slow
+def test_a_full_disk_fails_the_job_and_stops_the_run(
+    tmp_path: Path, make_site: Callable[..., ThreadedSite], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    jobs = tmp_path / "jobs"
+    shared_sweep(jobs, 3)
+    site = make_site()
+    real_write = transfer._Part.write
+
+    def full(self: transfer._Part, data: bytes) -> None:
+        if "02" in str(self.path):  # what the disk says, seen where transfer writes
+            with local_io(self.path):
+                raise OSError(errno.ENOSPC, "No space left on device", str(self.path))
+        real_write(self, data)
+
+    monkeypatch.setattr(transfer._Part, "write", full)
+    summary = run_sweep(site, jobs, [1])
+    assert summary.outcomes["01"] is Outcome.COMPLETE
+    assert summary.outcomes["02"] is Outcome.FAILED
+    assert "disk full" in summary.reasons["02"] and "02" in summary.reasons["02"]
+    assert summary.outcomes["03"] in (Outcome.NOT_RUN, Outcome.FAILED)
+    assert summary.exit_code == 1
+
+
+@pytest.mark.slow
+def test_a_bug_in_one_jobs_download_fails_only_that_job(
+    tmp_path: Path, make_site: Callable[..., ThreadedSite], monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    jobs = tmp_path / "jobs"
+    shared_sweep(jobs, 4)
+    site = make_site()
+    real_fetch = transfer.fetch
+
+    async def buggy(client: Any, remote: Any, folder: Path, *args: Any) -> Any:
+        if folder.parent.parent.name == "02":
+            raise ZeroDivisionError("injected bug")
+        return await real_fetch(client, remote, folder, *args)
+
+    monkeypatch.setattr("gibatch.run.fetch", buggy)
+    with caplog.at_level(logging.ERROR, logger="gibatch"):
+        summary = run_sweep(site, jobs, [1, 2])
+    assert summary.outcomes.pop("02") is Outcome.FAILED
+    assert set(summary.outcomes.values()) == {Outcome.COMPLETE}
+    assert "internal error" in summary.reasons["02"]
+    assert "ZeroDivisionError" in caplog.text and "Traceback" in caplog.text
+    events = [e for e in Journal(jobs).events() if e.event == "job-failed"]
+    assert events and "Traceback" in (events[0].detail or "")
+    assert summary.exit_code == 1
