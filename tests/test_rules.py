@@ -135,8 +135,11 @@ def test_locks_release_for_real_within_one_process(tmp_path: Path,
     for _ in range(2):
         locks = [ModelLock("site", m, tmp_path) for m in (1, 2)]
         got: list[bool] = []
-        threads = [threading.Thread(target=lambda lk=lk: got.append(lk.acquire()))
-                   for lk in locks]
+
+        def take(lock: ModelLock, into: list[bool] = got) -> None:
+            into.append(lock.acquire())
+
+        threads = [threading.Thread(target=take, args=(lk,)) for lk in locks]
         for t in threads:
             t.start()
         for t in threads:
