@@ -1,7 +1,8 @@
 """Benchmark of `gibatch run` against the local site; prints figures, asserts nothing.
 
     python -m tests.benchmarks.orchestrator [--jobs 24] [--models 4] [--particles 100]
-                                            [--discover 10000]
+                                            [--discover 10000] [--strict]
+                                            [--browser-rate 0.005]
 
 Part 1 runs a generated sweep (jobs sharing galaxies and merges) with gibatch as a real
 process against a local site in this process, then reads the site's own task table:
@@ -11,6 +12,11 @@ process against a local site in this process, then reads the site's own task tab
   submission of the next (site clock) — what a faster poller would shrink;
 - requests per task, tasks submitted against the plan's prediction and the number of
   distinct results the sweep needs, and gibatch's peak memory (max RSS).
+- jobs right: each job's files byte for byte what the site made for its parameters,
+  chain and all (the site's ledger), on a site that deletes replaced results; with
+  `--strict` its listings are newest first, POST answers HTML, no sizes; with
+  `--browser-rate` someone starts tasks in the browser (those are not counted as
+  gibatch's tasks; the tasks they forced are).
 Part 2 writes N job folders and times discovering and validating them, with the
 Python allocation peak (tracemalloc).
 
@@ -42,6 +48,7 @@ from gibatch.holdings import Holdings
 from gibatch.jobs import load_sweep
 from gibatch.plan import make_plan
 from gibatch.sim.app import SiteConfig
+from gibatch.sim.faults import Faults
 from gibatch.sim.server import ThreadedSite
 from gibatch.steps import DEFAULT_STAGE_COST_S
 
@@ -96,7 +103,21 @@ def site_figures(db_path: Path) -> dict[str, float]:
             "site_span_s": span, "models": len(per_model)}
 
 
-def run_benchmark(jobs: int, models: int, particles: int) -> None:
+def jobs_right(sweep_dir: Path, site_dir: Path) -> int:
+    from tests.conftest import assert_jobs_match_ledger
+
+    right = 0
+    for job in load_sweep(sweep_dir).jobs:
+        try:
+            assert_jobs_match_ledger(sweep_dir, site_dir, only={job.name})
+        except AssertionError:
+            continue
+        right += 1
+    return right
+
+
+def run_benchmark(jobs: int, models: int, particles: int, strict: bool = False,
+                  browser_rate: float = 0.0) -> None:
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         sweep_dir = make_sweep(tmp, jobs, particles)
@@ -105,7 +126,8 @@ def run_benchmark(jobs: int, models: int, particles: int) -> None:
         predicted = make_plan(sweep.jobs, empty, DEFAULT_STAGE_COST_S).tasks
         distinct = len({lin for j in sweep.jobs for lin in j.lineage.values()})
         config = SiteConfig(data_dir=tmp / "site", accounts={"bench": "bench-pw"},
-                            model_count=models, workers=models)
+                            model_count=models, workers=models, strict=strict,
+                            faults=Faults(browser_rate=browser_rate, seed=3))
         site = ThreadedSite(config)
         try:
             env = {**os.environ, "GIBATCH_PASSWORD": "bench-pw",
@@ -118,16 +140,21 @@ def run_benchmark(jobs: int, models: int, particles: int) -> None:
                 env=env, capture_output=True, text=True, timeout=3600)
             wall = time.monotonic() - started
             rss_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+            clicks = len(site.running.site.clicked)
         finally:
             site.stop()
         if done.returncode != 0:
-            print(done.stdout, done.stderr)
-            raise SystemExit(f"gibatch run failed with exit code {done.returncode}")
+            print(done.stdout[-3000:], done.stderr[-3000:])
+            print(f"gibatch run exited with code {done.returncode}")
         fig = site_figures(tmp / "site" / "site.db")
+        right = jobs_right(sweep_dir, tmp / "site")
         requests = int(re.search(r"requests to the site: (\d+)", done.stdout)[1])  # type: ignore[index]
         ideal = max(fig["busy_s"] / models, fig["longest_chain_s"])
         print(f"sweep: {len(sweep.jobs)} jobs, {models} model numbers, "
-              f"{particles} particles per component, {os.cpu_count()} CPUs")
+              f"{particles} particles per component, {os.cpu_count()} CPUs; site: "
+              f"{'strict' if strict else 'normal'}, replaced results deleted, "
+              f"browser tasks {clicks} (rate {browser_rate})")
+        print(f"jobs right (byte for byte, chain and all): {right} / {len(sweep.jobs)}")
         print(f"makespan (gibatch process, start to exit): {wall:.1f} s; site span "
               f"(first task start to last finish): {fig['site_span_s']:.1f} s")
         print(f"ideal: {ideal:.1f} s (busy {fig['busy_s']:.1f} s / {models} models = "
@@ -136,7 +163,8 @@ def run_benchmark(jobs: int, models: int, particles: int) -> None:
               f"{fig['site_span_s'] / ideal:.3f})")
         print(f"dispatch delay (finish -> next submission, same model, site clock): median "
               f"{fig['median_delay_s'] * 1000:.0f} ms, p90 {fig['p90_delay_s'] * 1000:.0f} ms")
-        print(f"tasks submitted: {fig['tasks']:.0f}; plan predicted: {predicted}; distinct "
+        print(f"tasks submitted: {fig['tasks'] - clicks:.0f} (+{clicks} browser); plan "
+              f"predicted: {predicted}; distinct "
               f"results the sweep needs: {distinct} (+2 galaxies per extra model number: "
               f"{distinct + 2 * (models - 1)})")
         kinds = re.search(r"per task: ([^)]*)\)", done.stdout)
@@ -185,8 +213,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--models", type=int, default=4)
     parser.add_argument("--particles", type=int, default=100)
     parser.add_argument("--discover", type=int, default=10_000)
+    parser.add_argument("--strict", action="store_true", help="a strict local site")
+    parser.add_argument("--browser-rate", type=float, default=0.0,
+                        help="share of requests followed by a task started in the browser")
     args = parser.parse_args(argv)
-    run_benchmark(args.jobs, args.models, args.particles)
+    run_benchmark(args.jobs, args.models, args.particles, args.strict, args.browser_rate)
     if args.discover:
         discovery_benchmark(args.discover)
 
