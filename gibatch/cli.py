@@ -423,7 +423,7 @@ def serve(
 
     from gibatch.sim.app import SiteConfig
     from gibatch.sim.faults import Faults
-    from gibatch.sim.server import running_site
+    from gibatch.sim.server import running_site, until_stopped
 
     password = os.environ.get(PASSWORD_ENV) or secrets.token_urlsafe(12)
     config = SiteConfig(
@@ -439,7 +439,7 @@ def serve(
             shown = "from $" + PASSWORD_ENV if os.environ.get(PASSWORD_ENV) else password
             typer.echo(f"Log in at {site.url}/accounts/login/ as {user!r}, password: {shown}")
             sys.stdout.flush()
-            await anyio.sleep_forever()
+            await until_stopped()  # Ctrl-C or SIGTERM: the site closes, exit 0
 
     with contextlib.suppress(KeyboardInterrupt):
         anyio.run(main)

@@ -2,7 +2,10 @@
 numbers concurrently, at most `workers` tasks computing at once.
 
 The workers never outlive the site's process: each dies with its parent however the
-parent ends (SIGKILL included), and closing the site ends them at once.
+parent ends (SIGKILL included), and closing the site ends them at once. multiprocessing's
+resource tracker (spawn starts one for the pool's semaphores) needs nothing of its own:
+it exits when the last holder of its pipe is gone, and those are the parent and these
+workers.
 """
 
 from __future__ import annotations

@@ -4,17 +4,20 @@ or in a thread of its own (tests, synchronous callers)."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import secrets
+import signal
 import threading
-from collections.abc import AsyncIterator
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
+import anyio
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from gibatch.sim.app import Site, SiteConfig, create_app
 
@@ -22,6 +25,26 @@ LOOPBACK = "127.0.0.1"
 EMBEDDED_USER = "gibatch"
 SHUTDOWN_GRACE_S = 2.0
 T = TypeVar("T")
+
+
+class _ClientFaultInOneLine(logging.Filter):
+    """aiohttp logs a request it cannot parse at all (a raw non-ASCII byte in the URL, a
+    broken request line or chunk) as an error with a traceback, as if the site had
+    failed. It is the client's doing, and answered 400: one warning line says it all.
+    Errors in the site's own handlers keep their tracebacks."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError):
+            reason = " ".join(str(exc.message).split())  # one line, whatever was sent
+            record.msg, record.args = f"{record.getMessage()}: {exc.code} {reason}", ()
+            record.exc_info, record.exc_text = None, None
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
+
+
+HTTP_LOG = logging.getLogger("gibatch.sim.http")  # aiohttp's server log, for this site
+HTTP_LOG.addFilter(_ClientFaultInOneLine())
 
 
 @dataclass(frozen=True)
@@ -46,7 +69,8 @@ async def running_site(
 ) -> AsyncIterator[RunningSite]:
     """Serve `config` on host:port (0 picks a free port) until the block ends."""
     app, site = create_app(config)
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_GRACE_S)
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_GRACE_S,
+                           logger=HTTP_LOG)
     await runner.setup()
     try:
         tcp = web.TCPSite(runner, host, port)
@@ -56,6 +80,19 @@ async def running_site(
         yield RunningSite(f"http://{bound_host}:{bound_port}{config.prefix}", user, password, site)
     finally:
         await runner.cleanup()
+
+
+async def until_stopped() -> signal.Signals:
+    """Wait for Ctrl-C or SIGTERM and return which came.
+
+    SIGTERM (`kill`, a service manager, a container stopping) is handled like Ctrl-C
+    rather than left to its default action, which ends the process on the spot: so the
+    site closes its store and ends its workers, and the process exits 0.
+    """
+    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for signum in signals:
+            return signum
+    raise AssertionError("the signal receiver never ends")  # pragma: no cover
 
 
 class ThreadedSite:
