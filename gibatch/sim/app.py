@@ -408,11 +408,14 @@ async def _whole_file(request: web.Request, path: Path) -> web.StreamResponse:
     resp = web.StreamResponse()
     resp.content_length = path.stat().st_size
     resp.content_type = "application/octet-stream"
-    await resp.prepare(request)
-    with path.open("rb") as f:
-        while block := await asyncio.to_thread(f.read, 1 << 20):
-            await resp.write(block)
-    await resp.write_eof()
+    try:
+        await resp.prepare(request)
+        with path.open("rb") as f:
+            while block := await asyncio.to_thread(f.read, 1 << 20):
+                await resp.write(block)
+        await resp.write_eof()
+    except ConnectionResetError:  # the client went away: nothing to answer
+        pass
     return resp
 
 
