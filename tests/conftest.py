@@ -14,10 +14,16 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 
 from gibatch import steps
+from gibatch.jobs import load_sweep
 from gibatch.journal import Journal
+from gibatch.run import Options, Scheduler, Summary
+from gibatch.sim.app import SiteConfig
+from gibatch.sim.server import ThreadedSite
+from gibatch.site import RetryPolicy, SiteClient, Timeouts
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 BASE_JOB = EXAMPLES / "base_job"
@@ -152,3 +158,39 @@ def assert_jobs_match_ledger(jobs: Path, site_dir: Path, only: set[str] | None =
 def _users(store: Any) -> list[str]:
     with store._lock:
         return [str(r[0]) for r in store._db.execute("SELECT DISTINCT username FROM tasks")]
+
+
+FAST_RETRY = RetryPolicy(base_s=0.05, cap_s=0.5, give_up_after_s=60)
+
+
+@pytest.fixture
+def make_site(tmp_path: Path) -> Iterator[Callable[..., ThreadedSite]]:
+    """Local sites on 127.0.0.1 with one account, alice/pw, stopped after the test."""
+    sites: list[ThreadedSite] = []
+
+    def make(**options: Any) -> ThreadedSite:
+        config = SiteConfig(data_dir=tmp_path / f"site{len(sites)}",
+                            accounts={"alice": "pw"}, workers=2, **options)
+        sites.append(ThreadedSite(config))
+        return sites[-1]
+
+    yield make
+    for s in sites:
+        s.stop()
+
+
+def run_sweep(site: ThreadedSite, jobs: Path, models: list[int],
+              concurrency: int = 3) -> Summary:
+    """`gibatch run`'s scheduler in this process against `site`, with quick retries."""
+    async def main() -> Summary:
+        journal = Journal(jobs)
+        try:
+            async with SiteClient(site.running.url, "alice", "pw", retry=FAST_RETRY,
+                                  timeouts=Timeouts(read_s=2.0, page_s=5.0)) as client:
+                return await Scheduler(client, load_sweep(jobs),
+                                       Options(jobs, models, concurrency=concurrency),
+                                       journal).execute()
+        finally:
+            journal.close()
+
+    return anyio.run(main)

@@ -7,11 +7,10 @@ from __future__ import annotations
 
 import errno
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import anyio
 import pytest
 
 from gibatch import transfer
@@ -19,15 +18,17 @@ from gibatch.errors import local_io
 from gibatch.jobs import load_sweep
 from gibatch.journal import Journal
 from gibatch.plan import make_plan
-from gibatch.run import Options, Outcome, Scheduler, Summary
-from gibatch.sim.app import SiteConfig
+from gibatch.run import Outcome, Summary
 from gibatch.sim.faults import Faults
 from gibatch.sim.server import ThreadedSite
-from gibatch.site import RetryPolicy, SiteClient, Timeouts
 from gibatch.steps import DEFAULT_STAGE_COST_S
-from tests.conftest import assert_jobs_match_ledger, tiny_job_files, write_job
+from tests.conftest import (
+    assert_jobs_match_ledger,
+    run_sweep,
+    tiny_job_files,
+    write_job,
+)
 
-FAST_RETRY = RetryPolicy(base_s=0.05, cap_s=0.5, give_up_after_s=60)
 PLOT_VARIANTS = [{"colour_scheme": "blackonwhite"}, {"x_min": -250}, {"y_min": -260},
                  {"x_max": 240}, {"plot_size": "medium"}, {"y_max": 270}]
 
@@ -42,37 +43,6 @@ def shared_sweep(root: Path, n: int) -> int:
             "plot1.json": PLOT_VARIANTS[i % len(PLOT_VARIANTS)],
         }))
     return make_plan(load_sweep(root).jobs, {1: {}}, DEFAULT_STAGE_COST_S).tasks
-
-
-@pytest.fixture
-def make_site(tmp_path: Path) -> Iterator[Callable[..., ThreadedSite]]:
-    sites: list[ThreadedSite] = []
-
-    def make(**options: Any) -> ThreadedSite:
-        config = SiteConfig(data_dir=tmp_path / f"site{len(sites)}",
-                            accounts={"alice": "pw"}, workers=2, **options)
-        sites.append(ThreadedSite(config))
-        return sites[-1]
-
-    yield make
-    for s in sites:
-        s.stop()
-
-
-def run_sweep(site: ThreadedSite, jobs: Path, models: list[int],
-              concurrency: int = 3) -> Summary:
-    async def main() -> Summary:
-        journal = Journal(jobs)
-        try:
-            async with SiteClient(site.running.url, "alice", "pw", retry=FAST_RETRY,
-                                  timeouts=Timeouts(read_s=2.0, page_s=5.0)) as client:
-                return await Scheduler(client, load_sweep(jobs),
-                                       Options(jobs, models, concurrency=concurrency),
-                                       journal).execute()
-        finally:
-            journal.close()
-
-    return anyio.run(main)
 
 
 def own_tasks(site: ThreadedSite) -> int:

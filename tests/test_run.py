@@ -9,30 +9,28 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import anyio
 import pytest
 
 from gibatch import steps
-from gibatch.jobs import load_sweep
 from gibatch.journal import Journal
-from gibatch.run import Options, Outcome, Scheduler, Summary
-from gibatch.sim.app import SiteConfig
+from gibatch.run import Outcome
 from gibatch.sim.faults import Faults
 from gibatch.sim.server import ThreadedSite
-from gibatch.site import RetryPolicy, SiteClient, Timeouts
+from gibatch.site import SiteClient
 from tests.conftest import (
     assert_jobs_match_ledger,
     gibatch,
+    run_sweep,
     tiny_job_files,
     wait_for_event,
     write_job,
 )
 
-FAST_RETRY = RetryPolicy(base_s=0.05, cap_s=0.5, give_up_after_s=60)
+
 @pytest.fixture
 def three_jobs(tmp_path: Path) -> Path:
     """A, B (A with other plots: 2 tasks), C (A with another interaction: 3 tasks)."""
@@ -47,43 +45,8 @@ def three_jobs(tmp_path: Path) -> Path:
 MINIMUM_TASKS = 6 + 2 + 3
 
 
-@pytest.fixture
-def make_site(tmp_path: Path) -> Iterator[Callable[..., ThreadedSite]]:
-    sites: list[ThreadedSite] = []
-
-    def make(**options: Any) -> ThreadedSite:
-        config = SiteConfig(data_dir=tmp_path / f"site{len(sites)}",
-                            accounts={"alice": "pw"}, workers=2, **options)
-        sites.append(ThreadedSite(config))
-        return sites[-1]
-
-    yield make
-    for s in sites:
-        s.stop()
-
-
-def run_sweep(site: ThreadedSite, jobs: Path, models: list[int]) -> Summary:
-    async def main() -> Summary:
-        journal = Journal(jobs)
-        try:
-            async with SiteClient(site.running.url, "alice", "pw", retry=FAST_RETRY,
-                                  timeouts=Timeouts(read_s=2.0, page_s=5.0)) as client:
-                return await Scheduler(client, load_sweep(jobs),
-                                       Options(jobs, models, concurrency=3), journal).execute()
-        finally:
-            journal.close()
-
-    return anyio.run(main)
-
-
 def sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def assert_outputs_match_site(jobs: Path, site_dir: Path) -> None:
-    """Every job's files are byte for byte what the site produced for *its* parameters,
-    chain and all (its merge from its own galaxies, ...), and nothing partial is left."""
-    assert_jobs_match_ledger(jobs, site_dir)
 
 
 @pytest.mark.slow
@@ -97,7 +60,7 @@ def test_sweep_under_faults_is_whole_and_minimal(
     assert site.running.site.store.task_count() == MINIMUM_TASKS
     faults = site.running.site.faults.injected
     assert faults.get("cut", 0) > 0 and faults.get("post_502", 0) > 0 and faults.get("error")
-    assert_outputs_match_site(three_jobs, site.running.site.config.data_dir)
+    assert_jobs_match_ledger(three_jobs, site.running.site.config.data_dir)
     # A second run finds everything complete and asks the site for nothing new.
     again = run_sweep(site, three_jobs, [1])
     assert set(again.outcomes.values()) == {Outcome.ALREADY_COMPLETE}
@@ -161,7 +124,7 @@ def test_kill_9_then_resume(three_jobs: Path, tmp_path: Path,
     out = log.read_text()
     assert second.returncode == 0, out
     site_dir = three_jobs / ".gibatch" / "site"
-    assert_outputs_match_site(three_jobs, site_dir)
+    assert_jobs_match_ledger(three_jobs, site_dir)
     import sqlite3
 
     with sqlite3.connect(site_dir / "site.db") as db:
@@ -214,7 +177,7 @@ def rerun_finishes_minimally(site: ThreadedSite, jobs: Path, log: Path, args: tu
     second.wait(timeout=240)
     assert second.returncode == 0, log.read_text()
     assert site.running.site.store.task_count() == MINIMUM_TASKS
-    assert_outputs_match_site(jobs, site.running.site.config.data_dir)
+    assert_jobs_match_ledger(jobs, site.running.site.config.data_dir)
 
 
 def _site_process_env(site: ThreadedSite, tmp_path: Path) -> tuple[list[str], dict[str, str]]:
@@ -246,7 +209,7 @@ def test_two_processes_share_one_jobs_folder(
     assert sorted(completions) == [f"j{k}" for k in range(6)]
     assert all(len(pids) == 1 for pids in completions.values()), completions
     assert len({pid for pids in completions.values() for pid in pids}) == 2  # both worked
-    assert_outputs_match_site(jobs, site.running.site.config.data_dir)
+    assert_jobs_match_ledger(jobs, site.running.site.config.data_dir)
     # Each job ran once: 6 interactions and 12 plots; galaxies and merges once per model.
     assert site.running.site.store.task_count() == 2 * 3 + 6 * 3
 
@@ -305,7 +268,7 @@ def test_two_processes_on_overlapping_model_numbers(
     assert "model 2 is held by another gibatch (pid" in texts[1]
     assert "model numbers used: 3" in texts[1]
     for folder in folders:
-        assert_outputs_match_site(folder, site.running.site.config.data_dir)
+        assert_jobs_match_ledger(folder, site.running.site.config.data_dir)
     # No model number was driven by two clients: each model's tasks came from one folder.
     models = {e.model for e in Journal(folders[1]).events() if e.event == "step-submitted"}
     assert models == {3}
