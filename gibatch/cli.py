@@ -21,10 +21,11 @@ from rich.live import Live
 
 from gibatch.display import RunDisplay
 from gibatch.errors import GibatchError, NoModelAvailable
-from gibatch.jobs import STATE_DIR, discover, load_sweep, printable
+from gibatch.jobs import STATE_DIR, discover, load_sweep
 from gibatch.journal import Journal
 from gibatch.run import Listener, Options, Outcome, Scheduler, Summary
 from gibatch.site import SiteClient
+from gibatch.text import EscapeArgs, first_line, printable
 
 PASSWORD_ENV = "GIBATCH_PASSWORD"
 EXIT_USAGE = 2
@@ -90,8 +91,15 @@ def _password(password_file: Path | None) -> str:
 
 
 def _jobs_dir(jobs: Path) -> Path:
+    """`jobs` if it is a folder gibatch can list; else a clear error, exit 1."""
     if not jobs.is_dir():
-        raise _usage_error(f"--jobs {jobs}: no such folder")
+        raise _usage_error(f"--jobs {printable(str(jobs))}: "
+                           + ("is not a folder" if jobs.exists() else "no such folder"))
+    try:
+        discover(jobs)
+    except OSError as exc:
+        typer.echo(f"error: cannot list {printable(str(jobs))}: {exc.strerror}", err=True)
+        raise typer.Exit(1) from None
     return jobs
 
 
@@ -101,13 +109,7 @@ def _require_job_folders(jobs: Path) -> Path:
     An empty sweep is almost always a wrong --jobs path: `check` must not call it
     valid, nor `run` report success having done nothing.
     """
-    _jobs_dir(jobs)
-    try:
-        found = discover(jobs)
-    except OSError as exc:
-        typer.echo(f"error: cannot list {printable(str(jobs))}: {exc.strerror}", err=True)
-        raise typer.Exit(1) from None
-    if not found:
+    if not discover(_jobs_dir(jobs)):
         typer.echo(f"error: no job folders in {printable(str(jobs))}", err=True)
         raise typer.Exit(1)
     return jobs
@@ -157,6 +159,7 @@ def _setup_logging(console: Console | None) -> None:
     else:
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+    handler.addFilter(EscapeArgs())
     root = logging.getLogger("gibatch")
     root.handlers[:] = [handler]
     root.setLevel(logging.INFO)
@@ -199,7 +202,7 @@ def _print_summary(summary: Summary) -> None:
         typer.echo(f"median delay from noticing a task's end to the next submission: "
                    f"{delays[len(delays) // 2]:.2f} s")
     for job, reason in s.reasons.items():
-        typer.echo(f"  {job}: {reason}")
+        typer.echo(f"  {printable(job)}: {first_line(reason)}")
 
 
 @app.command()
@@ -407,6 +410,9 @@ def serve(
     cut_rate: Annotated[float, typer.Option(help="Fault: share of downloads cut midway.")] = 0.0,
     post_502_rate: Annotated[float, typer.Option(
         help="Fault: share of task POSTs accepted but answered 502.")] = 0.0,
+    lost_rate: Annotated[float, typer.Option(
+        help="Fault: share of task POSTs answered as accepted whose task the site then "
+             "loses (never listed, never run).")] = 0.0,
     browser_rate: Annotated[float, typer.Option(
         help="Fault: share of requests after which someone starts a task in the browser "
              "on the model number concerned, as soon as it is free.")] = 0.0,
@@ -430,7 +436,8 @@ def serve(
         data_dir=data_dir, accounts={user: password}, model_count=model_count,
         session_lifetime_s=session_lifetime, strict=strict,
         faults=Faults(error_rate=error_rate, hang_rate=hang_rate, cut_rate=cut_rate,
-                      post_502_rate=post_502_rate, browser_rate=browser_rate),
+                      post_502_rate=post_502_rate, lost_rate=lost_rate,
+                      browser_rate=browser_rate),
     )
 
     async def main() -> None:

@@ -16,11 +16,13 @@ from gibatch.display import format_duration
 from gibatch.holdings import Holdings
 from gibatch.jobs import Sweep
 from gibatch.journal import Journal
+from gibatch.memory import ModelMemory
 from gibatch.plan import make_plan
 from gibatch.poller import newest
 from gibatch.site import SiteClient, TaskState
 from gibatch.status import JobState, sweep_status
 from gibatch.steps import DEFAULT_STAGE_COST_S, Stage
+from gibatch.text import first_line, printable
 
 
 def _say(console: Console, text: str) -> None:
@@ -30,20 +32,34 @@ def _say(console: Console, text: str) -> None:
 
 async def _site_check(client: SiteClient, models: list[int], journal: Journal, site: str,
                       holdings: dict[int, Holdings], notes: list[str]) -> None:
-    """Void the memory of any model number with a task this gibatch did not account for."""
+    """Account for tasks this gibatch did not start, by the same rules as `run`.
+
+    Each model's memory reads the site's task list: a foreign task's effect is applied
+    as the site would (a foreign plot adds a section, a foreign galaxy clears all that
+    depends on it), so the plan skips only what the model still holds for sure.
+    Nothing is written: a run may be using the journal.
+    """
     async with client:
         await client.login()
         rows = await client.tasks()
     for model in models:
+        memory = ModelMemory.load(model, site, journal, readonly=True)
         top = newest(rows, model)
-        last = journal.last_task_id(site, model)
         if top is not None and top.state is TaskState.ACTIVE:
             notes.append(f"model {model} is busy now with task {top.job_id} ({top.job_type})")
-        if top is not None and (last is None or top.job_id > last):
-            if holdings[model]:
-                notes.append(f"model {model}: task {top.job_id} was not submitted by gibatch; "
-                             "its memory is void, every step will run")
+        if memory.last_task_id < 0:  # never used by gibatch: nothing held is known
             holdings[model] = {}
+            continue
+        before = dict(memory.held)
+        foreign = memory.observe(rows)
+        if foreign:
+            lost = sorted(set(before) - {s for s, v in memory.held.items()
+                                         if before.get(s) == v})
+            notes.append(f"model {model}: {len(foreign)} task(s) started elsewhere "
+                         f"(newest {foreign[-1].job_id}, {foreign[-1].job_type}); "
+                         + (f"no longer counted as held: {', '.join(lost)}" if lost
+                            else "nothing held was touched"))
+        holdings[model] = dict(memory.held)
 
 
 def show_plan(console: Console, sweep: Sweep, models: list[int], site: str,
@@ -120,11 +136,13 @@ def show_status(console: Console, sweep: Sweep, recent: int) -> None:
         console.print(per_model)
     for j in st.jobs:
         if j.state in (JobState.FAILED, JobState.INVALID):
-            _say(console, f"{j.state.value}: {j.name}: {j.reason}")
+            _say(console, f"{j.state.value}: {printable(j.name)}: {first_line(j.reason or '')}")
     if st.last_events:
         _say(console, "last events:")
         for e in st.last_events:
             when = time.strftime("%H:%M:%S", time.localtime(e.at))
             where = " ".join(p for p in (e.job and f"job {e.job}", e.model and f"model {e.model}",
                                          e.step) if p)
-            _say(console, f"  {when} {e.event} {where}{': ' + e.detail if e.detail else ''}")
+            where = printable(where)
+            _say(console, f"  {when} {e.event} {where}"
+                          f"{': ' + first_line(e.detail) if e.detail else ''}")

@@ -12,7 +12,6 @@ import json
 import os
 import re
 import stat
-import unicodedata
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +29,7 @@ from gibatch.params import (
     describe_errors,
 )
 from gibatch.steps import Stage, Step
+from gibatch.text import printable
 
 OUTPUT_DIR = "output"
 STATE_DIR = ".gibatch"
@@ -53,7 +53,6 @@ _OPEN_FLAGS = os.O_RDONLY | sum(getattr(os, f, 0) for f in ("O_NONBLOCK", "O_NOC
 # Control, format (bidi overrides), surrogate (undecodable bytes in a file name),
 # private, unassigned and line/paragraph separator characters: what could forge or
 # hide output.
-_UNSAFE_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"})
 
 _MODEL_OF_STAGE: dict[Stage, type[BaseModel]] = {
     Stage.GALAXY: GalaxyParams,
@@ -61,18 +60,6 @@ _MODEL_OF_STAGE: dict[Stage, type[BaseModel]] = {
     Stage.INTERACT: InteractParams,
     Stage.PLOT: PlotParams,
 }
-
-
-def printable(text: str) -> str:
-    """`text` with control-like characters escaped as in repr(), other Unicode kept.
-
-    Folder names and JSON keys are chosen by whoever wrote the sweep: a newline in one
-    must not forge a line of `check`'s output, nor an undecodable byte crash the print.
-    """
-    if text.isprintable():
-        return text
-    return "".join(repr(c)[1:-1] if unicodedata.category(c) in _UNSAFE_CATEGORIES else c
-                   for c in text)
 
 
 @dataclass(frozen=True)
@@ -360,6 +347,19 @@ def _plot_numbers(job: str, folder: Path, problems: list[Problem]) -> int:
             ))
             return 0
     return len(numbers)
+
+
+def job_files(job: Job) -> dict[str, Any]:
+    """The job's own files as written (stem -> JSON object), read as `load_job` reads
+    them: regular files only, size-limited. Other files in the folder are not opened."""
+    out: dict[str, Any] = {}
+    for step in job.steps:
+        problems: list[Problem] = []
+        data = _read_json(job.name, job.path / step.filename, problems)
+        if data is None:  # changed since it was validated
+            raise JobInvalid(problems)
+        out[step.filename.removesuffix(".json")] = data
+    return out
 
 
 def load_job(folder: Path) -> Job:

@@ -76,6 +76,7 @@ class Expected:
     foreign_at: int
     posting: Posting = Posting.UNSENT
     job_id: int | None = None  # from the POST's answer, or once its row is seen
+    listed: bool = False  # its row has been seen on the site
     row: TaskRow | None = None  # its row once it has finished
     section: str | None = None  # where the site put its result
     intact: bool = True  # whether it ran on the job's own inputs
@@ -92,16 +93,20 @@ class ModelMemory:
     expected: Expected | None = None
     foreign: list[Step | None] = field(default_factory=list)  # in the order seen
     readers: Counter[str] = field(default_factory=Counter)
+    readonly: bool = False  # `plan` looks without writing: a run may own the journal
     _released: anyio.Event = field(default_factory=anyio.Event)
 
     @classmethod
-    def load(cls, model: int, site: str, journal: Journal) -> ModelMemory:
+    def load(cls, model: int, site: str, journal: Journal, readonly: bool = False
+             ) -> ModelMemory:
         last = journal.last_task_id(site, model)
         return cls(model, site, journal, journal.held(site, model),
-                   -1 if last is None else last, names_known=last is not None)
+                   -1 if last is None else last, names_known=last is not None,
+                   readonly=readonly)
 
     def persist(self) -> None:
-        self.journal.set_held(self.site, self.model, self.held, self.last_task_id)
+        if not self.readonly:
+            self.journal.set_held(self.site, self.model, self.held, self.last_task_id)
 
     # -- what the model holds
 
@@ -154,7 +159,7 @@ class ModelMemory:
             own = self.expected
             if (own is not None and own.row is None and own.posting is not Posting.UNSENT
                     and self._is_expected(own, row)):
-                own.job_id = row.job_id
+                own.job_id, own.listed = row.job_id, True
                 if row.state is TaskState.ACTIVE or own.posting is Posting.SENT:
                     break  # accounted for once it ends and the POST has its answer
                 self._apply_own(own, row)

@@ -23,9 +23,10 @@ from urllib.parse import quote
 
 from PIL import Image, ImageDraw, UnidentifiedImageError
 
-from gibatch.jobs import STATE_DIR, Job, Sweep, open_regular, payload_of, printable
+from gibatch.jobs import STATE_DIR, Job, Sweep, open_regular, payload_of
 from gibatch.status import JobState, JobStatus, SweepStatus
 from gibatch.steps import Stage
+from gibatch.text import printable
 
 THUMB_PX = 160
 SHEET_TILE_PX = 200

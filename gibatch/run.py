@@ -303,7 +303,7 @@ class Scheduler:
         bugs = [e for e in found if not isinstance(e, GibatchError)]
         if bugs:
             trace = "".join(traceback.format_exception(bugs[0]))
-            log.error("internal error in job %s:\n%s", job.name, trace)
+            log.error("internal error in job %s", job.name, exc_info=bugs[0])
             self._end(job, model, Outcome.FAILED, f"internal error: {bugs[0]!r}\n{trace}")
             return
         full = next((e for e in found if isinstance(e, DiskFull)), None)

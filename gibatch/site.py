@@ -73,6 +73,9 @@ class RetryPolicy:
     base_s: float = 0.5
     cap_s: float = 30.0
     give_up_after_s: float = 1800.0  # a proxy outage of half an hour is survivable
+    # An accepted task shows in view_jobs at once on the real site (queued as Pending);
+    # one still missing after this long was lost by the site and is posted again.
+    listing_grace_s: float = 120.0
 
     def wrap(self, fn: Callable[[], Awaitable[T]]) -> Callable[[], Awaitable[T]]:
         """`fn` retried on TransientError until it succeeds or the policy gives up."""

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gibatch.jobs import JobInvalid, load_job
+from gibatch.jobs import JobInvalid, job_files, load_job
 
 Value = int | float | str
 Point = dict[str, Value]
@@ -242,10 +242,9 @@ def read_base(base: Path) -> dict[str, Any]:
     if not base.is_dir():
         raise SweepError(f"{base}: no such job folder")
     try:
-        load_job(base)
+        return job_files(load_job(base))
     except JobInvalid as exc:
         raise SweepError(f"the base job is not valid: {exc}") from None
-    return {p.stem: json.loads(p.read_text()) for p in sorted(base.glob("*.json"))}
 
 
 def write_sweep(base: Path, out: Path, points: Sequence[Point], *, how: Mapping[str, Any]

@@ -236,8 +236,20 @@ class ModelWorker:
             await self._submit(job, step)
             self.counts.tasks_submitted += 1
             self.emit(Event.STEP_SUBMITTED, job.name, self.model, step.name)
-            row = await self.poller.wait(lambda _rows: own.row,
-                                         self.durations.poll_estimate(step.stage))
+            listed_by = time.monotonic() + self.client.retry.listing_grace_s
+
+            def outcome(_rows: list[TaskRow]) -> TaskRow | bool | None:
+                if own.row is not None:
+                    return own.row
+                return False if not own.listed and time.monotonic() > listed_by else None
+
+            row = await self.poller.wait(outcome, self.durations.poll_estimate(step.stage))
+            if not isinstance(row, TaskRow):  # accepted, yet never listed: the site lost it
+                self.memory.refused(own)
+                raise ResultVanished(
+                    f"the site accepted {step.name} (task {own.job_id or 'id unknown'}) but "
+                    f"never listed it within {self.client.retry.listing_grace_s:.0f} s",
+                    job=job.name, model=self.model)
         except BaseException:
             # A task that may be on the site keeps its intent, for the next run to adopt.
             if own.posting is Posting.UNSENT:
@@ -293,7 +305,6 @@ class ModelWorker:
             except (TransientError, SessionExpired) as exc:  # nothing was sent
                 last = exc
                 self.memory.refused(own)
-                last = exc
             except BaseException:
                 self.memory.refused(own)
                 raise

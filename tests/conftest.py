@@ -160,7 +160,7 @@ def _users(store: Any) -> list[str]:
         return [str(r[0]) for r in store._db.execute("SELECT DISTINCT username FROM tasks")]
 
 
-FAST_RETRY = RetryPolicy(base_s=0.05, cap_s=0.5, give_up_after_s=60)
+FAST_RETRY = RetryPolicy(base_s=0.05, cap_s=0.5, give_up_after_s=60, listing_grace_s=2.0)
 
 
 @pytest.fixture

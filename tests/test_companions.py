@@ -9,6 +9,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -328,18 +329,34 @@ def test_plan_with_server_sees_what_the_models_hold(tmp_path: Path) -> None:
         assert "1 jobs to run (1 already complete, 0 invalid): 1 tasks for 6 job steps" \
             in done.stdout
 
-        async def meddle() -> None:  # a click in the browser on model 1
+        async def meddle(step: steps.Step, name: str) -> None:  # a click in the browser
             async with SiteClient(site.running.url, "alice", "pw") as client:
                 await client.login()
-                await client.submit(steps.GALAXY1, 1, tiny_job_files()["galaxy1.json"])
+                await client.submit(step, 1, tiny_job_files()[name])
 
-        anyio.run(meddle)
-        done = subprocess.run([sys.executable, "-m", "gibatch", *args], env=env,
-                              capture_output=True, text=True, timeout=60)
-        assert done.returncode == 0, done.stderr
-        assert "was not submitted by gibatch; its memory is void" in done.stdout
-        assert "1 tasks for 6 job steps" not in done.stdout
-        assert "6 tasks for 6 job steps" in done.stdout
+        def click(step: steps.Step, name: str) -> None:
+            anyio.run(meddle, step, name)
+            end = time.monotonic() + 30  # a condition polled, with a bound
+            while site.running.site.store.is_busy("alice", 1):
+                assert time.monotonic() < end, "the browser task never ended"
+                time.sleep(0.02)
+
+        def plan() -> str:
+            done = subprocess.run([sys.executable, "-m", "gibatch", *args], env=env,
+                                  capture_output=True, text=True, timeout=60)
+            assert done.returncode == 0, done.stderr
+            return done.stdout
+
+        click(steps.plot(1), "plot1.json")  # adds a section, replaces nothing
+        out = plan()
+        assert "model 1: 1 task(s) started elsewhere" in out
+        assert "nothing held was touched" in out and "1 tasks for 6 job steps" in out
+        click(steps.GALAXY1, "galaxy1.json")  # the same galaxy, but not ours
+        out = plan()
+        assert "model 1: 2 task(s) started elsewhere" in out
+        assert ("no longer counted as held: Galaxy 1, Galaxy Interaction, Galaxy Merge, "
+                "Plot 1") in out
+        assert "5 tasks for 6 job steps" in out  # galaxy 2 is still the job's own
         assert "pw" not in " ".join(args)
     finally:
         site.stop()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
 import socket
 import struct
@@ -25,9 +26,10 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from gibatch.cli import _password, app
-from gibatch.jobs import MAX_JSON_DEPTH, Job, JobInvalid, load_job, load_sweep, printable
+from gibatch.jobs import MAX_JSON_DEPTH, Job, JobInvalid, load_job, load_sweep
 from gibatch.report import THUMB_PX, build_report
 from gibatch.status import JobState, JobStatus, SweepStatus
+from gibatch.text import EscapeArgs, first_line, printable
 from tests.conftest import read_base, write_job
 
 pytestmark = pytest.mark.timeout(30)  # a FIFO or /dev/zero read that blocks fails fast
@@ -422,3 +424,76 @@ def test_printable_leaves_nothing_that_breaks_a_line(text: str) -> None:
     shown = printable(text)
     assert on_one_visible_line(shown)
     assert shown == text or "\\" in shown
+
+
+def test_log_lines_and_reasons_show_names_escaped(caplog: pytest.LogCaptureFixture) -> None:
+    """A job name or a site's words in a log argument never forge a line; a traceback,
+    given as exc_info, keeps its own lines."""
+    logger = logging.getLogger("gibatch.test-escape")
+    logger.addFilter(EscapeArgs())
+    with caplog.at_level(logging.INFO, logger="gibatch.test-escape"):
+        logger.info("job-start job %s", "a\nERROR forged\x1b[2J")
+        try:
+            raise ValueError("boom")
+        except ValueError as exc:
+            logger.error("internal error in job %s", "b\r", exc_info=exc)
+    first, second = caplog.records
+    assert first.getMessage() == "job-start job a\\nERROR forged\\x1b[2J"
+    assert second.getMessage() == "internal error in job b\\r"
+    assert "Traceback" in caplog.text and "\nValueError: boom" in caplog.text
+    assert first_line("internal error: X\nTraceback...") == \
+        "internal error: X (details in the journal)"
+    assert first_line("one\x07line") == "one\\x07line"
+
+
+@pytest.mark.parametrize("command", ["check", "plan", "status", "report", "run"])
+def test_a_jobs_folder_that_cannot_be_listed_is_one_clear_error(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, command: str) -> None:
+    root = tmp_path / "jobs"
+    write_base(root / "good")
+    real_listdir, real_scandir = os.listdir, os.scandir
+
+    def denied(path: object) -> OSError:
+        return PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+
+    def listdir(path: Any = ".") -> list[str]:
+        if Path(path) == root:
+            raise denied(path)
+        return real_listdir(path)
+
+    def scandir(path: Any = ".") -> Any:
+        if Path(path) == root:
+            raise denied(path)
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "listdir", listdir)
+    monkeypatch.setattr(os, "scandir", scandir)
+    code, text = invoke(command, "--jobs", str(root))
+    assert code == 1
+    assert f"cannot list {root}: Permission denied" in text
+    assert "Traceback" not in text
+
+
+@pytest.mark.parametrize("command", ["check", "plan", "status", "report", "run"])
+def test_a_jobs_path_that_is_a_file_says_so(tmp_path: Path, command: str) -> None:
+    (tmp_path / "jobs").write_text("not a folder")
+    code, text = invoke(command, "--jobs", str(tmp_path / "jobs"))
+    assert code != 0 and "is not a folder" in text
+
+
+@pytest.mark.timeout(30)
+def test_sweep_reads_only_the_base_jobs_own_regular_files(tmp_path: Path) -> None:
+    base = write_base(tmp_path / "base")
+    os.mkfifo(base / "notes.json")  # not a job file: never opened (a FIFO would hang)
+    code, text = invoke("sweep", str(base), "--out", str(tmp_path / "out"),
+                        "--vary", "interact.mass_2=1,2")
+    assert code == 0, text
+    assert sorted(p.name for p in (tmp_path / "out").iterdir() if p.is_dir()) == [
+        "001-mass_2_1", "002-mass_2_2"]
+    bad = write_base(tmp_path / "bad")
+    (bad / "merge.json").unlink()
+    os.mkfifo(bad / "merge.json")
+    code, text = invoke("sweep", str(bad), "--out", str(tmp_path / "out2"),
+                        "--vary", "interact.mass_2=1,2")
+    assert code != 0 and "merge.json" in text and "not a regular file" in text
+    assert "Traceback" not in text

@@ -179,3 +179,51 @@ def test_a_bug_in_one_jobs_download_fails_only_that_job(
     events = [e for e in Journal(jobs).events() if e.event == "job-failed"]
     assert events and "Traceback" in (events[0].detail or "")
     assert summary.exit_code == 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strict", [False, True], ids=["normal", "strict"])
+def test_tasks_the_site_accepts_and_loses_are_posted_again(
+    tmp_path: Path, make_site: Callable[..., ThreadedSite], strict: bool
+) -> None:
+    """An accepted POST whose task is never listed: bounded wait, then posted again."""
+    jobs = tmp_path / "jobs"
+    minimum = shared_sweep(jobs, 3)
+    site = make_site(strict=strict)
+    faults = site.running.site.faults
+    faults.script("lost", "/gi/galactic")  # the very first task: the job's first step
+    faults.script("lost", "/gi/plotgalaxies")
+    summary = run_sweep(site, jobs, [1], concurrency=1)
+    assert_all_right(summary, jobs, site)
+    assert faults.injected["lost"] == 2
+    assert own_tasks(site) == minimum
+    assert summary.tasks_submitted == minimum + 2
+
+
+@pytest.mark.slow
+def test_a_file_that_vanishes_mid_download(
+    tmp_path: Path, make_site: Callable[..., ThreadedSite], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Half of a file arrives, then a browser task replaces its section: the resumed
+    request meets 404, and the job runs what is missing again."""
+    from gibatch.sim import app
+
+    jobs = tmp_path / "jobs"
+    minimum = shared_sweep(jobs, 3)
+    site = make_site()
+    faults = site.running.site.faults
+    real_cut = app._cut_download
+
+    async def cut_then_click(request: Any, path: Path) -> Any:
+        response = await real_cut(request, path)
+        site.running.site.click("alice", 1, "galaxy1")  # replaces every section at once
+        return response
+
+    monkeypatch.setattr(app, "_cut_download", cut_then_click)
+    faults.script("cut", "snapshots.h5")
+    summary = run_sweep(site, jobs, [1], concurrency=1)
+    assert_all_right(summary, jobs, site)
+    assert faults.injected["cut"] == 1 and len(site.running.site.clicked) == 1
+    assert minimum < own_tasks(site) <= minimum + 6  # one job's chain again, at most
+    events = [e.event for e in Journal(jobs).events()]
+    assert "job-requeued" in events

@@ -243,10 +243,11 @@ def test_sigterm_stops_cleanly_and_the_next_run_finishes(
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
+@pytest.mark.parametrize("strict", [False, True], ids=["normal", "strict"])
 def test_two_processes_on_overlapping_model_numbers(
-    tmp_path: Path, make_site: Callable[..., ThreadedSite]
+    tmp_path: Path, make_site: Callable[..., ThreadedSite], strict: bool
 ) -> None:
-    site = make_site()
+    site = make_site(strict=strict)
     server, env = _site_process_env(site, tmp_path)
     folders = [tmp_path / "first", tmp_path / "second"]
     for k, folder in enumerate(folders):

@@ -330,7 +330,7 @@ async def task_post(request: web.Request) -> web.Response:
         return _json_error(400, "; ".join(f"{f}: {m}" for f, m in describe_errors(exc)))
     payload = json.dumps(params.model_dump(mode="json", exclude_none=True))
     try:
-        job_id = site.submit(user, model, _step_of(page, body), payload, plot_number)
+        job_id = _take(site, request, user, model, _step_of(page, body), payload, plot_number)
     except Busy:
         return _json_error(409, f"model_number: model {model} is busy with another task")
     except ValueError as exc:
@@ -340,6 +340,14 @@ async def task_post(request: web.Request) -> web.Response:
     if site.config.strict:
         return _html(pages.page("Task submitted", "<p>Your task has been submitted.</p>"))
     return web.json_response({"job_id": job_id})
+
+
+def _take(site: Site, request: web.Request, user: str, model: int, step: Step, payload: str,
+          plot_number: int | None) -> int:
+    """Queue the task, or (the `lost` fault) use up a job id and drop it."""
+    if site.faults.draw("lost", request.path):
+        return site.store.lose(user, model, step, payload)
+    return site.submit(user, model, step, payload, plot_number)
 
 
 # --- listings and files ---------------------------------------------------------------------

@@ -9,6 +9,8 @@ kinds:
   hang       the request never answers (held `hang_s`, then dropped)
   cut        a file download stops mid-stream and the connection closes
   post_502   a task POST is accepted (the task is queued) but answered 502
+  lost       a task POST is answered as accepted (with its job id where the site gives
+             one), but the site loses the task: it is never listed nor run
   browser    someone starts a task "in the browser" on the model number the request
              concerns (view_data/N, a file of model N, a task POST for N; any other
              request: a random one of the account's), as soon as that model is free:
@@ -26,7 +28,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Literal
 
-FaultKind = Literal["error", "hang", "cut", "post_502", "browser"]
+FaultKind = Literal["error", "hang", "cut", "post_502", "lost", "browser"]
 
 
 @dataclass
@@ -35,6 +37,7 @@ class Faults:
     hang_rate: float = 0.0
     cut_rate: float = 0.0
     post_502_rate: float = 0.0
+    lost_rate: float = 0.0
     browser_rate: float = 0.0
     browser_step: str | None = None
     error_delay_s: float = 0.0
@@ -64,7 +67,7 @@ class Faults:
         with self._lock:
             self._scripted.clear()
             self.error_rate = self.hang_rate = self.cut_rate = self.post_502_rate = 0.0
-            self.browser_rate = 0.0
+            self.lost_rate = self.browser_rate = 0.0
 
     @property
     def rng(self) -> random.Random:

@@ -172,6 +172,26 @@ class Store(Database):
                 raise
         return Submission(job_id, tuple(replaced))
 
+    def lose(self, username: str, model: int, step: Step, payload: str) -> int:
+        """A task the site takes and then loses: its id is used up, nothing is listed or run
+        (the `lost` fault). AUTOINCREMENT never hands the id out again."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                cur = self._db.execute(
+                    f"INSERT INTO tasks ({self._TASK_COLS.replace('job_id, ', '')}) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (username, model, step.name, step.job_type, step.section, payload,
+                     TaskStatus.QUEUED.value, _now()),
+                )
+                job_id = int(cur.lastrowid or 0)
+                self._db.execute("DELETE FROM tasks WHERE job_id = ?", (job_id,))
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        return job_id
+
     def is_busy(self, username: str, model: int) -> bool:
         """Whether the model number's current task is still queued or running."""
         with self._lock:
