@@ -10,26 +10,33 @@ from __future__ import annotations
 
 import hashlib
 import os
+import queue
+import threading
 import unicodedata
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from contextlib import suppress
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import BinaryIO
 
+import aiohttp
 import anyio
 
 from gibatch.errors import (
-    GibatchError,
     NetworkError,
     RequestRejected,
     SessionExpired,
     TransferError,
+    leaves,
     local_io,
 )
 from gibatch.site import RemoteFile, SiteClient, translate
 
 PART_SUFFIX = ".part"
 WRITE_BATCH_BYTES = 1 << 20  # bytes gathered before one write+hash off the event loop
+BATCHES_QUEUED = 2  # batches waiting for the writer thread while the loop reads on
+READ_BUFFER_BYTES = 1 << 20  # aiohttp stops reading the socket at twice this, unread
 MAX_NAME_BYTES = 200  # leaves room for ".part" and a collision suffix under NAME_MAX 255
 
 
@@ -99,18 +106,120 @@ class _Part:
                 self._file = self.path.open("wb")
                 self.digest, self.size = hashlib.sha256(), 0
 
-    def write(self, data: bytes) -> None:
+    def write(self, chunks: Sequence[bytes]) -> None:
+        """Append and hash `chunks` (in a worker thread: both release the GIL)."""
         assert self._file is not None
         with local_io(self.path):
-            self._file.write(data)
-        self.digest.update(data)
-        self.size += len(data)
+            for chunk in chunks:
+                self._file.write(chunk)
+                self.digest.update(chunk)
+                self.size += len(chunk)
 
     def close(self) -> None:
         if self._file is not None:
             with local_io(self.path):
                 self._file.close()
             self._file = None
+
+
+class _Writer:
+    """The worker thread of one download: hashes and appends, in order, the batches the
+    event loop hands it while the loop reads the next. At most `BATCHES_QUEUED` wait, so
+    memory stays bounded whatever the file's size; the loop is woken only when it waits
+    for room, not for every batch."""
+
+    def __init__(self, part: _Part) -> None:
+        self._part = part
+        self._queue: queue.SimpleQueue[list[bytes] | None] = queue.SimpleQueue()
+        self._lock = threading.Lock()  # guards the three below, shared by loop and thread
+        self._queued = 0  # batches handed over and not yet written
+        self._room: anyio.Event | None = None  # the loop waits on it for room
+        self._stopped = False
+
+    def run(self) -> None:
+        """In the worker thread, until `close()` (or a write fails)."""
+        try:
+            while (batch := self._queue.get()) is not None:
+                self._part.write(batch)
+                self._made_room(stopped=False)
+        finally:
+            self._made_room(stopped=True)
+
+    def _made_room(self, stopped: bool) -> None:
+        with self._lock:
+            self._queued -= not stopped
+            self._stopped = stopped
+            room, self._room = self._room, None
+        if room is not None:
+            anyio.from_thread.run_sync(room.set)
+
+    async def put(self, batch: list[bytes]) -> None:
+        """Hand `batch` over, once there is room; BrokenResourceError if the thread ended."""
+        while True:
+            with self._lock:
+                if self._stopped:
+                    raise anyio.BrokenResourceError
+                if self._queued < BATCHES_QUEUED:
+                    self._queued += 1
+                    break
+                self._room = room = anyio.Event()
+            await room.wait()
+        self._queue.put(batch)
+
+    def close(self) -> None:
+        """No more batches: the thread writes those it has, then ends."""
+        self._queue.put(None)
+
+
+async def _copy(body: aiohttp.StreamReader, part: _Part, expected: int) -> Exception | None:
+    """Stream `body` into `part` through a writer thread of its own; return what broke
+    the connection, if anything, once all that came is written."""
+    body.set_read_chunk_size(READ_BUFFER_BYTES)  # aiohttp's default pauses at 128 KiB
+    writer = _Writer(part)
+    broke: Exception | None = None
+    try:
+        async with anyio.create_task_group() as tg:
+            # A limiter of its own: a long download must not hold one of the shared threads.
+            tg.start_soon(partial(anyio.to_thread.run_sync, writer.run,
+                                  limiter=anyio.CapacityLimiter(1)))
+            try:
+                with suppress(anyio.BrokenResourceError):  # the writer failed: its error follows
+                    broke = await _read(body, writer.put, expected - part.size)
+            finally:
+                writer.close()
+    except BaseExceptionGroup as group:  # the writer's error (a full disk) as itself
+        raise _sole(group) from None
+    return broke
+
+
+async def _read(body: aiohttp.StreamReader, put: Callable[[list[bytes]], Awaitable[None]],
+                left: int) -> Exception | None:
+    """Hand `body` on in batches, stopping past `left` bytes; return what broke it."""
+    batch: list[bytes] = []
+    batched = 0
+    broke: Exception | None = None
+    try:
+        async for chunk, _ in body.iter_chunks():
+            batch.append(chunk)
+            batched += len(chunk)
+            if batched >= WRITE_BATCH_BYTES or batched > left:
+                await put(batch)
+                left -= batched
+                batch, batched = [], 0
+                if left < 0:
+                    break  # more than listed: the caller refuses the file
+    except anyio.BrokenResourceError:
+        raise
+    except Exception as exc:  # the connection broke: keep what came, for Range
+        broke = exc
+    if batch:
+        await put(batch)
+    return broke
+
+
+def _sole(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    found = leaves(group)
+    return found[0] if len(found) == 1 else group
 
 
 async def _stream_once(client: SiteClient, remote: RemoteFile, part: _Part) -> int:
@@ -127,23 +236,9 @@ async def _stream_once(client: SiteClient, remote: RemoteFile, part: _Part) -> i
                 if resp.content_length is None:
                     raise TransferError(f"{remote.name}: the site gave no size")
                 expected = part.size + resp.content_length
-            batch = bytearray()
-            try:
-                async for chunk in resp.content.iter_any():
-                    batch += chunk
-                    if len(batch) >= WRITE_BATCH_BYTES:
-                        await anyio.to_thread.run_sync(part.write, bytes(batch))
-                        batch.clear()
-                        if part.size > expected:
-                            break
-            except GibatchError:
-                raise
-            except Exception as exc:  # the connection broke: keep what came, for Range
-                if batch:
-                    await anyio.to_thread.run_sync(part.write, bytes(batch))
-                raise translate(exc) from exc
-            if batch:
-                await anyio.to_thread.run_sync(part.write, bytes(batch))
+            broke = await _copy(resp.content, part, expected)
+            if broke is not None:  # the connection broke: what came is kept, for Range
+                raise translate(broke) from broke
         finally:
             part.close()  # at once, on the loop: it must happen even when cancelled
     return expected
