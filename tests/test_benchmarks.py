@@ -38,3 +38,14 @@ def test_physics_benchmark_runs() -> None:
 def test_report_benchmark_runs() -> None:
     out = _run("tests.benchmarks.report", "--jobs", "12")
     assert "report of 12 jobs, cold" in out and "lazy-loaded" in out, out
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_transfer_benchmark_runs() -> None:
+    out = _run("tests.benchmarks.transfer", "--sizes", "1", "--total-mb", "8",
+               "--concurrency", "1,2", "--repeats", "1")
+    for figure in ("1 MB files x 8", "MB/s", "CPU s/GB", "peak RSS MB", "plain urllib",
+                   "plain urllib+sha", "plain aiohttp", "gibatch c=1", "gibatch c=2",
+                   "rate / plain", "SHA-256 alone"):
+        assert figure in out, out

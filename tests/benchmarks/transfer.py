@@ -14,14 +14,18 @@ its threads, from getrusage) and its peak RSS are its own and the site's are not
 them (the site's CPU is read from /proc and shown apart). Clients:
 - plain urllib: stdlib `urlopen` + `shutil.copyfileobj` into a file, one file after
   another (what a short script would do);
+- plain urllib+sha: the same, reading 64 KiB blocks and hashing them (SHA-256) as they
+  come: a plain client that checks what gibatch checks;
 - plain aiohttp: one `GET` per file, chunks written straight to the file on the loop;
 - gibatch c=N: `transfer.fetch` for every file under a limit of N streams, exactly as
   `gibatch run` downloads a section (`.part`, SHA-256 while streaming, size check,
   rename).
-Each repeat runs every client once on the same files, in rotated order; the table
-shows medians over repeats, and ratios taken within each repeat (side by side) before
-the median. MB = 10^6 bytes, GB = 10^9 bytes. RSS is the whole process's peak (Python,
-aiohttp and all), with the growth during the downloads in brackets.
+After one warm-up round per size (not counted: the first writes into fresh memory cost
+far more on a VM), each repeat runs every client once on the same files, in rotated
+order; the table shows medians over repeats, and ratios taken within each repeat (side
+by side) before the median. MB = 10^6 bytes, GB = 10^9 bytes. RSS is the whole
+process's peak (Python, aiohttp and all), with the growth during the downloads in
+brackets.
 """
 
 from __future__ import annotations
@@ -44,7 +48,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[2]
 USER, PASSWORD = "bench", "bench-pw"
 MB = 10**6
-PLAIN = ("urllib", "aiohttp")
+COPY_BYTES = 1 << 16  # shutil.copyfileobj's block on Linux
+PLAIN = ("urllib", "aiohttp", "urllib+sha")
 
 
 # --- the site -----------------------------------------------------------------------------
@@ -104,22 +109,31 @@ def _usage() -> tuple[float, int]:
 
 
 async def _session_cookie(base: str) -> str:
+    from yarl import URL
+
     from gibatch.site import SiteClient
 
     async with SiteClient(base, USER, PASSWORD) as client:
         await client.login()
-        jar = client.session.cookie_jar.filter_cookies(client.url("gi/"))  # type: ignore[arg-type]
+        jar = client.session.cookie_jar.filter_cookies(URL(client.url("gi/")))
         return "; ".join(f"{k}={m.value}" for k, m in jar.items())
 
 
-def _urllib(base: str, names: list[str], out: Path, cookie: str) -> None:
+def _urllib(base: str, names: list[str], out: Path, cookie: str, sha: str | None) -> None:
     import urllib.request
 
     for name in names:
         req = urllib.request.Request(f"{base}/media/{USER}/1/1/{name}",
                                      headers={"Cookie": cookie})
         with urllib.request.urlopen(req) as resp, (out / name).open("wb") as f:
-            shutil.copyfileobj(resp, f)
+            if sha is None:
+                shutil.copyfileobj(resp, f)
+                continue
+            digest = hashlib.sha256()  # the same check as gibatch's, while streaming
+            while block := resp.read(COPY_BYTES):
+                digest.update(block)
+                f.write(block)
+            assert digest.hexdigest() == sha
 
 
 async def _aiohttp(base: str, names: list[str], out: Path, cookie: str) -> None:
@@ -167,8 +181,8 @@ def child(kind: str, base: str, names: list[str], size: int, sha: str, out: Path
         cookie = anyio.run(_session_cookie, base)
         cpu0, rss0 = _usage()
         t0 = time.perf_counter()
-        if kind == "urllib":
-            _urllib(base, names, out, cookie)
+        if kind.startswith("urllib"):
+            _urllib(base, names, out, cookie, sha if kind.endswith("sha") else None)
         else:
             anyio.run(_aiohttp, base, names, out, cookie)
         wall = time.perf_counter() - t0
@@ -201,6 +215,15 @@ def run_client(kind: str, conc: int, base: str, size: int, placed: tuple[list[st
     return fig
 
 
+def sha_cost() -> float:
+    """CPU seconds per GB of SHA-256 over data in memory, in this process."""
+    block, digest = os.urandom(1 << 20), hashlib.sha256()
+    t0 = time.process_time()
+    for _ in range(256):
+        digest.update(block)
+    return (time.process_time() - t0) / (256 * len(block) / 1e9)
+
+
 def label(kind: str, conc: int) -> str:
     return f"plain {kind}" if kind in PLAIN else f"gibatch c={conc}"
 
@@ -227,16 +250,19 @@ def table(size: int, count: int, runs: dict[str, list[dict[str, Any]]]) -> None:
 
 def run_benchmark(sizes: list[int], total_mb: int, concurrencies: list[int],
                   repeats: int) -> None:
-    clients = [("urllib", 1), ("aiohttp", 1), *(("engine", c) for c in concurrencies)]
+    clients = [("urllib", 1), ("urllib+sha", 1), ("aiohttp", 1),
+               *(("engine", c) for c in concurrencies)]
     with tempfile.TemporaryDirectory(prefix="gibatch-transfer-") as tmp_name:
         tmp = Path(tmp_name)
         placed = place_files(tmp / "site" / "media", sizes, total_mb)
         site, base = start_site(tmp / "site")
         try:
             print(f"site: gibatch serve (pid {site.pid}) at {base}; {os.cpu_count()} CPUs; "
-                  f"{repeats} repeats")
+                  f"{repeats} repeats; SHA-256 alone here: {sha_cost():.2f} CPU s/GB")
             for size in sizes:
                 runs: dict[str, list[dict[str, Any]]] = {label(k, c): [] for k, c in clients}
+                for kind, conc in clients:  # a warm-up round, not counted: page cache, memory
+                    run_client(kind, conc, base, size, placed[size], tmp / "out", site.pid)
                 for rep in range(repeats):
                     shift = rep % len(clients)
                     for kind, conc in clients[shift:] + clients[:shift]:
