@@ -11,21 +11,34 @@ import sys
 import time
 from contextlib import AsyncExitStack
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 from urllib.parse import urlsplit
 
 import anyio
 import typer
 from rich.console import Console
 from rich.live import Live
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
 
+from gibatch import match
+from gibatch import sweep as sweep_module
 from gibatch.display import RunDisplay
 from gibatch.errors import GibatchError, NoModelAvailable
-from gibatch.jobs import STATE_DIR, discover, load_sweep
+from gibatch.jobs import STATE_DIR, Sweep, discover, load_sweep
 from gibatch.journal import Journal
 from gibatch.run import Listener, Options, Outcome, Scheduler, Summary
 from gibatch.site import SiteClient
 from gibatch.text import EscapeArgs, first_line, printable
+
+if TYPE_CHECKING:
+    from gibatch import search
 
 PASSWORD_ENV = "GIBATCH_PASSWORD"
 EXIT_USAGE = 2
@@ -450,6 +463,198 @@ def serve(
 
     with contextlib.suppress(KeyboardInterrupt):
         anyio.run(main)
+
+
+# -- matching a sweep to an observed pair, and searching for one
+
+
+def _match_target(target: Path, centres: str, blur: float, views: int) -> match.Target:
+    """The target, or exit 2 with the reason (never a traceback)."""
+    if views < 0:
+        raise _usage_error(f"--views {views}: must be 0 (the plots' axes) or more")
+    try:
+        return match.load_target(target, match.parse_centres(centres), blur)
+    except match.MatchError as exc:
+        raise _usage_error(str(exc)) from None
+
+
+def _progress_bar() -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TimeRemainingColumn(), console=Console(stderr=True),
+                    disable=not sys.stderr.isatty())
+
+
+@app.command("match")
+def match_command(
+    jobs: Annotated[Path, typer.Option(help="Folder of job folders.")],
+    target: Annotated[Path, typer.Option(help="Image of the observed pair (PNG, JPEG, ...).")],
+    centres: Annotated[str, typer.Option(
+        help="Pixel centres X1,Y1,X2,Y2 of galaxy 1 and galaxy 2 (x right, y down).")],
+    metric: Annotated[match.Metric, typer.Option(help="The score that ranks.")]
+    = match.Metric.SSIM,
+    views: Annotated[int, typer.Option(
+        help="0: the plots' own axes; N: N directions spread over the sphere.")] = 0,
+    blur: Annotated[float, typer.Option(help="Blur of the renders, in target pixels.")]
+    = match.DEFAULT_BLUR_PX,
+    top: Annotated[int, typer.Option(min=1, help="Rows of the table shown.")] = 20,
+    workers: Annotated[int | None, typer.Option(
+        min=1, help="Scoring processes (default: every core).")] = None,
+) -> None:
+    """Rank the complete jobs of a sweep by how well any frame, seen from any view (or
+    its mirror), matches an observed pair. Scores are cached; the ranking is also
+    written to JOBS/.gibatch/match/ranking.csv and shown by `gibatch report`.
+
+    Example: gibatch match --jobs jobs --target arp240.png --centres 120,88,301,140
+    """
+    sweep = load_sweep(_require_job_folders(jobs))
+    goal = _match_target(target, centres, blur, views)
+    settings = match.Settings(views=views, metric=metric)
+    with _progress_bar() as bar:
+        task = bar.add_task("scoring jobs", total=len(sweep.jobs))
+        results = match.match_jobs(jobs, sweep.jobs, goal, settings, workers,
+                                   lambda done, total: bar.update(task, completed=done))
+    csv_path = match.write_results(jobs, results, goal, settings)
+    table = Table(title=f"best {metric.value} per job (ranked by {metric.value})")
+    for column in ("rank", "job", "ssim", "iou", "nmi", "t (Gyr)", "view", "mirror",
+                   "kpc/px", "rot (deg)"):
+        table.add_column(column, style="bold" if column == metric.value else None)
+    scored = [r for r in results if r.best is not None]
+    for rank, r in enumerate(scored[:top], start=1):
+        b = r.best
+        assert b is not None
+        table.add_row(str(rank), printable(r.job), f"{b.ssim:.4f}",
+                      f"{b.iou:.3f}", f"{b.nmi:.3f}", f"{b.time_gyr:.3f}", b.view,
+                      "yes" if b.mirror else "", f"{b.kpc_per_px:.3g}",
+                      f"{b.rotation_deg:.1f}")
+    Console().print(table)
+    unscored = len(results) - len(scored)
+    typer.echo(f"{len(scored)} jobs scored" + (f", {unscored} not (incomplete or no usable "
+                                                 "frame)" if unscored else "")
+               + f"; ranking in {csv_path}")
+    raise typer.Exit(0 if scored else 1)
+
+
+async def _site_client(stack: AsyncExitStack, jobs: Path, server: str | None, username: str,
+                       secret: str, model_count: int) -> SiteClient:
+    """A logged-out client of --server, or of the embedded site started on `stack`."""
+    if server is not None:
+        client = SiteClient(server, username, secret)
+    else:
+        from gibatch.sim.server import one_time_config, running_site
+
+        data, key = _embedded_data(jobs)
+        site = await stack.enter_async_context(running_site(
+            one_time_config(data, model_count=model_count)))
+        log.info("embedded GI site at %s", site.url)
+        client = SiteClient(site.url, site.username, site.password, site_key=key)
+    await stack.enter_async_context(client)
+    return client
+
+
+def _search_line(progress: search.Progress, metric: match.Metric) -> str:
+    best = (f"best {metric.value} {progress.best_value:.4f} ({progress.best_job}: "
+            + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                        for k, v in progress.best_params.items()) + ")"
+            if progress.best_value is not None else "no score yet")
+    return (f"trials told {progress.told}/{progress.budget} (asked {progress.asked}, "
+            f"failed {progress.failed}); {best}")
+
+
+@app.command("search")
+def search_command(
+    jobs: Annotated[Path, typer.Option(help="Folder for the trials' job folders.")],
+    base: Annotated[Path, typer.Option(help="The job folder every trial starts from.")],
+    space: Annotated[Path, typer.Option(help="TOML file: job keys and their ranges.")],
+    target: Annotated[Path, typer.Option(help="Image of the observed pair (PNG, JPEG, ...).")],
+    centres: Annotated[str, typer.Option(
+        help="Pixel centres X1,Y1,X2,Y2 of galaxy 1 and galaxy 2 (x right, y down).")],
+    budget: Annotated[int, typer.Option(help="How many trials to run in all.")],
+    models: Annotated[str, typer.Option(help="Model numbers to use, e.g. 1-4 or 1,3.")] = "1-4",
+    metric: Annotated[match.Metric, typer.Option(help="The score to maximise.")]
+    = match.Metric.SSIM,
+    views: Annotated[int, typer.Option(
+        help="0: the plots' own axes; N: N directions spread over the sphere.")] = 0,
+    blur: Annotated[float, typer.Option(help="Blur of the renders, in target pixels.")]
+    = match.DEFAULT_BLUR_PX,
+    seed: Annotated[int | None, typer.Option(help="Seed of Optuna's sampler.")] = None,
+    server: Annotated[str | None, typer.Option(
+        help="Base URL of a GI site, e.g. https://HOST/ast80011. Default: the embedded one.")
+    ] = None,
+    username: Annotated[str | None, typer.Option(help="Account on --server.")] = None,
+    password_file: Annotated[Path | None, typer.Option(
+        help=f"File holding the password (else ${PASSWORD_ENV}, else a prompt).")] = None,
+) -> None:
+    """Search the space for the encounter that best matches the target: Optuna asks for
+    a trial whenever a model number is free, gibatch runs it as an ordinary job folder,
+    and tells its match score. Rerun the same command to resume the same study.
+
+    Example: gibatch search --jobs found --base examples/base_job --space space.toml
+    --target arp240.png --centres 120,88,301,140 --budget 60 --models 1-4
+    """
+    from gibatch import search
+
+    _check_server(server)
+    if budget < 1:
+        raise _usage_error(f"--budget {budget}: must be at least 1")
+    model_list = parse_models(models)
+    if server is not None and not username:
+        raise _usage_error("--server needs --username")
+    try:
+        base_files = sweep_module.read_base(base)
+        dims = search.load_space(space, base_files)
+    except (sweep_module.SweepError, search.SearchError) as exc:
+        raise _usage_error(str(exc)) from None
+    goal = _match_target(target, centres, blur, views)
+    settings = match.Settings(views=views, metric=metric)
+    jobs.mkdir(parents=True, exist_ok=True)
+    _jobs_dir(jobs)
+    secret = _password(password_file) if server is not None else ""
+    console = Console(stderr=True) if sys.stderr.isatty() else None
+    _setup_logging(console)
+    shown = search.Progress(budget=budget)
+
+    def show(progress: search.Progress) -> None:
+        nonlocal shown
+        shown = progress
+        if console is None:
+            log.info("%s", _search_line(progress, metric))
+
+    try:
+        finder = search.Search(jobs, base_files, dims, goal, settings, budget, seed, show)
+    except search.SearchError as exc:
+        raise _usage_error(str(exc)) from None
+
+    async def main() -> None:
+        journal = Journal(jobs)
+        try:
+            async with AsyncExitStack() as stack:
+                client = await _site_client(stack, jobs, server, username or "", secret,
+                                            max(model_list))
+                if console is not None:
+                    stack.enter_context(Live(get_renderable=lambda: _search_line(
+                        shown, metric), console=console, refresh_per_second=4))
+                told = await anyio.to_thread.run_sync(finder.tell_existing)
+                if told:
+                    log.info("told the study %d complete jobs already in %s", told, jobs)
+                scheduler = Scheduler(client, Sweep(jobs, [], []),
+                                      Options(jobs_dir=jobs, models=model_list), journal,
+                                      finder.notify)
+                await search.run_search(finder, scheduler, len(model_list))
+        finally:
+            journal.close()
+
+    try:
+        anyio.run(main)
+    except NoModelAvailable as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(EXIT_NO_MODEL) from None
+    except (GibatchError, search.SearchError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    finally:
+        finder.close()
+    typer.echo(_search_line(shown, metric))
+    raise typer.Exit(0 if shown.best_value is not None else 1)
 
 
 def main() -> None:

@@ -126,6 +126,7 @@ class Scheduler:
         self.stopping = False
         self._listener = listener
         self._changed = anyio.Event()  # the queue or the set of finishers changed
+        self.open = False  # idle workers wait for `add` until `close` (see hold_open)
 
     # -- reporting
 
@@ -139,6 +140,23 @@ class Scheduler:
         if self._listener:
             self._listener(event.value, {"job": job, "model": model, "step": step,
                                          "detail": detail, **extra})
+
+    # -- jobs that arrive while it runs (an adaptive search writes them one by one)
+
+    def hold_open(self) -> None:
+        """Before `execute`: keep the run going, idle workers waiting, until `close`."""
+        self.open = True
+
+    def add(self, job: Job) -> None:
+        """Queue a job while the run goes on; an idle worker takes it at once."""
+        self.sweep.jobs.append(job)
+        self.pending.append(job)
+        self._notify()
+
+    def close(self) -> None:
+        """No more `add`: workers end when the queue and the finishers are done."""
+        self.open = False
+        self._notify()
 
     # -- entry point
 
@@ -162,7 +180,7 @@ class Scheduler:
         self.emit(Event.RUN_START, detail=f"{len(self.pending)} jobs to run",
                   jobs=len(self.pending), models=[w.model for w in workers])
         try:
-            if self.pending:
+            if self.pending or self.open:
                 await self.client.login()
                 async with anyio.create_task_group() as outer:
                     outer.start_soon(self.poller.run)
@@ -240,7 +258,7 @@ class Scheduler:
         while not self.stopping:
             job = self._pick(worker)
             if job is None:
-                if not self.finishing:
+                if not self.finishing and not self.open:
                     return
                 await self._changed.wait()  # a finisher may yet send a job back
                 continue

@@ -1,0 +1,678 @@
+"""Matching runs to an observed pair: which job, frame and view looks most like the target.
+
+The target is an image of an interacting pair with the pixel positions of its two
+centres (galaxy 1 first). For every frame of a job's `snapshots.h5` and every viewing
+direction, the galaxies' centres are found in the particles (a shrinking sphere on each
+galaxy's stars), and the similarity transform of the sky plane (scale, rotation, offset)
+that puts them on the target's two centres places the projected stars on the target's
+own pixel grid. There they are binned by mass, blurred (`blur_px`, comparable to the
+target's resolution) and log-stretched, as the course's plots are, and compared:
+
+- SSIM (`skimage.metrics.structural_similarity`, Gaussian weights, data range 1),
+- IoU, the overlap of the two images' masks above MASK_LEVEL (galaxyJSPAM's measure),
+- NMI, normalised mutual information ((H(A) + H(B)) / H(A, B), 1 to 2).
+
+Higher is better for all three. A mirror image (the sky may show the encounter flipped)
+is tried for every view: it is the conjugate of the sky-plane coordinates. Rotation in
+the sky plane needs no trying, the transform absorbs it; so only directions matter, and
+a hemisphere of them suffices (the opposite direction sees the mirror image).
+
+Scores are cached in SQLite (`DIR/.gibatch/match/scores.db`) per (target, job results,
+frame, view, mirror): the job's results are named by the sha256 of its snapshots in its
+completion record, the target by its bytes, centres and settings, so a rerun scores
+only what is new, and a job run again with other results is scored again.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import math
+import os
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict, dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+from numpy.typing import NDArray
+from PIL import Image, UnidentifiedImageError
+from scipy import ndimage
+
+from gibatch import record, steps
+from gibatch.database import Database
+from gibatch.jobs import STATE_DIR, Job
+from gibatch.params import PlotParams
+
+F64 = NDArray[np.float64]
+
+SNAPSHOT_SECTION = "Galaxy Interaction"
+SNAPSHOT_FILE = "snapshots.h5"
+MATCH_DIR = "match"
+RANKING_FILE = "ranking.csv"
+SETTINGS_FILE = "match.json"
+# Targets are compared on a grid of at most this many pixels a side: tails and bridges
+# span tens of pixels there, and SSIM's cost grows with the pixel count.
+GRID_PX_MAX = 160
+DEFAULT_BLUR_PX = 1.5
+DYNAMIC_RANGE_DEX = 2.5  # log stretch: this many decades below the brightest pixel
+MASK_LEVEL = 0.25  # of the 0..1 brightness: what counts as "galaxy" for IoU
+SSIM_SIGMA_PX = 1.5  # Wang et al.'s Gaussian window
+NMI_BINS = 32
+MIN_SEPARATION_KPC = 0.5  # projected centres closer than this give no transform
+_CORE_MIN = 8  # stars the shrinking sphere keeps at least
+SCORE_VERSION = 2  # part of the target key: bump when scoring changes
+_AXIS = {"x": 0, "y": 1, "z": 2}
+
+
+class MatchError(Exception):
+    """Input the matcher cannot use; the message says what and why."""
+
+
+class Metric(StrEnum):
+    SSIM = "ssim"
+    IOU = "iou"
+    NMI = "nmi"
+
+
+# -- the target
+
+
+@dataclass(frozen=True)
+class Target:
+    """The target on its comparison grid: brightness 0..1, centres in grid pixels (x, y)."""
+
+    image: F64
+    centres: tuple[tuple[float, float], tuple[float, float]]
+    key: str  # bytes, centres and settings: the cache's name for this target
+    path: Path
+    blur_px: float = DEFAULT_BLUR_PX
+    given: tuple[tuple[float, float], tuple[float, float]] | None = None  # as the user gave
+
+    @property
+    def mask(self) -> NDArray[np.bool_]:
+        return np.asarray(self.image > MASK_LEVEL)
+
+    @property
+    def levels(self) -> NDArray[np.int64]:
+        return levels(self.image)
+
+
+def parse_centres(text: str) -> tuple[tuple[float, float], tuple[float, float]]:
+    """`X1,Y1,X2,Y2` in pixels (x right, y down, as image viewers show them)."""
+    try:
+        x1, y1, x2, y2 = (float(v) for v in text.split(","))
+    except ValueError:
+        raise MatchError(f"--centres {text!r}: expected four numbers X1,Y1,X2,Y2 (pixels of "
+                         "galaxy 1's and galaxy 2's centres)") from None
+    if not all(math.isfinite(v) for v in (x1, y1, x2, y2)):
+        raise MatchError(f"--centres {text!r}: the numbers must be finite")
+    return (x1, y1), (x2, y2)
+
+
+def _grey(image: Image.Image) -> F64:
+    """Brightness of any PIL mode as floats (colour by luminance, alpha dropped)."""
+    if image.mode in ("I", "I;16", "I;16B", "F"):
+        return np.asarray(image.convert("F"), dtype=np.float64)
+    return np.asarray(image.convert("L"), dtype=np.float64)
+
+
+def normalise(grey: F64) -> F64:
+    """0..1: the sky (the median pixel) to 0, the brightest 0.1 % to 1.
+
+    An observed image comes with its own stretch and sky level; this keeps its shape
+    and puts its range where the renders' is.
+    """
+    low = float(np.median(grey))
+    high = float(np.percentile(grey, 99.9))
+    if high <= low:
+        high = float(grey.max())
+    if high <= low:
+        raise MatchError("the target is blank (every pixel the same)")
+    return np.clip((grey - low) / (high - low), 0.0, 1.0)
+
+
+def load_target(path: Path, centres: tuple[tuple[float, float], tuple[float, float]],
+                blur_px: float = DEFAULT_BLUR_PX) -> Target:
+    """Read, check and grid the target image; raise MatchError saying what is wrong."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise MatchError(f"--target {path}: cannot read: {exc.strerror or exc}") from None
+    try:
+        with Image.open(path) as opened:
+            opened.load()
+            image = opened.copy()
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError,
+            Image.DecompressionBombError) as exc:
+        raise MatchError(f"--target {path}: not an image PIL can read (PNG, JPEG, ...): "
+                         f"{exc}") from None
+    width, height = image.size
+    for which, (x, y) in zip(("galaxy 1", "galaxy 2"), centres, strict=True):
+        if not (0 <= x < width and 0 <= y < height):
+            raise MatchError(f"--centres: {which}'s centre ({x:g}, {y:g}) lies outside the "
+                             f"target, which is {width}x{height} pixels")
+    (x1, y1), (x2, y2) = centres
+    if math.hypot(x2 - x1, y2 - y1) < 1.0:
+        raise MatchError("--centres: the two centres are the same point; give galaxy 1's "
+                         "centre, then galaxy 2's")
+    if blur_px < 0 or not math.isfinite(blur_px):
+        raise MatchError(f"--blur {blur_px}: must be a finite number of pixels >= 0")
+    shrink = min(1.0, GRID_PX_MAX / max(width, height))
+    if shrink < 1.0:
+        size = (max(1, round(width * shrink)), max(1, round(height * shrink)))
+        image = image.convert("F") if image.mode.startswith("I") else image
+        image = image.resize(size, Image.Resampling.BOX)
+    sx, sy = image.size[0] / width, image.size[1] / height
+    # Pixel (x, y) spans x..x+1, so its centre maps to (x + 0.5) * s - 0.5.
+    on_grid = tuple(((x + 0.5) * sx - 0.5, (y + 0.5) * sy - 0.5) for x, y in centres)
+    key = hashlib.sha256(json.dumps([hashlib.sha256(data).hexdigest(), centres, blur_px,
+                                     SCORE_VERSION, GRID_PX_MAX]).encode()).hexdigest()[:24]
+    # The target gets the renders' blur too: both at one resolution, and its pixel noise
+    # (which SSIM's structure term would otherwise compare) smoothed away.
+    grey = ndimage.gaussian_filter(_grey(image), blur_px) if blur_px > 0 else _grey(image)
+    return Target(normalise(grey), on_grid, key, path.resolve(),  # type: ignore[arg-type]
+                  blur_px, centres)
+
+
+# -- views
+
+
+@dataclass(frozen=True)
+class View:
+    """A viewing direction: the sky plane's right (u) and up (v) axes in the sim's frame."""
+
+    name: str
+    u: tuple[float, float, float]
+    v: tuple[float, float, float]
+
+
+def axes_view(x_axis: str, y_axis: str) -> View:
+    """The view of a plot with these axes (x right, y up)."""
+    u = [0.0, 0.0, 0.0]
+    v = [0.0, 0.0, 0.0]
+    u[_AXIS[x_axis]] = 1.0
+    v[_AXIS[y_axis]] = 1.0
+    return View(f"{x_axis}-{y_axis}", (u[0], u[1], u[2]), (v[0], v[1], v[2]))
+
+
+def plot_views(job: Job) -> list[View]:
+    """The job's plots' own axes, each pair once, in plot order."""
+    seen: dict[str, View] = {}
+    for step, params in job.params.items():
+        if step.stage is steps.Stage.PLOT and isinstance(params, PlotParams):
+            view = axes_view(params.x_axis, params.y_axis)
+            seen.setdefault(view.name, view)
+    return list(seen.values())
+
+
+def sphere_views(count: int) -> list[View]:
+    """`count` directions spread evenly (a Fibonacci lattice) over the upper hemisphere.
+
+    The lower half is not needed: looking from -n shows the mirror image of the view
+    from n, and mirrors are always tried.
+    """
+    views = []
+    golden = math.pi * (3.0 - math.sqrt(5.0))
+    for k in range(count):
+        z = 1.0 - (k + 0.5) / count  # cos(polar angle), evenly in area over z in (0, 1]
+        r = math.sqrt(max(0.0, 1.0 - z * z))
+        phi = (k * golden) % (2 * math.pi)
+        n = np.array([r * math.cos(phi), r * math.sin(phi), z])
+        ref = np.array([0.0, 0.0, 1.0]) if abs(z) < 0.99 else np.array([0.0, 1.0, 0.0])
+        u = np.cross(ref, n)
+        u /= np.linalg.norm(u)
+        v = np.cross(n, u)
+        name = f"n{k + 1}(θ={math.degrees(math.acos(z)):.0f},φ={math.degrees(phi):.0f})"
+        views.append(View(name, (float(u[0]), float(u[1]), float(u[2])),
+                          (float(v[0]), float(v[1]), float(v[2]))))
+    return views
+
+
+def views_for(job: Job, count: int) -> list[View]:
+    """`count` directions over the sphere, or the job's plot axes when count is 0."""
+    return sphere_views(count) if count > 0 else plot_views(job)
+
+
+# -- the particles
+
+
+@dataclass(frozen=True)
+class Snapshots:
+    """The stars (disk and bulge) of every frame, with their galaxy and weight."""
+
+    time_gyr: F64
+    position: F64  # frames x stars x 3, kpc
+    galaxy: NDArray[np.int8]
+    weight: F64
+    centres: F64 | None = None  # frames x 2 x 3, when the simulator saved them
+
+
+def snapshot_path(job: Job) -> Path:
+    return job.output / SNAPSHOT_SECTION / SNAPSHOT_FILE
+
+
+def snapshot_digest(job: Job) -> str | None:
+    """The sha256 its completion record gives the job's snapshots; None if not complete."""
+    data = record.complete_record(job)
+    if data is None:
+        return None
+    for f in data.get("sections", {}).get(SNAPSHOT_SECTION, []):
+        if f.get("name") == SNAPSHOT_FILE:
+            return str(f["sha256"])
+    return None
+
+
+def load_snapshots(path: Path) -> Snapshots:
+    """Stars only: the halo is dark, and its particles are most of the file."""
+    with h5py.File(path, "r") as f:
+        component = np.asarray(f["component"][()])
+        stars = component != 2
+        position = np.asarray(f["position"][()], dtype=np.float64)[:, stars, :]
+        mass = np.asarray(f["mass"][()], dtype=np.float64)[stars]
+        galaxy = np.asarray(f["galaxy"][()], dtype=np.int8)[stars]
+        time_gyr = np.asarray(f["time"][()], dtype=np.float64)
+        centres = (np.asarray(f["centres"][()], dtype=np.float64)
+                   if "centres" in f and f["centres"].shape == (len(time_gyr), 2, 3) else None)
+    # Massless test stars (restricted physics) are drawn equally bright.
+    weight = mass if mass.sum() > 0 else np.ones_like(mass)
+    return Snapshots(time_gyr, position, galaxy, weight, centres)
+
+
+def centre(points: F64) -> F64:
+    """A galaxy's centre: a shrinking sphere from its median (robust to tidal tails)."""
+    c = np.median(points, axis=0)
+    radius = float(np.percentile(np.linalg.norm(points - c, axis=1), 90))
+    keep = max(_CORE_MIN, len(points) // 10)
+    for _ in range(20):
+        inside = points[np.linalg.norm(points - c, axis=1) < radius]
+        if len(inside) < keep:
+            break
+        c = inside.mean(axis=0)
+        radius *= 0.8
+    return np.asarray(c)
+
+
+# -- rendering on the target's grid
+
+
+@dataclass(frozen=True)
+class Transform:
+    """Sky plane (kpc) to target pixels: w = a z + b, in complex numbers x - i y."""
+
+    a: complex
+    b: complex
+    mirror: bool
+
+    @property
+    def kpc_per_px(self) -> float:
+        return 1.0 / abs(self.a)
+
+    @property
+    def rotation_deg(self) -> float:
+        return math.degrees(math.atan2(self.a.imag, self.a.real))
+
+
+def _pixels_complex(xy: tuple[float, float]) -> complex:
+    return complex(xy[0], -xy[1])  # y down in images: flip it so rotations keep their sense
+
+
+def sky(points: F64, view: View, mirror: bool) -> NDArray[np.complex128]:
+    """Projected positions as complex numbers u + i v (conjugated for the mirror)."""
+    z = points @ np.asarray(view.u) + 1j * (points @ np.asarray(view.v))
+    return np.asarray(np.conj(z) if mirror else z)
+
+
+def transform(c1: complex, c2: complex, target: Target, mirror: bool) -> Transform | None:
+    """The similarity putting sky points c1, c2 on the target's centres (None if they
+    coincide in projection: no scale would do)."""
+    if abs(c2 - c1) < MIN_SEPARATION_KPC:
+        return None
+    t1, t2 = (_pixels_complex(c) for c in target.centres)
+    a = (t2 - t1) / (c2 - c1)
+    return Transform(a, t1 - a * c1, mirror)
+
+
+def stretch(density: F64) -> F64:
+    """0..1: log density over DYNAMIC_RANGE_DEX decades below the brightest pixel."""
+    peak = float(density.max())
+    if peak <= 0:
+        return np.zeros_like(density)
+    floor = peak * 10.0**-DYNAMIC_RANGE_DEX
+    with np.errstate(divide="ignore"):
+        logs = np.log10(np.maximum(density, floor * 1e-3) / floor) / DYNAMIC_RANGE_DEX
+    return np.asarray(np.clip(logs, 0.0, 1.0))
+
+
+def render(z: NDArray[np.complex128], weight: F64, where: Transform, shape: tuple[int, int],
+           blur_px: float) -> F64:
+    """Bin sky points by weight onto a grid of `shape`, blur, stretch: 0..1."""
+    w = where.a * z + where.b
+    col = np.rint(w.real).astype(np.int64)
+    row = np.rint(-w.imag).astype(np.int64)
+    height, width = shape
+    inside = (col >= 0) & (col < width) & (row >= 0) & (row < height)
+    density = np.asarray(np.bincount(row[inside] * width + col[inside], weights=weight[inside],
+                                     minlength=height * width), dtype=np.float64).reshape(shape)
+    if blur_px > 0:
+        density = ndimage.gaussian_filter(density, blur_px, mode="constant")
+    return stretch(density)
+
+
+@dataclass(frozen=True)
+class Score:
+    """One (frame, view, mirror) of a job against the target; None scores: no transform."""
+
+    frame: int
+    time_gyr: float
+    view: str
+    mirror: bool
+    ssim: float | None
+    iou: float | None
+    nmi: float | None
+    kpc_per_px: float | None = None
+    rotation_deg: float | None = None
+    offset_x_px: float | None = None
+    offset_y_px: float | None = None
+
+    def value(self, metric: Metric) -> float | None:
+        value: float | None = getattr(self, metric.value)
+        return value
+
+
+def compare(target: Target, image: F64) -> tuple[float, float, float]:
+    """(SSIM, IoU, NMI) of a render against the target (see the module docstring)."""
+    from skimage.metrics import structural_similarity  # 1 s to import: only when scoring
+
+    ssim = float(structural_similarity(  # type: ignore[no-untyped-call]
+        target.image, image, data_range=1.0,
+        gaussian_weights=True, sigma=SSIM_SIGMA_PX, use_sample_covariance=False))
+    mine, theirs = image > MASK_LEVEL, target.mask
+    union = int(np.count_nonzero(mine | theirs))
+    iou = int(np.count_nonzero(mine & theirs)) / union if union else 0.0
+    return ssim, iou, nmi_of(target.levels, image)
+
+
+def levels(image: F64) -> NDArray[np.int64]:
+    """Brightness 0..1 as NMI_BINS bin indices."""
+    return np.minimum((image * NMI_BINS).astype(np.int64), NMI_BINS - 1)
+
+
+def _entropy(counts: NDArray[np.int64]) -> float:
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * np.log(p)).sum())
+
+
+def nmi_of(target_levels: NDArray[np.int64], image: F64) -> float:
+    """(H(A) + H(B)) / H(A, B) over NMI_BINS bins of 0..1 (Studholme et al. 1999).
+
+    skimage's `normalized_mutual_information` computes the same from a histogramdd over
+    each image's own range, ten times slower; both images here already span 0..1.
+    """
+    joint = np.bincount(target_levels.ravel() * NMI_BINS + levels(image).ravel(),
+                        minlength=NMI_BINS * NMI_BINS)
+    both = _entropy(joint)
+    square = joint.reshape(NMI_BINS, NMI_BINS)
+    return (_entropy(square.sum(axis=1)) + _entropy(square.sum(axis=0))) / both if both else 2.0
+
+
+def _galaxy_centres(snaps: Snapshots, frame: int) -> tuple[F64, F64]:
+    """The simulator's own centres if it saved them (restricted physics knows them
+    exactly), else found in the stars."""
+    if snaps.centres is not None:
+        return snaps.centres[frame, 0], snaps.centres[frame, 1]
+    pos = snaps.position[frame]
+    return centre(pos[snaps.galaxy == 0]), centre(pos[snaps.galaxy == 1])
+
+
+def render_one(snaps: Snapshots, frame: int, view: View, mirror: bool, target: Target
+               ) -> tuple[F64, Transform] | None:
+    """The render of one frame, view and mirror on the target's grid, and its transform."""
+    g1, g2 = _galaxy_centres(snaps, frame)
+    return _render_at(snaps, frame, view, mirror, target, g1, g2)
+
+
+def _render_at(snaps: Snapshots, frame: int, view: View, mirror: bool, target: Target,
+               g1: F64, g2: F64) -> tuple[F64, Transform] | None:
+    c1, c2 = sky(np.stack([g1, g2]), view, mirror)
+    where = transform(complex(c1), complex(c2), target, mirror)
+    if where is None:
+        return None
+    z = sky(snaps.position[frame], view, mirror)
+    shape = (target.image.shape[0], target.image.shape[1])
+    return render(z, snaps.weight, where, shape, target.blur_px), where
+
+
+def score_snapshots(snaps: Snapshots, views: Sequence[View], target: Target,
+                    skip: frozenset[tuple[int, str, bool]] = frozenset()) -> list[Score]:
+    """Every frame x view x mirror not in `skip`."""
+    out: list[Score] = []
+    for frame in range(len(snaps.time_gyr)):
+        g1, g2 = _galaxy_centres(snaps, frame)
+        t = float(snaps.time_gyr[frame])
+        for view in views:
+            for mirror in (False, True):
+                if (frame, view.name, mirror) in skip:
+                    continue
+                done = _render_at(snaps, frame, view, mirror, target, g1, g2)
+                if done is None:
+                    out.append(Score(frame, t, view.name, mirror, None, None, None))
+                    continue
+                image, where = done
+                ssim, iou, nmi = compare(target, image)
+                out.append(Score(frame, t, view.name, mirror, ssim, iou, nmi,
+                                 where.kpc_per_px, where.rotation_deg, where.b.real,
+                                 -where.b.imag))
+    return out
+
+
+# -- the cache
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS scores (
+    target TEXT NOT NULL, job TEXT NOT NULL, snapshot TEXT NOT NULL, frame INTEGER NOT NULL,
+    view TEXT NOT NULL, mirror INTEGER NOT NULL, time_gyr REAL NOT NULL,
+    ssim REAL, iou REAL, nmi REAL, kpc_per_px REAL, rotation_deg REAL,
+    offset_x_px REAL, offset_y_px REAL,
+    PRIMARY KEY (target, job, snapshot, frame, view, mirror));
+"""
+_FIELDS = [f.name for f in Score.__dataclass_fields__.values()]
+
+
+class ScoreCache(Database):
+    """Scores by (target, job, snapshots sha256, frame, view, mirror)."""
+
+    def __init__(self, root: Path) -> None:
+        folder = match_dir(root)
+        folder.mkdir(parents=True, exist_ok=True)
+        super().__init__(folder / "scores.db", _SCHEMA)
+
+    def get(self, target: str, job: str, snapshot: str) -> list[Score]:
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT {', '.join(_FIELDS)} FROM scores WHERE target=? AND job=? AND "
+                "snapshot=?", (target, job, snapshot)).fetchall()
+        return [Score(**{**dict(zip(_FIELDS, r, strict=True)), "mirror": bool(r[3])})
+                for r in rows]
+
+    def put(self, target: str, job: str, snapshot: str, scores: Iterable[Score]) -> None:
+        rows = [(target, job, snapshot, *(getattr(s, f) for f in _FIELDS)) for s in scores]
+        marks = ", ".join("?" * (3 + len(_FIELDS)))
+        with self._lock:
+            self._db.execute("BEGIN")
+            self._db.executemany(f"INSERT OR REPLACE INTO scores (target, job, snapshot, "
+                                 f"{', '.join(_FIELDS)}) VALUES ({marks})", rows)
+            self._db.execute("COMMIT")
+
+
+def match_dir(root: Path) -> Path:
+    return root / STATE_DIR / MATCH_DIR
+
+
+# -- one job, and a sweep
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How jobs are matched: views (0: the plots' axes; N: N directions) and ranking."""
+
+    views: int = 0
+    metric: Metric = Metric.SSIM
+
+
+@dataclass
+class Result:
+    """A job's best (frame, view, mirror) by the ranking metric; `best` None: unscorable."""
+
+    job: str
+    best: Score | None
+    scored: int = 0
+    reason: str = ""
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+def best_of(scores: Iterable[Score], metric: Metric) -> Score | None:
+    """The highest score by `metric` (ties: the earliest frame, then view order)."""
+    found = [s for s in scores if s.value(metric) is not None]
+    return max(found, key=lambda s: s.value(metric) or 0.0, default=None)
+
+
+def _score_job(job_name: str, path: Path, views: list[View], target: Target,
+               skip: frozenset[tuple[int, str, bool]]) -> tuple[str, list[Score]]:
+    return job_name, score_snapshots(load_snapshots(path), views, target, skip)
+
+
+def _unscored(cache: ScoreCache, job: Job, views: Sequence[View], target: Target
+              ) -> tuple[str | None, list[Score], int]:
+    """(snapshot digest, cached scores of these views, frames) for one job."""
+    digest = snapshot_digest(job)
+    if digest is None:
+        return None, [], 0
+    cached = [s for s in cache.get(target.key, job.name, digest)
+              if s.view in {v.name for v in views}]
+    with h5py.File(snapshot_path(job), "r") as f:
+        frames = int(f["time"].shape[0])
+    return digest, cached, frames
+
+
+def match_jobs(root: Path, jobs: Sequence[Job], target: Target, settings: Settings,
+               workers: int | None = None,
+               progress: Callable[[int, int], None] | None = None) -> list[Result]:
+    """Score every complete job (from the cache where it can), best first.
+
+    Jobs with work left go to a pool of `workers` processes (default: every core);
+    `progress(done, total)` is called as jobs finish.
+    """
+    cache = ScoreCache(root)
+    try:
+        results: dict[str, Result] = {}
+        todo: list[tuple[Job, str, list[View], list[Score], frozenset[tuple[int, str, bool]]]] = []
+        for job in jobs:
+            views = views_for(job, settings.views)
+            try:
+                digest, cached, frames = _unscored(cache, job, views, target)
+            except (OSError, KeyError) as exc:
+                results[job.name] = Result(job.name, None, reason=f"unreadable snapshots: {exc}")
+                continue
+            if digest is None:
+                results[job.name] = Result(job.name, None, reason="not complete")
+                continue
+            done = frozenset((s.frame, s.view, s.mirror) for s in cached)
+            if len(done) < frames * len(views) * 2:
+                todo.append((job, digest, views, cached, done))
+            else:
+                results[job.name] = Result(job.name, best_of(cached, settings.metric),
+                                           len(cached))
+        total = len(jobs)
+        finished = total - len(todo)
+        if progress:
+            progress(finished, total)
+        for job, digest, scores in _run_pool(todo, target, workers):
+            cache.put(target.key, job.name, digest, scores)
+            everything = [*next(t[3] for t in todo if t[0] is job), *scores]
+            results[job.name] = Result(job.name, best_of(everything, settings.metric),
+                                       len(everything))
+            finished += 1
+            if progress:
+                progress(finished, total)
+    finally:
+        cache.close()
+    return rank(list(results.values()), settings.metric)
+
+
+def _run_pool(todo: Sequence[tuple[Job, str, list[View], list[Score],
+                                   frozenset[tuple[int, str, bool]]]],
+              target: Target, workers: int | None
+              ) -> Iterable[tuple[Job, str, list[Score]]]:
+    """Score the jobs in `todo`: in this process for one job or one worker, else a pool.
+
+    The pool uses `spawn`: a fork of a process with threads (an event loop's) may
+    inherit a held lock.
+    """
+    count = workers if workers is not None else (os.cpu_count() or 1)
+    by_name = {job.name: (job, digest) for job, digest, *_ in todo}
+    if count <= 1 or len(todo) <= 1:
+        for job, digest, views, _, skip in todo:
+            yield job, digest, _score_job(job.name, snapshot_path(job), views, target, skip)[1]
+        return
+    import multiprocessing
+
+    with ProcessPoolExecutor(min(count, len(todo)),
+                             mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = [pool.submit(_score_job, job.name, snapshot_path(job), views, target, skip)
+                   for job, _, views, _, skip in todo]
+        for future in as_completed(futures):
+            name, scores = future.result()
+            job, digest = by_name[name]
+            yield job, digest, scores
+
+
+def rank(results: list[Result], metric: Metric) -> list[Result]:
+    """Scored jobs best first, then the unscorable ones (by name)."""
+    scored = [r for r in results if r.best is not None]
+    scored.sort(key=lambda r: -(r.best.value(metric) or 0.0) if r.best else 0.0)
+    rest = sorted((r for r in results if r.best is None), key=lambda r: r.job)
+    return scored + rest
+
+
+# -- what a match leaves behind (the report reads it)
+
+
+CSV_COLUMNS = ["rank", "job", "score", "ssim", "iou", "nmi", "time_gyr", "frame", "view",
+               "mirror", "kpc_per_px", "rotation_deg", "offset_x_px", "offset_y_px", "note"]
+
+
+def write_results(root: Path, results: Sequence[Result], target: Target, settings: Settings
+                  ) -> Path:
+    """`DIR/.gibatch/match/ranking.csv` and `match.json` (the target and the settings)."""
+    folder = match_dir(root)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / RANKING_FILE
+    tmp = path.with_suffix(".tmp")
+    with tmp.open("w", newline="") as f:
+        out = csv.writer(f)
+        out.writerow(CSV_COLUMNS)
+        for index, r in enumerate(results, start=1):
+            b = r.best
+            if b is None:
+                out.writerow(["", r.job, *[""] * 12, r.reason or "no usable frame"])
+                continue
+            out.writerow([index, r.job, _num(b.value(settings.metric)), _num(b.ssim),
+                          _num(b.iou), _num(b.nmi), _num(b.time_gyr), b.frame, b.view,
+                          int(b.mirror), _num(b.kpc_per_px), _num(b.rotation_deg),
+                          _num(b.offset_x_px), _num(b.offset_y_px), ""])
+    os.replace(tmp, path)
+    meta = {"target": str(target.path), "target_key": target.key,
+            "centres": target.given or target.centres, "blur_px": target.blur_px,
+            **asdict(settings)}
+    (folder / SETTINGS_FILE).write_text(json.dumps(meta, indent=1) + "\n")
+    return path
+
+
+def _num(value: float | None) -> str:
+    return "" if value is None else f"{value:.6g}"

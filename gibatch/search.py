@@ -1,0 +1,428 @@
+"""Adaptive search: Optuna asks for parameters, the scheduler runs them, matching scores.
+
+A search space (TOML) names job keys in `gibatch sweep`'s syntax, each with a range:
+
+    "interact.mass_2"       = {low = 0.5, high = 4, log = true}
+    "merge.theta_galaxy_2"  = {low = 0, high = 90}
+    "orbit.approach"        = {low = 0, high = 90, step = 15}
+    "galaxy2.disk.number_of_particles" = {low = 100, high = 400, int = true}
+    "plot1.colour_scheme"   = {choices = ["whiteonblack", "blackonwhite"]}
+
+(`[merge]` tables with `theta_galaxy_2 = {...}` inside say the same.) Every key must
+exist in the base job, as for `gibatch sweep`.
+
+Each trial is an ordinary job folder, `search-NNNN` (the trial's number), so check,
+status, report and match work on it; it runs through the same scheduler as `gibatch
+run` (`Scheduler.add` while the run is open), and when it completes its best match
+score is told to the study; a failed job is told as failed. The study lives in
+`DIR/.gibatch/search/study.log` (Optuna's journal storage: appends under a file lock,
+so a `kill -9` leaves it readable), named by the target and the space, so the same
+command resumes the same study. Resuming loses no trial and runs none twice: a trial
+asked but not yet told is RUNNING in the study, and its folder is written from the
+trial's own parameters if the kill came before it was; a folder already complete is
+scored and told; any other goes back to the scheduler, which finishes what it started.
+Complete jobs of the folder that are no trial yet (a first grid) are told to the study
+before anything is asked, when their values lie in the space.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import shutil
+import tempfile
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import anyio
+import optuna
+from filelock import FileLock, Timeout
+from optuna.distributions import (
+    BaseDistribution,
+    CategoricalDistribution,
+    FloatDistribution,
+    IntDistribution,
+)
+from optuna.storages import JournalStorage
+from optuna.storages.journal import JournalFileBackend
+from optuna.trial import FrozenTrial, TrialState
+
+from gibatch import match, record
+from gibatch.errors import leaves
+from gibatch.jobs import STATE_DIR, Job, JobInvalid, job_files, load_job, load_sweep
+from gibatch.run import Outcome, Scheduler
+from gibatch.sweep import SweepError, apply_point, orbit_of
+
+log = logging.getLogger("gibatch")
+
+SEARCH_DIR = "search"
+STUDY_FILE = "study.log"
+JOB_PREFIX = "search-"
+RESCAN_S = 1.0  # outcomes that come without an event (claimed elsewhere) are seen by then
+_RANGE_KEYS = {"low", "high", "log", "int", "step", "choices"}
+
+Value = int | float | str
+
+
+class SearchError(Exception):
+    """A search that cannot start as asked; the message names the key or the file."""
+
+
+# -- the space
+
+
+@dataclass(frozen=True)
+class Dimension:
+    """One searched key and its Optuna distribution."""
+
+    key: str
+    distribution: BaseDistribution
+
+
+def _dimension(key: str, spec: Mapping[str, Any]) -> Dimension:
+    unknown = set(spec) - _RANGE_KEYS
+    if unknown:
+        raise SearchError(f"{key}: unknown setting {sorted(unknown)[0]!r} (a range has low, "
+                          "high and optionally log, int, step; or choices = [...])")
+    if "choices" in spec:
+        choices = spec["choices"]
+        if not isinstance(choices, list) or not choices or not all(
+                isinstance(c, int | float | str) and not isinstance(c, bool) for c in choices):
+            raise SearchError(f"{key}: choices must be a non-empty list of numbers or strings")
+        return Dimension(key, CategoricalDistribution(choices))
+    low, high = spec.get("low"), spec.get("high")
+    if not all(isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+               for v in (low, high)):
+        raise SearchError(f"{key}: needs numbers low and high (or choices = [...])")
+    assert isinstance(low, int | float) and isinstance(high, int | float)
+    if high <= low:
+        raise SearchError(f"{key}: low ({low}) must be below high ({high})")
+    log_scale, step = bool(spec.get("log", False)), spec.get("step")
+    if log_scale and low <= 0:
+        raise SearchError(f"{key}: a log range needs low > 0")
+    if step is not None and (not isinstance(step, int | float) or step <= 0 or log_scale):
+        raise SearchError(f"{key}: step must be a positive number, and not with log")
+    try:
+        if spec.get("int", False):
+            return Dimension(key, IntDistribution(math.ceil(low), math.floor(high), log=log_scale,
+                                                  step=int(step or 1)))
+        return Dimension(key, FloatDistribution(float(low), float(high), log=log_scale,
+                                                step=None if step is None else float(step)))
+    except ValueError as exc:  # Optuna's own checks (an int range with no integer in it)
+        raise SearchError(f"{key}: {exc}") from None
+
+
+def _flatten(table: Mapping[str, Any], prefix: str = "") -> dict[str, Mapping[str, Any]]:
+    """Key -> range; a nested table is a range when it holds range settings."""
+    out: dict[str, Mapping[str, Any]] = {}
+    for name, value in table.items():
+        key = f"{prefix}{name}"
+        if not isinstance(value, dict):
+            raise SearchError(f"{key}: expected a table like {{low = 0, high = 90}}")
+        if set(value) & _RANGE_KEYS:
+            out[key] = value
+        else:
+            out.update(_flatten(value, f"{key}."))
+    return out
+
+
+def load_space(path: Path, base: Mapping[str, Any]) -> list[Dimension]:
+    """The dimensions of the TOML space at `path`, each key checked against `base`."""
+    try:
+        table = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise SearchError(f"--space {path}: cannot read: {exc.strerror or exc}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise SearchError(f"--space {path}: not valid TOML: {exc}") from None
+    ranges = _flatten(table)
+    if not ranges:
+        raise SearchError(f"--space {path}: names no key to search")
+    dims = []
+    for key, spec in ranges.items():
+        dim = _dimension(key, spec)
+        probe = dim.distribution.to_external_repr(dim.distribution.to_internal_repr(
+            _some_value(dim.distribution)))
+        try:
+            apply_point(base, {key: probe})
+        except SweepError as exc:
+            raise SearchError(f"--space: {exc}") from None
+        dims.append(dim)
+    return dims
+
+
+def _some_value(dist: BaseDistribution) -> Value:
+    if isinstance(dist, CategoricalDistribution):
+        first: Value = dist.choices[0]  # type: ignore[assignment]
+        return first
+    assert isinstance(dist, FloatDistribution | IntDistribution)
+    return dist.low
+
+
+def space_key(dims: list[Dimension]) -> str:
+    blob = json.dumps([[d.key, optuna.distributions.distribution_to_json(d.distribution)]
+                       for d in dims])
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def _value_at(files: Mapping[str, Any], key: str) -> object:
+    node: object = files
+    for part in key.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def _inside(dist: BaseDistribution, value: Value) -> bool:
+    if isinstance(dist, CategoricalDistribution):
+        return value in dist.choices
+    assert isinstance(dist, FloatDistribution | IntDistribution)
+    return isinstance(value, int | float) and dist.low <= value <= dist.high
+
+
+def job_values(files: Mapping[str, Any], dims: list[Dimension]) -> dict[str, Value] | None:
+    """A job's values of the searched keys, if all lie in the space (None otherwise)."""
+    out: dict[str, Value] = {}
+    for dim in dims:
+        stem, _, sub = dim.key.partition(".")
+        value = (orbit_of(files["merge"])[sub] if stem == "orbit" and "merge" in files
+                 else _value_at(files, dim.key))
+        if (not isinstance(value, int | float | str) or isinstance(value, bool)
+                or not _inside(dim.distribution, value)):
+            return None
+        out[dim.key] = value
+    return out
+
+
+# -- the study and its job folders
+
+
+def trial_job(trial: FrozenTrial) -> str:
+    """The job folder of a trial: its own name if told from an existing job."""
+    name = trial.user_attrs.get("job")
+    return str(name) if name else f"{JOB_PREFIX}{trial.number:04d}"
+
+
+def write_job(root: Path, name: str, base: Mapping[str, Any], point: Mapping[str, Value]
+              ) -> Job:
+    """Write job folder `name` from the base job with `point` set, whole or not at all."""
+    staging = Path(tempfile.mkdtemp(dir=root / STATE_DIR, prefix="search-job-"))
+    try:
+        for stem, obj in apply_point(base, point).items():
+            (staging / f"{stem}.json").write_text(json.dumps(obj, indent=2) + "\n")
+        load_job(staging)  # a value the base job's own checks refuse fails here
+        staging.rename(root / name)
+    except JobInvalid as exc:
+        raise SearchError(f"trial {name}: {exc}") from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return load_job(root / name)
+
+
+@dataclass
+class Progress:
+    """What the live display shows."""
+
+    asked: int = 0
+    told: int = 0
+    failed: int = 0
+    budget: int = 0
+    best_value: float | None = None
+    best_params: dict[str, Any] = field(default_factory=dict)
+    best_job: str = ""
+
+
+class Search:
+    """One study over one folder; `drive` feeds a scheduler until the budget is told."""
+
+    def __init__(self, root: Path, base: Mapping[str, Any], dims: list[Dimension],
+                 target: match.Target, settings: match.Settings, budget: int,
+                 seed: int | None = None,
+                 on_progress: Callable[[Progress], None] | None = None) -> None:
+        if budget < 1:
+            raise SearchError(f"--budget {budget}: must be at least 1")
+        self.root, self.base, self.dims = root, base, dims
+        self.target, self.settings, self.budget = target, settings, budget
+        folder = root / STATE_DIR / SEARCH_DIR
+        folder.mkdir(parents=True, exist_ok=True)
+        self._lock = FileLock(folder / "search.lock")
+        try:
+            self._lock.acquire(timeout=0)
+        except Timeout:
+            raise SearchError(f"another gibatch search is running on {root}") from None
+        storage = JournalStorage(JournalFileBackend(str(folder / STUDY_FILE)))
+        self.study = optuna.create_study(
+            study_name=f"{target.key}-{space_key(dims)}", storage=storage,
+            direction="maximize", sampler=optuna.samplers.TPESampler(seed=seed),
+            load_if_exists=True)
+        self.progress = Progress(budget=budget)
+        self._on_progress = on_progress
+        self._in_flight: dict[str, int] = {}  # job name -> trial number
+        self._changed = anyio.Event()
+        self._stopped = False
+
+    def close(self) -> None:
+        self._lock.release()
+
+    # -- what the study holds
+
+    def _asked(self) -> list[FrozenTrial]:
+        return [t for t in self.study.get_trials(deepcopy=False) if not t.user_attrs.get("job")]
+
+    def _refresh(self) -> None:
+        trials = self.study.get_trials(deepcopy=False)
+        done = [t for t in trials if t.state is TrialState.COMPLETE]
+        p = self.progress
+        p.asked = len(self._asked())
+        p.told = sum(1 for t in trials if t.state.is_finished() and not t.user_attrs.get("job"))
+        p.failed = sum(1 for t in trials if t.state is TrialState.FAIL)
+        if done:
+            best = max(done, key=lambda t: t.value or 0.0)
+            p.best_value, p.best_params, p.best_job = best.value, best.params, trial_job(best)
+        if self._on_progress:
+            self._on_progress(p)
+
+    def tell_existing(self) -> int:
+        """Tell the study every complete job of the folder that is no trial yet."""
+        known = {trial_job(t) for t in self.study.get_trials(deepcopy=False)}
+        told = 0
+        for job in load_sweep(self.root).jobs:
+            if job.name in known or job.name.startswith(JOB_PREFIX) or not record.is_complete(
+                    job):
+                continue
+            values = job_values(job_files(job), self.dims)
+            score = self._score(job) if values is not None else None
+            if values is None or score is None:
+                log.info("job %s: not told to the study (outside the space or unscorable)",
+                         job.name)
+                continue
+            self.study.add_trial(optuna.trial.create_trial(
+                params=values, distributions={d.key: d.distribution for d in self.dims},
+                value=score, user_attrs={"job": job.name}))
+            told += 1
+        self._refresh()
+        return told
+
+    def _score(self, job: Job) -> float | None:
+        """The job's best score by the ranking metric (cached, so `match` reuses it)."""
+        results = match.match_jobs(self.root, [job], self.target, self.settings, workers=1)
+        best = results[0].best if results else None
+        return None if best is None else best.value(self.settings.metric)
+
+    # -- the loop
+
+    def _ask(self) -> tuple[Job, int]:
+        trial = self.study.ask({d.key: d.distribution for d in self.dims})
+        return self._job_of(self.study.get_trials(deepcopy=False)[trial.number]), trial.number
+
+    def _job_of(self, trial: FrozenTrial) -> Job:
+        """The trial's job folder, written from its parameters if a kill came first."""
+        name = trial_job(trial)
+        folder = self.root / name
+        if folder.exists():
+            try:
+                return load_job(folder)
+            except JobInvalid as exc:
+                raise SearchError(f"trial {trial.number}: its folder {name} is not a valid "
+                                  f"job: {exc}") from None
+        return write_job(self.root, name, self.base, trial.params)
+
+    async def _tell(self, name: str, outcome: Outcome, reason: str) -> None:
+        number = self._in_flight.pop(name)
+        if outcome in (Outcome.COMPLETE, Outcome.ALREADY_COMPLETE):
+            score = await anyio.to_thread.run_sync(self._score, load_job(self.root / name))
+            if score is not None:
+                self.study.tell(number, score)
+                log.info("trial %d (%s): %s %.4f", number, name, self.settings.metric.value,
+                         score)
+            else:
+                self.study.tell(number, state=TrialState.FAIL)
+                log.warning("trial %d (%s): no frame could be matched", number, name)
+        else:
+            self.study.tell(number, state=TrialState.FAIL)
+            log.warning("trial %d (%s) failed: %s", number, name, reason)
+        self._refresh()
+
+    def notify(self, event: str, fields: dict[str, object]) -> None:
+        """A scheduler listener: wake the loop when a job's outcome may have changed."""
+        if event.startswith("job-"):
+            self._changed.set()
+
+    def stop(self) -> None:
+        """The run ended (a signal, no model number free): ask nothing more."""
+        self._stopped = True
+        self._changed.set()
+
+    async def drive(self, scheduler: Scheduler, slots: int) -> None:
+        """Ask, queue and tell until the budget is spent and told; then close the run.
+
+        At most `slots` trials are queued or running at once (one per model number),
+        each asked when one ends, so every answer informs the next question.
+        """
+        try:
+            for trial in self._asked():
+                if trial.state is TrialState.RUNNING:
+                    await self._resume(scheduler, trial)
+            while not (scheduler.stopping or self._stopped):
+                await self._settle(scheduler)
+                while (len(self._asked()) < self.budget and len(self._in_flight) < slots
+                       and not (scheduler.stopping or self._stopped)):
+                    job, number = self._ask()
+                    self._in_flight[job.name] = number
+                    scheduler.add(job)
+                    self._refresh()
+                if not self._in_flight:
+                    break
+                with anyio.move_on_after(RESCAN_S):
+                    await self._changed.wait()
+                self._changed = anyio.Event()
+        finally:
+            scheduler.close()
+
+    async def _resume(self, scheduler: Scheduler, trial: FrozenTrial) -> None:
+        job = self._job_of(trial)
+        self._in_flight[job.name] = trial.number
+        if record.is_complete(job):
+            await self._tell(job.name, Outcome.COMPLETE, "")
+        else:
+            scheduler.add(job)
+
+    async def _settle(self, scheduler: Scheduler) -> None:
+        """Tell the study what became of jobs that ended; interrupted ones stay RUNNING."""
+        outcomes = scheduler.summary.outcomes
+        for name in list(self._in_flight):
+            outcome = outcomes.get(name)
+            if outcome in (Outcome.COMPLETE, Outcome.ALREADY_COMPLETE, Outcome.FAILED,
+                           Outcome.INVALID):
+                await self._tell(name, outcome, scheduler.summary.reasons.get(name, ""))
+            elif outcome in (Outcome.NOT_RUN, Outcome.ELSEWHERE):
+                self._in_flight.pop(name)  # the next search (or the other process) ends it
+
+
+async def run_search(finder: Search, scheduler: Scheduler, slots: int) -> None:
+    """Run the scheduler, held open, beside the search that feeds it.
+
+    A lone error of either (no model number free, a trial folder that cannot be
+    written) comes out as itself, not wrapped in the task group's ExceptionGroup.
+    """
+    async def run() -> None:
+        try:
+            await scheduler.execute()
+        finally:
+            finder.stop()
+
+    scheduler.hold_open()
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(run)
+            await finder.drive(scheduler, slots)
+    except BaseExceptionGroup as group:
+        found = leaves(group)
+        if len(found) == 1 and isinstance(found[0], Exception):
+            raise found[0] from None
+        raise

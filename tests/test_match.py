@@ -1,0 +1,217 @@
+"""`gibatch match`: a target rendered from a known job, then rotated, rescaled and noised
+as an observation would be, is found again among its neighbours; mirror and rotation
+are recovered; scores come from the cache the second time; bad inputs get one line."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from gibatch import match
+from gibatch.cli import app
+from gibatch.jobs import load_sweep
+from gibatch.run import Outcome
+from gibatch.sim.app import SiteConfig
+from gibatch.sim.server import ThreadedSite
+from tests.conftest import run_sweep, tiny_job_files, write_job
+
+THETAS = (0, 30, 60, 90)
+HIDDEN = "theta-30"
+GRID = (100, 120)  # rows, columns of the rendered target
+CENTRES = ((40.0, 55.0), (80.0, 45.0))
+
+
+def small_job(theta: float) -> dict[str, Any]:
+    """Enough stars to show a disk's tilt, few enough to run in seconds; the galaxies
+    close enough (60 kpc) for both disks to span many pixels of the target."""
+    files = tiny_job_files(**{"merge.json": {
+        "theta_galaxy_2": theta, "length_scale": {"galaxy_1": 1, "galaxy_2": 0.8},
+        "position_galaxy_2": {"x": 40, "y": 40, "z": 10}},
+                              "interact.json": {"duration": 0.4, "nFrames": 5}})
+    for g in ("galaxy1.json", "galaxy2.json"):
+        files[g] = {**files[g], "disk": {**files[g]["disk"], "number_of_particles": 300},
+                    "bulge": {"number_of_particles": 60}}
+    return files
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Four jobs that differ only in galaxy 2's tilt, run once on a local site."""
+    root = tmp_path_factory.mktemp("match")
+    jobs = root / "jobs"
+    for theta in THETAS:
+        write_job(jobs, f"theta-{theta}", small_job(theta))
+    site = ThreadedSite(SiteConfig(data_dir=root / "site", accounts={"alice": "pw"}, workers=2))
+    try:
+        summary = run_sweep(site, jobs, [1, 2])
+    finally:
+        site.stop()
+    assert set(summary.outcomes.values()) == {Outcome.COMPLETE}, summary.reasons
+    yield jobs
+
+
+def render_target(jobs: Path, frame: int, view: str, mirror: bool) -> tuple[np.ndarray, float]:
+    """The matcher's own render of the hidden job, and the rotation its transform used."""
+    job = next(j for j in load_sweep(jobs).jobs if j.name == HIDDEN)
+    snaps = match.load_snapshots(match.snapshot_path(job))
+    grid = match.Target(np.zeros(GRID), CENTRES, "none", Path("none"))
+    done = match.render_one(snaps, frame, match.axes_view(*view.split("-")), mirror, grid)
+    assert done is not None
+    image, where = done
+    return image, where.rotation_deg
+
+
+def observe(image: np.ndarray, angle_deg: float, zoom: float, noise: float, path: Path
+            ) -> str:
+    """Rotate (counter-clockwise as shown) about the image centre, rescale, add noise;
+    save as PNG and return the centres where they moved, as --centres text."""
+    height, width = image.shape
+    pil = Image.fromarray((image * 255).astype(np.uint8))
+    cx, cy = width / 2, height / 2
+    pil = pil.rotate(angle_deg, resample=Image.Resampling.BILINEAR, center=(cx, cy))
+    pil = pil.resize((round(width * zoom), round(height * zoom)), Image.Resampling.BILINEAR)
+    noisy = np.asarray(pil, dtype=np.float64) + np.random.default_rng(5).normal(
+        0, noise * 255, (pil.size[1], pil.size[0]))
+    Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8)).save(path)
+    a = math.radians(angle_deg)
+    moved = []
+    for x, y in CENTRES:  # pixel centres: the rotation acts on x + 0.5, y + 0.5
+        dx, dy = x + 0.5 - cx, y + 0.5 - cy
+        rx, ry = cx + dx * math.cos(a) + dy * math.sin(a), cy - dx * math.sin(a) + dy * math.cos(a)
+        moved += [rx * zoom - 0.5, ry * zoom - 0.5]
+    return ",".join(f"{v:.2f}" for v in moved)
+
+
+def ranked(jobs: Path, target: Path, centres: str, views: int = 0) -> list[match.Result]:
+    goal = match.load_target(target, match.parse_centres(centres))
+    return match.match_jobs(jobs, load_sweep(jobs).jobs, goal, match.Settings(views=views),
+                            workers=1)
+
+
+@pytest.mark.slow
+def test_observed_render_of_a_job_ranks_it_first(sweep: Path, tmp_path: Path) -> None:
+    image, rotation = render_target(sweep, frame=3, view="x-z", mirror=False)
+    centres = observe(image, angle_deg=25, zoom=1.3, noise=0.03, path=tmp_path / "t.png")
+    results = ranked(sweep, tmp_path / "t.png", centres)
+    assert results[0].job == HIDDEN, [(r.job, r.best) for r in results]
+    best = results[0].best
+    assert best is not None and best.view == "x-z" and not best.mirror and best.frame == 3
+    assert abs((best.rotation_deg - (rotation + 25) + 180) % 360 - 180) < 3, best
+    # every other job scores clearly lower: the ranking is not a coin toss
+    assert all(r.best is not None and r.best.ssim is not None and best.ssim is not None
+               and r.best.ssim < best.ssim - 0.02 for r in results[1:])
+
+
+@pytest.mark.slow
+def test_mirror_and_rotation_recovered_from_any_direction(sweep: Path, tmp_path: Path) -> None:
+    image, rotation = render_target(sweep, frame=4, view="x-y", mirror=True)
+    centres = observe(image, angle_deg=-70, zoom=0.8, noise=0.02, path=tmp_path / "m.png")
+    results = ranked(sweep, tmp_path / "m.png", centres)
+    best = results[0].best
+    assert results[0].job == HIDDEN and best is not None
+    assert best.mirror and best.view == "x-y" and best.frame == 4
+    assert abs((best.rotation_deg - (rotation - 70) + 180) % 360 - 180) < 3, best
+    # the same frame seen unmirrored scores worse
+    cache = match.ScoreCache(sweep)
+    try:
+        job = next(j for j in load_sweep(sweep).jobs if j.name == HIDDEN)
+        digest = match.snapshot_digest(job)
+        assert digest is not None
+        goal = match.load_target(tmp_path / "m.png", match.parse_centres(centres))
+        plain = [s for s in cache.get(goal.key, HIDDEN, digest)
+                 if s.frame == 4 and s.view == "x-y" and not s.mirror]
+    finally:
+        cache.close()
+    assert plain and plain[0].ssim is not None and best.ssim is not None
+    assert plain[0].ssim < best.ssim - 0.05
+
+
+@pytest.mark.slow
+def test_scores_come_from_the_cache_the_second_time(
+    sweep: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    image, _ = render_target(sweep, frame=2, view="x-z", mirror=False)
+    centres = observe(image, 0, 1.0, 0.0, tmp_path / "c.png")
+    first = ranked(sweep, tmp_path / "c.png", centres, views=2)
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("scored again")
+
+    monkeypatch.setattr(match, "score_snapshots", refuse)
+    again = ranked(sweep, tmp_path / "c.png", centres, views=2)
+    assert [(r.job, r.best) for r in again] == [(r.job, r.best) for r in first]
+    assert all(r.scored == 5 * 2 * 2 for r in again)  # frames x views x mirror
+
+
+@pytest.mark.slow
+def test_match_command_writes_the_ranking(sweep: Path, tmp_path: Path) -> None:
+    image, _ = render_target(sweep, frame=3, view="x-z", mirror=False)
+    centres = observe(image, 10, 1.1, 0.02, tmp_path / "cli.png")
+    result = CliRunner().invoke(app, ["match", "--jobs", str(sweep), "--target",
+                                      str(tmp_path / "cli.png"), "--centres", centres,
+                                      "--workers", "2"])
+    assert result.exit_code == 0, result.output
+    rows = (sweep / ".gibatch" / "match" / "ranking.csv").read_text().splitlines()
+    assert rows[0].startswith("rank,job,score,ssim,iou,nmi")
+    assert len(rows) == 1 + len(THETAS)
+    first = rows[1].split(",")
+    assert first[1] == HIDDEN and first[2] == first[3]  # ranked by SSIM, the default
+    assert "4 jobs scored" in result.output
+
+
+def bad(args: list[str]) -> str:
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    return result.output
+
+
+@pytest.fixture
+def one_job(tmp_path: Path) -> Path:
+    write_job(tmp_path / "jobs", "a", tiny_job_files())
+    return tmp_path / "jobs"
+
+
+def test_bad_targets_and_centres_are_named(one_job: Path, tmp_path: Path) -> None:
+    text = tmp_path / "notes.png"
+    text.write_text("this is not an image\n")
+    image = tmp_path / "ok.png"
+    Image.new("L", (64, 48), 20).save(image)
+    args = ["match", "--jobs", str(one_job), "--target"]
+    assert "not an image" in bad([*args, str(text), "--centres", "1,1,5,5"])
+    assert "no such file" in bad([*args, str(tmp_path / "gone.png"), "--centres",
+                                  "1,1,5,5"]).lower()
+    assert "lies outside the target, which is 64x48" in bad([*args, str(image), "--centres",
+                                                            "10,10,70,20"])
+    assert "galaxy 2's centre (10, 48)" in bad([*args, str(image), "--centres", "1,1,10,48"])
+    assert "the two centres are the same point" in bad([*args, str(image), "--centres",
+                                                       "10,10,10,10"])
+    assert "expected four numbers" in bad([*args, str(image), "--centres", "10,10,20"])
+    assert "every pixel the same" in bad([*args, str(image), "--centres", "10,10,20,20"])
+
+
+def test_bad_search_inputs_are_named(tmp_path: Path) -> None:
+    base = tmp_path / "base"
+    write_job(tmp_path, "base", tiny_job_files())
+    image = tmp_path / "t.png"
+    pixels = np.zeros((48, 64), np.uint8)
+    pixels[10:20, 10:20] = 200
+    Image.fromarray(pixels).save(image)
+    space = tmp_path / "space.toml"
+    common = ["search", "--jobs", str(tmp_path / "found"), "--base", str(base), "--space",
+              str(space), "--target", str(image), "--centres", "12,12,40,30"]
+    space.write_text('"merge.theta_galaxy_3" = {low = 0, high = 90}\n')
+    assert "merge.json has no key 'theta_galaxy_3'" in bad([*common, "--budget", "4"])
+    space.write_text('"interact.mass_2" = {low = 3, high = 1}\n')
+    assert "low (3) must be below high (1)" in bad([*common, "--budget", "4"])
+    space.write_text('"interact.mass_2" = {low = 0.5, high = 3, log = true}\n')
+    assert "--budget 0: must be at least 1" in bad([*common, "--budget", "0"])
+    space.write_text("interact.mass_2 = [1, 2\n")
+    assert "not valid TOML" in bad([*common, "--budget", "4"])
