@@ -9,6 +9,7 @@ a half-downloaded file is never shown as a result.
 
 from __future__ import annotations
 
+import csv
 import html
 import json
 import logging
@@ -21,6 +22,7 @@ from importlib import resources
 from pathlib import Path
 from urllib.parse import quote
 
+import numpy as np
 from PIL import Image, ImageDraw, UnidentifiedImageError
 
 from gibatch.jobs import STATE_DIR, Job, Sweep, open_regular, payload_of
@@ -195,7 +197,8 @@ def _cell(value: Value | None) -> str:
 
 
 def render_page(title: str, rows: list[Row], keys: list[str], page_dir: Path,
-                thumbs: Mapping[tuple[str, str], Path], sheet: Path | None) -> str:
+                thumbs: Mapping[tuple[str, str], Path], sheet: Path | None,
+                match_html: str = "") -> str:
     head = "".join(f'<th data-key="{html.escape(k)}" title="sort by {html.escape(k)}">'
                    f"{html.escape(k)}</th>" for k in keys)
     numeric = [k for k in keys if all(isinstance(r.values.get(k, 0), int | float)
@@ -233,7 +236,8 @@ def render_page(title: str, rows: list[Row], keys: list[str], page_dir: Path,
             .replace("{{sheet}}", sheet_link)
             .replace("{{filters}}", filters)
             .replace("{{head}}", head)
-            .replace("{{rows}}", "\n".join(body)))
+            .replace("{{rows}}", "\n".join(body))
+            .replace("{{match}}", match_html))
 
 
 def build_report(sweep: Sweep, status: SweepStatus, page: Path | None = None) -> Report:
@@ -257,8 +261,95 @@ def build_report(sweep: Sweep, status: SweepStatus, page: Path | None = None) ->
     has_sheet = contact_sheet(rows, sheet)
     keys = varying_keys(r.values for r in rows if r.values)
     text = render_page(root.resolve().name, rows, keys, page.parent, thumbs,
-                       sheet if has_sheet else None)
+                       sheet if has_sheet else None,
+                       match_section(sweep, rows, keys, media, page.parent))
     tmp = page.with_suffix(".tmp")
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, page)
     return Report(page, sheet if has_sheet else None, len(rows), len(thumbs))
+
+
+# -- the match section (when `gibatch match` or `gibatch search` has ranked the sweep)
+
+MATCH_TOP = 5
+PLOT_PX = (260, 170)
+
+
+def match_section(sweep: Sweep, rows: list[Row], keys: list[str], media: Path,
+                  page_dir: Path) -> str:
+    """The target beside the best render of the top jobs, and score against each varied
+    parameter; empty when no ranking exists. Renders are made again from the snapshots
+    (cheap for five jobs), so the ranking file stays small."""
+    from gibatch import match
+
+    folder = match.match_dir(sweep.root)
+    try:
+        meta = json.loads((folder / match.SETTINGS_FILE).read_text())
+        with (folder / match.RANKING_FILE).open(newline="") as f:
+            ranking = [r for r in csv.DictReader(f) if r["rank"]]
+        (c1, c2) = (tuple(c) for c in meta["centres"])
+        target = match.load_target(Path(meta["target"]), (c1, c2), float(meta["blur_px"]))
+    except (OSError, ValueError, KeyError, TypeError, match.MatchError) as exc:
+        if (folder / match.RANKING_FILE).exists():
+            log.warning("report: match results not shown: %s", exc)
+        return ""
+    jobs = {j.name: j for j in sweep.jobs}
+    tiles = []
+    for index, r in enumerate(ranking[:MATCH_TOP]):
+        job = jobs.get(r["job"])
+        if job is None:
+            continue
+        views = {v.name: v for v in match.views_for(job, int(meta.get("views", 0)))}
+        try:
+            snaps = match.load_snapshots(match.snapshot_path(job))
+            done = match.render_one(snaps, int(r["frame"]), views[r["view"]],
+                                    r["mirror"] == "1", target)
+        except (OSError, KeyError, ValueError) as exc:
+            log.warning("report: no render for %s: %s", job.name, exc)
+            continue
+        if done is None:
+            continue
+        pair = np.hstack([target.image, np.ones((target.image.shape[0], 2)), done[0]])
+        dest = media / f"match-{index}.png"
+        Image.fromarray((pair * 255).astype(np.uint8)).save(dest)
+        tiles.append(f'<figure><img src="{_url(dest, page_dir)}" alt="target and render">'
+                     f"<figcaption>{index + 1}. {html.escape(r['job'])}: score "
+                     f"{html.escape(r['score'])}, t = {html.escape(r['time_gyr'])} Gyr, "
+                     f"view {html.escape(r['view'])}{' mirrored' if r['mirror'] == '1' else ''}"
+                     "</figcaption></figure>")
+    scores = {r["job"]: float(r["score"]) for r in ranking}
+    plots = []
+    for k, key in enumerate(keys):
+        points = [(float(v), scores[row.name]) for row in rows
+                  if row.name in scores and isinstance(v := row.values.get(key), int | float)]
+        if len(points) >= 2:
+            dest = media / f"match-score-{k}.png"
+            scatter(points, dest)
+            plots.append(f'<figure><img src="{_url(dest, page_dir)}" alt="score vs '
+                         f'{html.escape(key)}"><figcaption>{html.escape(meta["metric"])} '
+                         f"against {html.escape(key)}</figcaption></figure>")
+    return (f"<h2>Match against {html.escape(Path(meta['target']).name)} "
+            f"(ranked by {html.escape(meta['metric'])})</h2>"
+            f"<p>Target (left) and the best render of the top jobs (right).</p>"
+            f"{''.join(tiles)}<h3>Score against each varied parameter</h3>{''.join(plots)}")
+
+
+def scatter(points: list[tuple[float, float]], dest: Path) -> None:
+    """A small scatter plot (PIL only): x the parameter, y the score, ranges labelled."""
+    width, height = PLOT_PX
+    image = Image.new("RGB", PLOT_PX, "white")
+    draw = ImageDraw.Draw(image)
+    xs, ys = [p[0] for p in points], [p[1] for p in points]
+    x0, x1 = min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1
+    y0, y1 = min(ys), max(ys) if max(ys) > min(ys) else min(ys) + 1
+    left, bottom, pad = 40, height - 20, 8
+    draw.rectangle([left, pad, width - pad, bottom], outline="#888")
+    for x, y in points:
+        px = left + (x - x0) / (x1 - x0) * (width - pad - left)
+        py = bottom - (y - y0) / (y1 - y0) * (bottom - pad)
+        draw.ellipse([px - 2, py - 2, px + 2, py + 2], fill="#1f5fbf")
+    draw.text((2, pad), f"{y1:.3g}", fill="black")
+    draw.text((2, bottom - 10), f"{y0:.3g}", fill="black")
+    draw.text((left, bottom + 4), f"{x0:.4g}", fill="black")
+    draw.text((width - 50, bottom + 4), f"{x1:.4g}", fill="black")
+    image.save(dest)

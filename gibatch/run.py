@@ -148,8 +148,8 @@ class Scheduler:
         self.open = True
 
     def add(self, job: Job) -> None:
-        """Queue a job while the run goes on; an idle worker takes it at once."""
-        self.sweep.jobs.append(job)
+        """Queue a job while the run goes on (or before `execute`, which queues only the
+        sweep's own jobs); an idle worker takes it at once."""
         self.pending.append(job)
         self._notify()
 
