@@ -1,0 +1,137 @@
+"""`gibatch search` as a real process on its embedded site: killed with SIGKILL mid-search
+and run again, the study goes on with no trial lost or run twice, and its best trial
+lands near the hidden job the target was rendered from."""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import sqlite3
+import time
+from pathlib import Path
+
+import numpy as np
+import optuna
+import pytest
+from PIL import Image
+
+from gibatch import match, record
+from gibatch.jobs import load_sweep
+from gibatch.run import Outcome
+from gibatch.search import JOB_PREFIX, SEARCH_DIR, STUDY_FILE
+from gibatch.sim.app import SiteConfig
+from gibatch.sim.server import ThreadedSite
+from tests.conftest import gibatch, run_sweep, write_job
+from tests.test_match import small_job
+
+HIDDEN_MASS_2, HIDDEN_THETA = 2.0, 50.0
+BUDGET = 14
+# Reached with this budget (seed 1): the best trial's mass ratio within a factor 1.6 of
+# the hidden one (measured: 2.004 for 2.0). The tilt is NOT recovered at this budget and
+# these small galaxies (measured best 0.7 deg for 50): it is not asserted; see the note.
+MASS_FACTOR_TOL = 1.6
+SPACE = """
+"interact.mass_2" = {low = 0.5, high = 4.0, log = true}
+
+[merge]
+theta_galaxy_2 = {low = 0, high = 90}
+"""
+
+
+def hidden_target(tmp_path: Path) -> tuple[Path, str]:
+    """A render of the hidden job's last frame, as an observer would be given it."""
+    root = tmp_path / "hidden"
+    files = small_job(HIDDEN_THETA)
+    files["interact.json"]["mass_2"] = HIDDEN_MASS_2
+    write_job(root, "hidden", files)
+    site = ThreadedSite(SiteConfig(data_dir=tmp_path / "hidden-site",
+                                   accounts={"alice": "pw"}, workers=1))
+    try:
+        assert run_sweep(site, root, [1]).outcomes == {"hidden": Outcome.COMPLETE}
+    finally:
+        site.stop()
+    job = load_sweep(root).jobs[0]
+    snaps = match.load_snapshots(match.snapshot_path(job))
+    centres = ((45.0, 60.0), (95.0, 40.0))
+    grid = match.Target(np.zeros((110, 140)), centres, "none", Path("none"))
+    done = match.render_one(snaps, len(snaps.time_gyr) - 1, match.axes_view("x", "z"), False,
+                            grid)
+    assert done is not None
+    path = tmp_path / "observed.png"
+    Image.fromarray((done[0] * 255).astype(np.uint8)).save(path)
+    return path, ",".join(f"{v:g}" for c in centres for v in c)
+
+
+def study_trials(jobs: Path) -> list[optuna.trial.FrozenTrial]:
+    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(
+        str(jobs / ".gibatch" / SEARCH_DIR / STUDY_FILE)))
+    summaries = optuna.get_all_study_summaries(storage)
+    if not summaries:  # the command has not created it yet
+        return []
+    (summary,) = summaries
+    return optuna.load_study(study_name=summary.study_name, storage=storage).get_trials()
+
+
+def wait_for_told(jobs: Path, count: int, deadline_s: float) -> None:
+    """Bounded wait until the study holds `count` finished trials (a condition)."""
+    end = time.monotonic() + deadline_s
+    while time.monotonic() < end:
+        if (jobs / ".gibatch" / SEARCH_DIR / STUDY_FILE).exists() and sum(
+                t.state.is_finished() for t in study_trials(jobs)) >= count:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"fewer than {count} trials told within {deadline_s} s")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_search_resumes_after_kill_9_and_finds_the_hidden_job(tmp_path: Path) -> None:
+    target, centres = hidden_target(tmp_path)
+    base = tmp_path / "base"
+    write_job(tmp_path, "base", small_job(0))
+    (tmp_path / "space.toml").write_text(SPACE)
+    jobs = tmp_path / "found"
+    args = ("search", "--jobs", str(jobs), "--base", str(base), "--space",
+            str(tmp_path / "space.toml"), "--target", str(target), "--centres", centres,
+            "--budget", str(BUDGET), "--models", "1-2", "--seed", "1")
+    env = {"GIBATCH_LOCK_DIR": str(tmp_path / "locks")}
+    log = tmp_path / "search.log"
+    first = gibatch(log, *args, env=env)
+    try:  # killed while trials are both told and in flight
+        wait_for_told(jobs, 3, deadline_s=240)
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait(timeout=30)
+    told_before = [t for t in study_trials(jobs) if t.state.is_finished()]
+    assert told_before and len(told_before) < BUDGET, log.read_text()
+
+    second = gibatch(log, *args, env=env)
+    second.wait(timeout=400)
+    out = log.read_text()
+    assert second.returncode == 0, out
+
+    trials = study_trials(jobs)
+    # no trial lost: exactly the budget, numbered without gaps, each told a score
+    assert [t.number for t in trials] == list(range(BUDGET)), out
+    assert all(t.state is optuna.trial.TrialState.COMPLETE for t in trials), out
+    # those told before the kill are unchanged
+    assert {t.number: t.value for t in told_before} == {
+        t.number: t.value for t in trials if t.number in {b.number for b in told_before}}
+    # each trial is a complete job folder with the trial's own parameters
+    for t in trials:
+        job = next(j for j in load_sweep(jobs).jobs if j.name == f"{JOB_PREFIX}{t.number:04d}")
+        assert record.is_complete(job)
+        files = {p.stem: json.loads(p.read_text()) for p in job.path.glob("*.json")}
+        assert files["interact"]["mass_2"] == t.params["interact.mass_2"]
+        assert files["merge"]["theta_galaxy_2"] == t.params["merge.theta_galaxy_2"]
+    # none run twice: one interaction task per trial on the site
+    with sqlite3.connect(jobs / ".gibatch" / "site" / "site.db") as db:
+        (interactions,) = db.execute(
+            "SELECT COUNT(*) FROM tasks WHERE job_type LIKE '%nteract%'").fetchone()
+    assert interactions == BUDGET, out
+    # and the best trial lands near the hidden values
+    best = max(trials, key=lambda t: t.value or 0.0)
+    mass = best.params["interact.mass_2"]
+    assert abs(math.log(mass / HIDDEN_MASS_2)) < math.log(MASS_FACTOR_TOL), (best.params, out)
+    assert "trials told 14/14" in out
