@@ -9,11 +9,12 @@ for the estimated site time of the steps it must submit.
 from __future__ import annotations
 
 import heapq
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from gibatch.holdings import Holdings, after_task, best_job, held_section, new_section
+from gibatch.holdings import Holdings, after_task, held_section, new_section
 from gibatch.jobs import Job
+from gibatch.pending import PendingJobs, Queue
 from gibatch.steps import Stage, Step
 
 
@@ -52,7 +53,8 @@ class Plan:
 
 
 def make_plan(jobs: Sequence[Job], holdings: Mapping[int, Holdings],
-              cost: Mapping[Stage, float]) -> Plan:
+              cost: Mapping[Stage, float],
+              queue: Callable[[Sequence[Job]], Queue] = PendingJobs) -> Plan:
     """Assign `jobs` (natural order) to the model numbers of `holdings`.
 
     Models become free in order of their simulated clock; at equal times the lower
@@ -60,12 +62,14 @@ def make_plan(jobs: Sequence[Job], holdings: Mapping[int, Holdings],
     """
     plan = Plan(estimates=dict(cost))
     held = {model: dict(h) for model, h in holdings.items()}
-    pending = list(jobs)
+    pending = queue(jobs)
     free: list[tuple[float, int]] = [(0.0, model) for model in sorted(held)]
     heapq.heapify(free)
     while pending and free:
         now, model = heapq.heappop(free)
-        job = pending.pop(best_job(pending, held[model], cost))
+        job = pending.take_best(held[model], cost)
+        if job is None:
+            break
         run: list[Step] = []
         skipped: list[Step] = []
         for step in job.steps:

@@ -35,10 +35,10 @@ from gibatch.errors import (
     ResultVanished,
     leaves,
 )
-from gibatch.holdings import best_job
 from gibatch.jobs import Job, Sweep
 from gibatch.journal import Event, Journal
 from gibatch.memory import ModelMemory
+from gibatch.pending import PendingJobs
 from gibatch.poller import Poller
 from gibatch.site import Section, SiteClient
 from gibatch.slots import JobClaim, ModelLock
@@ -118,7 +118,7 @@ class Scheduler:
         self.poller = Poller(client)
         self.summary = Summary()
         self.durations = Durations(journal)
-        self.pending: list[Job] = []
+        self.pending = PendingJobs()
         self.claims: dict[str, JobClaim] = {}
         self.vanished: dict[str, int] = {}
         self.finishing: set[str] = set()  # jobs whose downloads are under way
@@ -285,9 +285,8 @@ class Scheduler:
         this process never take one job; the claim's non-blocking flock keeps other
         processes off it.
         """
-        while self.pending:
-            job = self.pending.pop(best_job(self.pending, worker.memory.held,
-                                            self.durations.estimates))
+        while (job := self.pending.take_best(worker.memory.held,
+                                             self.durations.estimates)) is not None:
             if job.name not in self.claims:
                 claim = JobClaim(self.options.jobs_dir, job.name)
                 if not claim.acquire():
@@ -339,7 +338,7 @@ class Scheduler:
             if self.vanished[job.name] <= MAX_VANISHED and not self.stopping:
                 self.emit(Event.JOB_REQUEUED, job.name, model,
                           detail=f"{gone}; running what is missing again")
-                self.pending.insert(0, job)
+                self.pending.appendleft(job)
                 self._notify()
                 return
             self._end(job, model, Outcome.FAILED,
