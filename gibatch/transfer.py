@@ -4,6 +4,13 @@ Each file streams into `NAME.part` beside its final place, resumes with Range af
 drop, must reach the size the site listed (or announced), and only then is renamed
 into place: a file under its real name is always whole. The SHA-256 is computed while
 the bytes stream (a resumed file hashes its kept prefix once), so no file is read twice.
+
+The bytes go: socket -> aiohttp (at most 2 x READ_BUFFER_BYTES read ahead) -> the event
+loop, which gathers aiohttp's chunks as they are (no copy) into batches of about
+WRITE_BATCH_BYTES -> one writer thread per download, which hashes and appends each
+chunk while the loop reads on (hashlib and the write release the GIL). So a download
+holds a few MiB whatever the file's size, the loop never waits on the disk, and the
+loop is woken by the writer only when it waits for room, not for every batch.
 """
 
 from __future__ import annotations
