@@ -34,6 +34,7 @@ from gibatch.errors import GibatchError, NoModelAvailable
 from gibatch.jobs import STATE_DIR, Sweep, discover, load_sweep
 from gibatch.journal import Journal
 from gibatch.run import Listener, Options, Outcome, Scheduler, Summary
+from gibatch.sim.physics import Physics
 from gibatch.site import SiteClient
 from gibatch.text import EscapeArgs, first_line, printable
 
@@ -233,6 +234,10 @@ def run(
     grace: Annotated[float, typer.Option(help="Seconds to let work settle on Ctrl-C.")] = 30.0,
     live: Annotated[bool, typer.Option(
         help="Live progress display (default: when stderr is a terminal).")] = True,
+    physics: Annotated[Physics, typer.Option(
+        help="Physics of the embedded site: restricted (seconds per job) or live "
+             "(self-consistent N-body, minutes per job). Ignored with --server.")
+    ] = Physics.RESTRICTED,
 ) -> None:
     """Run every job of a sweep, skipping what each model number already holds.
 
@@ -263,7 +268,7 @@ def run(
 
                     data, key = _embedded_data(jobs)
                     site = await stack.enter_async_context(running_site(
-                        one_time_config(data, model_count=max(model_list))))
+                        one_time_config(data, model_count=max(model_list), physics=physics)))
                     log.info("embedded GI site at %s", site.url)
                     client = SiteClient(site.url, site.username, site.password, site_key=key)
                 else:
@@ -433,6 +438,10 @@ def serve(
         help="Only what the real site is known to do, and the worst it may: view_jobs "
              "newest first, HTML answers to task POSTs, no sizes, no plot_number, no Range."
     )] = False,
+    physics: Annotated[Physics, typer.Option(
+        help="restricted: test stars in two galaxies' smooth fields (seconds per job); "
+             "live: self-consistent N-body tree code (minutes per job).")
+    ] = Physics.RESTRICTED,
 ) -> None:
     """Run the local GI Simulator site standalone (password from $GIBATCH_PASSWORD).
 
@@ -447,7 +456,7 @@ def serve(
     password = os.environ.get(PASSWORD_ENV) or secrets.token_urlsafe(12)
     config = SiteConfig(
         data_dir=data_dir, accounts={user: password}, model_count=model_count,
-        session_lifetime_s=session_lifetime, strict=strict,
+        session_lifetime_s=session_lifetime, strict=strict, physics=physics,
         faults=Faults(error_rate=error_rate, hang_rate=hang_rate, cut_rate=cut_rate,
                       post_502_rate=post_502_rate, lost_rate=lost_rate,
                       browser_rate=browser_rate),

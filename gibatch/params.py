@@ -124,7 +124,8 @@ class PlotParams(StrictModel):
     x_max: Kpc
     y_min: Kpc
     y_max: Kpc
-    colour_scheme: Literal["whiteonblack", "blackonwhite"]
+    # colour: the local site's own addition (galaxy 1 warm, galaxy 2 cool on black)
+    colour_scheme: Literal["whiteonblack", "blackonwhite", "colour"]
     plot_size: Literal["small", "medium", "large"]
 
     @model_validator(mode="after")

@@ -35,6 +35,7 @@ from gibatch.params import GalaxyParams, InteractParams, MergeParams, PlotParams
 from gibatch.sim import pages
 from gibatch.sim.browser import click_task
 from gibatch.sim.faults import Faults
+from gibatch.sim.physics import Physics
 from gibatch.sim.runner import Runner
 from gibatch.sim.store import Busy, Store, Task, TaskStatus
 from gibatch.steps import GALAXY1, GALAXY2, INTERACT, MERGE, Step, plot
@@ -62,6 +63,7 @@ class SiteConfig:
     workers: int | None = None
     faults: Faults = field(default_factory=Faults)
     strict: bool = False
+    physics: Physics = Physics.RESTRICTED
 
 
 class Site:
@@ -87,7 +89,8 @@ class Site:
         return self.config.data_dir / "media"
 
     async def startup(self, _app: web.Application) -> None:
-        self.runner = Runner(self.store, self.media, self.config.workers, self._task_ended)
+        self.runner = Runner(self.store, self.media, self.config.workers, self._task_ended,
+                             self.config.physics)
         for task in await asyncio.to_thread(self.store.unfinished):
             self.runner.start(task)  # a restarted site finishes what it had accepted
 

@@ -1,11 +1,22 @@
-"""Density renders of particle snapshots: numpy histograms turned into PNG and GIF."""
+"""Density renders of particle snapshots: smoothed histograms turned into PNG and GIF.
+
+Each particle is spread by a symmetric Gaussian kernel (a histogram on the plot's exact
+window, then a Gaussian blur of SPLAT_PX pixels), shown on a logarithmic scale spanning
+DYNAMIC_RANGE_DEX decades below the brightest pixel. Every frame carries its time and a
+scale bar. Schemes: `whiteonblack` and `blackonwhite` (grey, total density) and `colour`
+(galaxy 1 warm, galaxy 2 cool, on black: the two stay apart by eye through a merger).
+"""
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from numpy.typing import NDArray
 from PIL import Image, ImageDraw
+from scipy import ndimage
 
 from gibatch.params import PlotParams
 from gibatch.sim.galaxy import F64
@@ -13,37 +24,105 @@ from gibatch.sim.galaxy import F64
 PLOT_SIZE_PX = {"small": 256, "medium": 512, "large": 768}
 THUMBNAIL_PX = 160
 GIF_FRAME_MS = 80
+SPLAT_PX = 1.2
+DYNAMIC_RANGE_DEX = 3.0
+GALAXY_RGB = (np.array([1.0, 0.72, 0.38]), np.array([0.42, 0.72, 1.0]))
+MOVIE_PX = 256
+MOVIE_MIN_HALF_WIDTH_KPC = 60.0
 _AXIS = {"x": 0, "y": 1, "z": 2}
 
 
-def density_image(pos: F64, mass: F64, plot: PlotParams, label: str = "") -> Image.Image:
-    """Project `pos` on the plot's axes and window: log mass density, one pixel a bin."""
-    px = PLOT_SIZE_PX[plot.plot_size]
+def _smoothed(pos: F64, weights: F64, plot: PlotParams, px: int) -> F64:
     hist, _, _ = np.histogram2d(
-        pos[:, _AXIS[plot.x_axis]],
-        pos[:, _AXIS[plot.y_axis]],
-        bins=px,
-        range=[[plot.x_min, plot.x_max], [plot.y_min, plot.y_max]],
-        weights=mass,
+        pos[:, _AXIS[plot.x_axis]], pos[:, _AXIS[plot.y_axis]], bins=px,
+        range=[[plot.x_min, plot.x_max], [plot.y_min, plot.y_max]], weights=weights,
     )
-    # Spread each particle over a few pixels so sparse particles stay visible.
-    hist = hist + np.roll(hist, 1, 0) + np.roll(hist, -1, 0) + np.roll(hist, 1, 1)
-    lit = hist > 0
-    level = np.zeros_like(hist)
-    if lit.any():
-        logs = np.log10(hist[lit])
-        lo, hi = np.percentile(logs, 5), logs.max()
-        level[lit] = 0.25 + 0.75 * np.clip((logs - lo) / max(hi - lo, 1e-9), 0, 1)
-    grey = (level.T[::-1] * 255).astype(np.uint8)  # y up, like a plot
-    if plot.colour_scheme == "blackonwhite":
-        grey = 255 - grey
-    image = Image.fromarray(grey, mode="L")
-    if label:
-        ink = 255 if plot.colour_scheme == "whiteonblack" else 0
-        draw = ImageDraw.Draw(image)
-        draw.text((6, 4), label, fill=ink)
-        draw.text((6, px - 14), f"{plot.x_axis}-{plot.y_axis} [kpc]", fill=ink)
+    blurred = ndimage.gaussian_filter(hist, SPLAT_PX, mode="constant")
+    return np.asarray(blurred.T[::-1])  # rows top to bottom, y up like a plot
+
+
+def _levels(density: F64, peak: float) -> F64:
+    """0..1 brightness: log density over DYNAMIC_RANGE_DEX decades below `peak`."""
+    if peak <= 0:
+        return np.zeros_like(density)
+    floor = peak * 10**-DYNAMIC_RANGE_DEX
+    with np.errstate(divide="ignore"):
+        logs = np.log10(np.maximum(density, floor * 1e-3) / floor) / DYNAMIC_RANGE_DEX
+    return np.asarray(np.clip(logs, 0.0, 1.0))
+
+
+def nice_length(span: float) -> float:
+    """A round length (1, 2 or 5 times a power of ten) near a fifth of `span`."""
+    target = span / 5
+    power = 10 ** math.floor(math.log10(target))
+    return float(max((m * power for m in (1, 2, 5) if m * power <= target), default=power))
+
+
+def _annotate(image: Image.Image, plot: PlotParams, time_gyr: float | None, label: str) -> None:
+    ink: int | tuple[int, int, int] = 0 if plot.colour_scheme == "blackonwhite" else 255
+    if image.mode == "RGB":
+        ink = (255, 255, 255)
+    draw = ImageDraw.Draw(image)
+    width, height = image.size
+    top = " ".join(x for x in (f"t = {time_gyr:.2f} Gyr" if time_gyr is not None else "",
+                               label) if x)
+    draw.text((6, 4), top, fill=ink)
+    span = plot.x_max - plot.x_min
+    bar_kpc = nice_length(span)
+    bar_px = round(bar_kpc / span * width)
+    y = height - 10
+    draw.line([(8, y), (8 + bar_px, y)], fill=ink, width=2)
+    draw.text((8, y - 13), f"{bar_kpc:g} kpc", fill=ink)
+    axes = f"{plot.x_axis}-{plot.y_axis}"
+    draw.text((width - 6 * len(axes) - 6, y - 13), axes, fill=ink)
+
+
+def density_image(pos: F64, mass: F64, plot: PlotParams, label: str = "",
+                  galaxy: NDArray[np.int8] | None = None, time_gyr: float | None = None
+                  ) -> Image.Image:
+    """Project `pos` on the plot's axes, exactly its window, smoothed and log-scaled."""
+    px = PLOT_SIZE_PX[plot.plot_size]
+    if plot.colour_scheme == "colour":
+        which = galaxy if galaxy is not None else np.zeros(len(mass), np.int8)
+        maps = [_smoothed(pos[which == g], mass[which == g], plot, px) for g in (0, 1)]
+        peak = max(float(m.max()) for m in maps)
+        rgb = sum((_levels(m, peak)[:, :, None] * GALAXY_RGB[g] for g, m in enumerate(maps)),
+                  np.zeros((px, px, 3)))
+        image = Image.fromarray((np.clip(rgb, 0, 1) * 255).astype(np.uint8), mode="RGB")
+    else:
+        total = _smoothed(pos, mass, plot, px)
+        grey = (_levels(total, float(total.max())) * 255).astype(np.uint8)
+        if plot.colour_scheme == "blackonwhite":
+            grey = 255 - grey
+        image = Image.fromarray(grey, mode="L")
+    _annotate(image, plot, time_gyr, label)
     return image
+
+
+@dataclass(frozen=True)
+class MovieWindow:
+    """The x-y window of the interaction's own movie: both galaxies and their orbit."""
+
+    centre: tuple[float, float]
+    half_width: float
+
+    @classmethod
+    def around(cls, centres: F64, masses: tuple[float, float]) -> MovieWindow:
+        com = (masses[0] * centres[0] + masses[1] * centres[1]) / sum(masses)
+        separation = float(np.linalg.norm(centres[1, :2] - centres[0, :2]))
+        return cls((float(com[0]), float(com[1])),
+                   max(MOVIE_MIN_HALF_WIDTH_KPC, 1.3 * separation))
+
+    def plot(self) -> PlotParams:
+        (x, y), h = self.centre, self.half_width
+        return PlotParams(x_axis="x", y_axis="y", x_min=x - h, x_max=x + h, y_min=y - h,
+                          y_max=y + h, colour_scheme="colour", plot_size="small")
+
+
+def movie_frame(pos: F64, galaxy: NDArray[np.int8], window: MovieWindow, time_gyr: float
+                ) -> Image.Image:
+    return density_image(pos, np.ones(len(pos)), window.plot(), galaxy=galaxy,
+                         time_gyr=time_gyr)
 
 
 def save_png(image: Image.Image, path: Path) -> None:

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from gibatch.sim import tasks
+from gibatch.sim.physics import Physics
 from gibatch.sim.store import Store, Task, TaskStatus
 
 log = logging.getLogger("gibatch.sim")
@@ -39,7 +40,8 @@ _INPUTS = {  # which sections a task reads
 }
 
 
-def execute(step: str, payload: dict[str, Any], inputs: list[str | None], out: str) -> str | None:
+def execute(step: str, payload: dict[str, Any], inputs: list[str | None], out: str,
+            physics: str = Physics.RESTRICTED.value) -> str | None:
     """Run one task in a worker process; return None, or the reason it failed."""
     folder = Path(out)
     paths = [Path(p) if p else None for p in inputs]
@@ -49,7 +51,7 @@ def execute(step: str, payload: dict[str, Any], inputs: list[str | None], out: s
         elif step == "merge":
             tasks.run_merge(payload, paths[0], paths[1], folder)
         elif step == "interact":
-            tasks.run_interact(payload, paths[0], folder)
+            tasks.run_interact(payload, paths[0], folder, Physics(physics))
         else:
             tasks.run_plot(payload, paths[0], folder)
     except tasks.TaskFailed as exc:
@@ -116,9 +118,10 @@ class Runner:
     """
 
     def __init__(self, store: Store, media: Path, workers: int | None = None,
-                 on_end: TaskEnd | None = None) -> None:
+                 on_end: TaskEnd | None = None, physics: Physics = Physics.RESTRICTED) -> None:
         self.store = store
         self.media = media
+        self.physics = physics
         self.workers = workers or default_workers()
         self._on_end = on_end or (lambda task, status: store.set_status(task.job_id, status))
         # spawn: the site may run inside a threaded client; forking that is unsafe.
@@ -158,7 +161,8 @@ class Runner:
             loop = asyncio.get_running_loop()
             try:
                 error = await loop.run_in_executor(
-                    self._pool, execute, task.step, json.loads(task.payload), inputs, str(out)
+                    self._pool, execute, task.step, json.loads(task.payload), inputs, str(out),
+                    self.physics.value,
                 )
             except Exception as exc:  # the pool itself broke: fail the task, keep the site
                 error = f"internal error: the simulator's worker process failed: {exc!r}"

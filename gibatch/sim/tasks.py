@@ -7,31 +7,43 @@ cannot run raises TaskFailed; the site turns that into status Failed with `error
 Output files (documented in README.md):
   Galaxy N            galaxy.h5 (model units), preview.png, log.txt
   Galaxy Merge        initial.h5 (kpc; velocities in model units), preview.png, log.txt
-  Galaxy Interaction  snapshots.h5 (kpc, km/s, Gyr; every frame), preview.png, log.txt
+  Galaxy Interaction  snapshots.h5 (kpc, km/s, Gyr; every frame, gzip-compressed),
+                      _output_ascii.csv.gz and `_output_Movie: lastmovie.gif` (the course
+                      site's own names and layout), preview.png, log.txt
   Plot N              final.png, animation.gif, thumbnail.png, log.txt
 """
 
 from __future__ import annotations
 
+import gzip
 import hashlib
+import io
 import json
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import h5py
 import numpy as np
 
 from gibatch.params import Component, GalaxyParams, InteractParams, MergeParams, PlotParams
 from gibatch.sim import galaxy, nbody, render
-from gibatch.sim.galaxy import Realisation
+from gibatch.sim.galaxy import MassModel, Realisation
+from gibatch.sim.physics import Physics
 
 GALAXY_FILE = "galaxy.h5"
 INITIAL_FILE = "initial.h5"
 SNAPSHOT_FILE = "snapshots.h5"
+ASCII_FILE = "_output_ascii.csv.gz"
+MOVIE_FILE = "_output_Movie: lastmovie.gif"
 PREVIEW_EXTENT_KPC = 250.0
+# The course site's CSV: two preamble lines, this header (its spaces as they are), then
+# per frame a `TIMESTEP = t` row and one row per particle.
+ASCII_HEADER = " particles type, x[kpc], y[kpc], z[kpc],vx[km/s], vy[km/s], vz[km/s]"
+ASCII_GZIP_LEVEL = 1  # level 6 took 4x longer for 10% less
+H5_GZIP_LEVEL = 4
 
 
 class TaskFailed(Exception):
@@ -70,6 +82,8 @@ def run_galaxy(payload: dict[str, Any], out: Path) -> None:
             f["mass"] = real.mass
             f["component"] = real.component
             f["component"].attrs["legend"] = "0 disk, 1 bulge, 2 halo"
+            f["mass_model"] = real.model.as_array()
+            f["mass_model"].attrs["legend"] = "disk, bulge, halo mass (model units)"
         render.save_png(render.preview(real.pos, real.mass, 20.0), out / "preview.png")
         log.append(f"particles: {len(real.mass)}; model mass: {real.total_mass:.4f}")
         radius = galaxy.half_mass_radius(real.pos, real.mass)
@@ -79,7 +93,8 @@ def run_galaxy(payload: dict[str, Any], out: Path) -> None:
 def _read_galaxy(path: Path) -> Realisation:
     with h5py.File(path, "r") as f:
         return Realisation(
-            f["position"][...], f["velocity"][...], f["mass"][...], f["component"][...]
+            f["position"][...], f["velocity"][...], f["mass"][...], f["component"][...],
+            MassModel.from_array(f["mass_model"][...]),
         )
 
 
@@ -89,22 +104,29 @@ def run_merge(payload: dict[str, Any], g1: Path | None, g2: Path | None, out: Pa
     second = _read_galaxy(_require(g2, GALAXY_FILE, "Galaxy 2"))
     with _log(out, "Galaxy Merge", payload) as log:
         ic = nbody.merge(first, second, params)
-        with h5py.File(out / INITIAL_FILE, "w") as f:
-            f.attrs["units"] = "position kpc; velocity_model in each galaxy's model units"
-            f.attrs["parameters"] = json.dumps(payload)
-            f.attrs["length_kpc"] = ic.length_kpc
-            f.attrs["model_mass"] = ic.model_mass
-            f.attrs["bulk_velocity_km_s"] = np.stack(ic.bulk_velocity_km_s)
-            f["position"] = ic.pos_kpc
-            f["velocity_model"] = ic.vel_model
-            f["mass_model"] = ic.mass_model
-            f["galaxy"] = ic.galaxy
-            f["component"] = ic.component
+        write_initial(ic, out / INITIAL_FILE, payload)
         render.save_png(
             render.preview(ic.pos_kpc, ic.mass_model, PREVIEW_EXTENT_KPC), out / "preview.png"
         )
         log.append(f"particles: {len(ic.mass_model)} ({int((ic.galaxy == 0).sum())} + "
                    f"{int((ic.galaxy == 1).sum())})")
+
+
+def write_initial(ic: nbody.InitialCondition, path: Path, payload: dict[str, Any]) -> None:
+    with h5py.File(path, "w") as f:
+        f.attrs["units"] = "position kpc; velocity_model in each galaxy's model units"
+        f.attrs["parameters"] = json.dumps(payload)
+        f.attrs["length_kpc"] = ic.length_kpc
+        f.attrs["model_mass"] = ic.model_mass
+        f.attrs["bulk_velocity_km_s"] = np.stack(ic.bulk_velocity_km_s)
+        f.attrs["centre_kpc"] = ic.centre_kpc
+        f.attrs["normal"] = ic.normal
+        f.attrs["mass_models"] = np.stack([m.as_array() for m in ic.models])
+        f["position"] = ic.pos_kpc
+        f["velocity_model"] = ic.vel_model
+        f["mass_model"] = ic.mass_model
+        f["galaxy"] = ic.galaxy
+        f["component"] = ic.component
 
 
 def _read_initial(path: Path) -> nbody.InitialCondition:
@@ -119,40 +141,98 @@ def _read_initial(path: Path) -> nbody.InitialCondition:
             length_kpc=tuple(f.attrs["length_kpc"]),
             model_mass=tuple(f.attrs["model_mass"]),
             bulk_velocity_km_s=(bulk[0], bulk[1]),
+            centre_kpc=f.attrs["centre_kpc"],
+            normal=f.attrs["normal"],
+            models=(MassModel.from_array(f.attrs["mass_models"][0]),
+                    MassModel.from_array(f.attrs["mass_models"][1])),
         )
 
 
-def run_interact(payload: dict[str, Any], merged: Path | None, out: Path) -> None:
+class AsciiWriter:
+    """`_output_ascii.csv.gz` frame by frame, as the course site lays it out."""
+
+    def __init__(self, text: IO[str], particle_type: np.ndarray, description: str) -> None:
+        self._file = text
+        self._file.write(f"# GI Simulator (gibatch local site): {description}\n")
+        self._file.write("# frames begin with TIMESTEP = t [Gyr]; particle type 0,1,2 = "
+                         "galaxy 1 disk,bulge,halo; 3,4,5 = galaxy 2\n")
+        self._file.write(ASCII_HEADER + "\n")
+        self._type = particle_type.astype(np.float64)[:, None]
+
+    def frame(self, time_gyr: float, pos: np.ndarray, vel: np.ndarray) -> None:
+        self._file.write(f"TIMESTEP = {time_gyr:.6g}\n")
+        buf = io.StringIO()
+        np.savetxt(buf, np.hstack([self._type, pos, vel]),
+                   fmt=["%d", "%.3f", "%.3f", "%.3f", "%.2f", "%.2f", "%.2f"], delimiter=",")
+        self._file.write(buf.getvalue())
+
+
+def _frame_dataset(f: h5py.File, name: str, shape: tuple[int, ...]) -> h5py.Dataset:
+    return f.create_dataset(name, shape, dtype="f4", chunks=(1, *shape[1:]),
+                            compression="gzip", compression_opts=H5_GZIP_LEVEL, shuffle=True)
+
+
+def run_interact(payload: dict[str, Any], merged: Path | None, out: Path,
+                 physics: Physics = Physics.RESTRICTED) -> None:
     params = InteractParams.model_validate(payload)
     ic = _read_initial(_require(merged, INITIAL_FILE, "Galaxy Merge"))
-    n = len(ic.mass_model)
-    with _log(out, "Galaxy Interaction", payload) as log, h5py.File(out / SNAPSHOT_FILE, "w") as f:
+    keep = nbody.followed(ic, physics)
+    if not keep.any():
+        raise TaskFailed("restricted physics follows disk and bulge stars, and these galaxies "
+                         "have none: add a disk or a bulge (or run the site with --physics live)")
+    galaxy_id, component = ic.galaxy[keep], ic.component[keep]
+    n = int(keep.sum())
+    particle_type = 3 * galaxy_id.astype(np.int64) + component
+    with _log(out, "Galaxy Interaction", payload) as log, \
+            h5py.File(out / SNAPSHOT_FILE, "w") as f, \
+            gzip.open(out / ASCII_FILE, "wt", compresslevel=ASCII_GZIP_LEVEL, newline="\n") as text:
         f.attrs["units"] = "position kpc, velocity km/s, time Gyr, mass 1e11 Msun"
         f.attrs["parameters"] = json.dumps(payload)
-        _, _, mass = nbody.physical_state(ic, (params.mass_1, params.mass_2))
-        f["mass"] = mass
-        f["galaxy"] = ic.galaxy
-        f["component"] = ic.component
-        pos_ds = f.create_dataset("position", (params.nFrames, n, 3), dtype="f4")
-        vel_ds = f.create_dataset("velocity", (params.nFrames, n, 3), dtype="f4")
+        f.attrs["physics"] = physics.value
+        state_mass = nbody.particle_masses(ic, params)[keep]
+        f["mass"] = state_mass
+        f["galaxy"] = galaxy_id
+        f["component"] = component
+        pos_ds = _frame_dataset(f, "position", (params.nFrames, n, 3))
+        vel_ds = _frame_dataset(f, "velocity", (params.nFrames, n, 3))
         time_ds = f.create_dataset("time", (params.nFrames,), dtype="f8")
+        ascii_out = AsciiWriter(text, particle_type,
+                                f"{physics.value} physics, {n} particles")
+        movie = render.MovieWindow.around(ic.centre_kpc, (params.mass_1, params.mass_2))
+        movie_frames = []
 
         def store(frame: nbody.Frame) -> None:  # one frame at a time: bounded memory
             pos_ds[frame.index] = frame.pos
             vel_ds[frame.index] = frame.vel
             time_ds[frame.index] = frame.time_gyr
+            ascii_out.frame(frame.time_gyr, frame.pos, frame.vel)
+            movie_frames.append(render.movie_frame(frame.pos, galaxy_id, movie,
+                                                   frame.time_gyr))
 
         try:
-            summary = nbody.interact(ic, params, store)
+            summary = nbody.interact(ic, params, store, physics, _seed(payload))
         except ValueError as exc:
             raise TaskFailed(str(exc)) from exc
-        f.attrs["relative_energy_error"] = summary.relative_energy_error
+        render.save_gif(movie_frames, out / MOVIE_FILE)
+        f.attrs["softening_kpc"] = summary.softening
+        if summary.relative_energy_error is not None:
+            f.attrs["relative_energy_error"] = summary.relative_energy_error
+        if summary.centres is not None:
+            f["centres"] = summary.centres
+            f["centres"].attrs["legend"] = "galaxy centres per frame (kpc)"
         render.save_png(
-            render.preview(pos_ds[-1], mass, PREVIEW_EXTENT_KPC), out / "preview.png"
+            render.preview(pos_ds[-1], state_mass, PREVIEW_EXTENT_KPC), out / "preview.png"
         )
+        log.append(f"physics: {physics.value}; softening: {summary.softening:g} kpc")
+        halo = int((~keep).sum())
+        if halo:
+            log.append(f"halo particles: {halo} not followed (restricted physics: each halo "
+                       "is part of its galaxy's smooth field, so its particle count changes "
+                       "nothing)")
         log.append(f"particles: {n}; frames: {params.nFrames}; steps: {summary.steps}; "
                    f"dt: {summary.dt_gyr:.3e} Gyr")
-        log.append(f"relative energy error: {summary.relative_energy_error:.3e}")
+        if summary.relative_energy_error is not None:
+            log.append(f"relative energy error: {summary.relative_energy_error:.3e}")
 
 
 def run_plot(payload: dict[str, Any], interaction: Path | None, out: Path) -> None:
@@ -163,10 +243,11 @@ def run_plot(payload: dict[str, Any], interaction: Path | None, out: Path) -> No
         luminous = f["component"][...] != galaxy.COMPONENT_ID[Component.HALO]
         shown = luminous if luminous.any() else np.ones_like(luminous)
         mass = f["mass"][...][shown]
+        which = f["galaxy"][...][shown]
         times = f["time"][...]
         frames = [
-            render.density_image(f["position"][k][shown], mass, params,
-                                 f"t = {times[k]:.2f} Gyr")
+            render.density_image(f["position"][k][shown], mass, params, galaxy=which,
+                                 time_gyr=float(times[k]))
             for k in range(len(times))
         ]
         render.save_png(frames[-1], out / "final.png")
