@@ -259,11 +259,13 @@ def main(argv: list[str] | None = None) -> None:
                         help="particles of the self-consistent reference runs (0: skip)")
     parser.add_argument("--grid", type=Path, default=Path("physics-grid.png"))
     args = parser.parse_args(argv)
+    sizes = [int(s) for s in args.sizes.split(",")]
     chain_benchmark()
-    isolated_benchmark(Physics.RESTRICTED, (20_000, 2_000, 10))
-    n = args.live_isolated
+    stars = min(20_000, max(sizes))  # the 20k disk stars; fewer for a smoke test
+    isolated_benchmark(Physics.RESTRICTED, (stars, stars // 10, 10))
+    n = min(args.live_isolated, 4 * max(sizes))
     isolated_benchmark(Physics.LIVE, (n * 3 // 10, n // 10, n * 6 // 10))
-    timing_benchmark([int(s) for s in args.sizes.split(",")], args.steps)
+    timing_benchmark(sizes, args.steps)
     if args.reference:
         reference_benchmark(args.reference, args.grid)
     else:
