@@ -8,9 +8,10 @@ the bytes stream (a resumed file hashes its kept prefix once), so no file is rea
 The bytes go: socket -> aiohttp (at most 2 x READ_BUFFER_BYTES read ahead) -> the event
 loop, which gathers aiohttp's chunks as they are (no copy) into batches of about
 WRITE_BATCH_BYTES -> one writer thread per download, which hashes and appends each
-chunk while the loop reads on (hashlib and the write release the GIL). So a download
-holds a few MiB whatever the file's size, the loop never waits on the disk, and the
-loop is woken by the writer only when it waits for room, not for every batch.
+chunk while the loop reads on (hashlib and the write release the GIL). A download thus
+holds at most the read-ahead and BATCHES_QUEUED + 1 batches (about 13 MiB) whatever the
+file's size; the loop never waits on the disk, and the writer wakes the loop only when
+the loop waits for room, not for every batch.
 """
 
 from __future__ import annotations
@@ -42,8 +43,8 @@ from gibatch.site import RemoteFile, SiteClient, translate
 
 PART_SUFFIX = ".part"
 WRITE_BATCH_BYTES = 1 << 20  # bytes gathered before one write+hash off the event loop
-BATCHES_QUEUED = 2  # batches waiting for the writer thread while the loop reads on
-READ_BUFFER_BYTES = 1 << 20  # aiohttp stops reading the socket at twice this, unread
+BATCHES_QUEUED = 4  # batches handed to the writer thread and not yet written, at most
+READ_BUFFER_BYTES = 4 << 20  # aiohttp stops reading the socket at twice this, unread
 MAX_NAME_BYTES = 200  # leaves room for ".part" and a collision suffix under NAME_MAX 255
 
 
