@@ -29,9 +29,10 @@ from rich.table import Table
 
 from gibatch import match
 from gibatch import sweep as sweep_module
+from gibatch.discovery import load_sweep
 from gibatch.display import RunDisplay
 from gibatch.errors import GibatchError, NoModelAvailable
-from gibatch.jobs import STATE_DIR, Sweep, discover, load_sweep
+from gibatch.jobs import STATE_DIR, Sweep, discover
 from gibatch.journal import Journal
 from gibatch.run import Listener, Options, Outcome, Scheduler, Summary
 from gibatch.sim.physics import Physics

@@ -7,12 +7,15 @@ model number already holding that lineage need not run the step again.
 
 from __future__ import annotations
 
+import copy
+import functools
 import hashlib
 import json
 import os
 import re
 import stat
-from collections.abc import Iterator
+import sys
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -50,10 +53,6 @@ _BOMS = {b"\xef\xbb\xbf": "starts with a UTF-8 byte-order mark (BOM); save it as
 # POSIX flags (absent elsewhere): never block on a FIFO, never adopt a terminal.
 _OPEN_FLAGS = os.O_RDONLY | sum(getattr(os, f, 0) for f in ("O_NONBLOCK", "O_NOCTTY",
                                                              "O_CLOEXEC"))
-# Control, format (bidi overrides), surrogate (undecodable bytes in a file name),
-# private, unassigned and line/paragraph separator characters: what could forge or
-# hide output.
-
 _MODEL_OF_STAGE: dict[Stage, type[BaseModel]] = {
     Stage.GALAXY: GalaxyParams,
     Stage.MERGE: MergeParams,
@@ -86,24 +85,62 @@ class JobInvalid(Exception):
 
 @dataclass(frozen=True)
 class Job:
-    """A validated job folder: the parameters of every step and their lineage."""
+    """A validated job folder: each step's lineage, and what to POST for it.
+
+    Built for sweeps of 100,000 jobs: the payloads of a job read from the discovery
+    cache stay one JSON text until first used, and the typed parameters (`params`) are
+    built only when asked for; most jobs of a run never need more than their lineage
+    until they are submitted.
+    """
 
     name: str
     path: Path
-    params: dict[Step, StepParams]
-    lineage: dict[Step, str] = field(compare=False)
+    lineage: dict[Step, str]  # in chain order: the order of submission
+    source: dict[Step, dict[str, Any]] | str = field(compare=False, repr=False)
 
     @property
     def steps(self) -> list[Step]:
-        return list(self.params)  # insertion order is submission order
+        return list(self.lineage)
 
     @property
     def output(self) -> Path:
         return self.path / OUTPUT_DIR
 
+    @functools.cached_property
+    def payloads(self) -> dict[Step, dict[str, Any]]:
+        """Validated and normalised parameters per step (never mutated)."""
+        if not isinstance(self.source, str):
+            return self.source
+        return dict(zip(self.lineage, json.loads(self.source), strict=True))
+
+    @functools.cached_property
+    def params(self) -> dict[Step, StepParams]:
+        return {step: _MODEL_OF_STAGE[step.stage].model_validate(body)  # type: ignore[misc]
+                for step, body in self.payloads.items()}
+
     def payload(self, step: Step) -> dict[str, Any]:
         """The JSON object to POST for `step`, without the model number."""
-        return payload_of(self.params[step])
+        return copy.deepcopy(self.payloads[step])
+
+    def record(self) -> tuple[str, str]:
+        """The job as two texts for the discovery cache (read by `from_record`): the
+        chain with its lineages, and the payloads as JSON."""
+        chain = ";".join(f"{int(s.stage)},{s.number},{v}" for s, v in self.lineage.items())
+        return chain, json.dumps(list(self.payloads.values()), separators=(",", ":"))
+
+    @classmethod
+    def from_record(cls, name: str, path: Path, chain: str, payloads: str) -> Job:
+        lineage: dict[Step, str] = {}
+        for link in chain.split(";"):
+            stage, number, digest = link.split(",")
+            lineage[_step(int(stage), int(number))] = sys.intern(digest)
+        return cls(name, path, lineage, payloads)
+
+
+@functools.cache
+def _step(stage: int, number: int) -> Step:
+    """One shared Step object per step of any job (100,000 jobs, a handful of steps)."""
+    return Step(Stage(stage), number)
 
 
 def payload_of(params: StepParams) -> dict[str, Any]:
@@ -139,11 +176,10 @@ def _digest(*parts: Any) -> str:
     return hashlib.sha256(blob).hexdigest()[:32]
 
 
-def compute_lineage(params: dict[Step, StepParams]) -> dict[Step, str]:
+def compute_lineage(payloads: dict[Step, dict[str, Any]]) -> dict[Step, str]:
     """Hash each step with everything it depends on (see module docstring)."""
     out: dict[Step, str] = {}
-    for step, p in params.items():
-        body = payload_of(p)
+    for step, body in payloads.items():
         if step.stage is Stage.GALAXY:
             out[step] = _digest("galaxy", body)
         elif step.stage is Stage.MERGE:
@@ -390,7 +426,8 @@ def load_job(folder: Path) -> Job:
         params[step] = parsed  # type: ignore[assignment]
     if problems:
         raise JobInvalid(problems)
-    return Job(name=name, path=folder, params=params, lineage=compute_lineage(params))
+    payloads = {step: payload_of(p) for step, p in params.items()}
+    return Job(name=name, path=folder, lineage=compute_lineage(payloads), source=payloads)
 
 
 @dataclass
@@ -414,11 +451,12 @@ def iter_jobs(root: Path) -> Iterator[Job | JobInvalid]:
             yield exc
 
 
-def load_sweep(root: Path) -> Sweep:
-    """Validate every job of the sweep at `root`; never raises for a bad job."""
+def load_sweep(root: Path, items: Iterable[Job | JobInvalid] | None = None) -> Sweep:
+    """Validate every job of the sweep at `root` (or take `items`, the same jobs from
+    elsewhere: `discovery` remembers them); never raises for a bad job."""
     jobs: list[Job] = []
     problems: list[Problem] = []
-    for item in iter_jobs(root):
+    for item in iter_jobs(root) if items is None else items:
         if isinstance(item, Job):
             jobs.append(item)
         else:

@@ -29,8 +29,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from gibatch import sweep as sw
+from gibatch.discovery import load_sweep
 from gibatch.holdings import best_job
-from gibatch.jobs import Job, load_sweep
+from gibatch.jobs import Job
 from gibatch.pending import PendingJobs
 from gibatch.plan import Plan, make_plan
 from gibatch.steps import DEFAULT_STAGE_COST_S, Stage

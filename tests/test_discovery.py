@@ -1,0 +1,103 @@
+"""The discovery cache: a second look at an unchanged sweep reads no JSON, and any
+change to a job's files (edited, added, removed, replaced by a symlink) is seen."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gibatch import jobs as jobs_module
+from gibatch.discovery import load_sweep
+from gibatch.jobs import load_sweep as load_uncached
+from tests.conftest import tiny_job_files, write_job
+
+
+@pytest.fixture
+def reads(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
+    """Every job file read as JSON, in order."""
+    seen: list[Path] = []
+    real = jobs_module._read_json
+
+    def counting(job: str, path: Path, problems: list[Any]) -> Any:
+        seen.append(path)
+        return real(job, path, problems)
+
+    monkeypatch.setattr(jobs_module, "_read_json", counting)
+    return seen
+
+
+def sweep_of(root: Path, n: int) -> None:
+    for k in range(n):
+        write_job(root, f"j{k}", tiny_job_files(**{"interact.json": {"mass_2": 1 + k / 8}}))
+
+
+def same(a: Any, b: Any) -> None:
+    assert [j.name for j in a.jobs] == [j.name for j in b.jobs]
+    assert [j.payloads for j in a.jobs] == [j.payloads for j in b.jobs]
+    assert [j.lineage for j in a.jobs] == [j.lineage for j in b.jobs]
+    assert [j.params for j in a.jobs] == [j.params for j in b.jobs]
+    assert a.problems == b.problems
+
+
+def test_an_unchanged_sweep_is_read_once(tmp_path: Path, reads: list[Path]) -> None:
+    root = tmp_path / "jobs"
+    sweep_of(root, 5)
+    first = load_sweep(root)
+    assert len(reads) == 5 * 6
+    reads.clear()
+    second = load_sweep(root)
+    assert reads == []
+    same(first, second)
+    same(second, load_uncached(root))
+
+
+def test_every_kind_of_change_is_seen(tmp_path: Path, reads: list[Path]) -> None:
+    root = tmp_path / "jobs"
+    sweep_of(root, 5)
+    load_sweep(root)
+    # j0: edited to the same size (only the time changes); j1: a plot added;
+    # j2: a file removed (invalid); j3: a file replaced by a symlink to another job's.
+    merge = root / "j0" / "merge.json"
+    text = merge.read_text()
+    merge.write_text(text.replace('"theta_galaxy_2": 45', '"theta_galaxy_2": 46'))
+    os.utime(merge, ns=(1, 1))
+    (root / "j1" / "plot3.json").write_text(json.dumps(tiny_job_files()["plot1.json"]))
+    (root / "j2" / "galaxy2.json").unlink()
+    (root / "j3" / "interact.json").unlink()
+    (root / "j3" / "interact.json").symlink_to(root / "j4" / "interact.json")
+    reads.clear()
+    sweep = load_sweep(root)
+    assert {p.parent.name for p in reads} == {"j0", "j1", "j2", "j3"}
+    same(sweep, load_uncached(root))
+    assert sweep.invalid_jobs == ["j2"]
+    # Fixed again: j2 is read, the others come from the cache.
+    (root / "j2" / "galaxy2.json").write_text(json.dumps(tiny_job_files()["galaxy2.json"]))
+    reads.clear()
+    fixed = load_sweep(root)
+    assert {p.parent.name for p in reads} == {"j2"}
+    assert fixed.invalid_jobs == []
+    # A job folder removed and made again with other content is read anew, and so is
+    # j3, whose symlink now points at a new file.
+    for f in (root / "j4").iterdir():
+        f.unlink()
+    (root / "j4").rmdir()
+    write_job(root, "j4", tiny_job_files(**{"interact.json": {"mass_2": 2.5}}))
+    reads.clear()
+    again = load_sweep(root)
+    assert {p.parent.name for p in reads} == {"j3", "j4"}
+    same(again, load_uncached(root))
+
+
+def test_without_a_usable_cache_the_sweep_is_read_in_full(tmp_path: Path,
+                                                          reads: list[Path]) -> None:
+    root = tmp_path / "jobs"
+    sweep_of(root, 2)
+    (root / ".gibatch").write_text("not a folder")  # the cache cannot be opened
+    first = load_sweep(root)
+    second = load_sweep(root)
+    assert len(reads) == 2 * 2 * 6
+    same(first, second)
