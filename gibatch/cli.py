@@ -264,17 +264,8 @@ def run(
         journal = Journal(jobs)
         try:
             async with AsyncExitStack() as stack:
-                if server is None:
-                    from gibatch.sim.server import one_time_config, running_site
-
-                    data, key = _embedded_data(jobs)
-                    site = await stack.enter_async_context(running_site(
-                        one_time_config(data, model_count=max(model_list), physics=physics)))
-                    log.info("embedded GI site at %s", site.url)
-                    client = SiteClient(site.url, site.username, site.password, site_key=key)
-                else:
-                    client = SiteClient(server, username or "", secret)
-                await stack.enter_async_context(client)
+                client = await _site_client(stack, jobs, server, username or "", secret,
+                                            max(model_list), physics)
                 if display is not None:
                     stack.enter_context(Live(display, console=console, refresh_per_second=4))
                 return await Scheduler(client, sweep, options, journal, listener).execute()
@@ -545,7 +536,8 @@ def match_command(
 
 
 async def _site_client(stack: AsyncExitStack, jobs: Path, server: str | None, username: str,
-                       secret: str, model_count: int) -> SiteClient:
+                       secret: str, model_count: int,
+                       physics: Physics = Physics.RESTRICTED) -> SiteClient:
     """A logged-out client of --server, or of the embedded site started on `stack`."""
     if server is not None:
         client = SiteClient(server, username, secret)
@@ -554,7 +546,7 @@ async def _site_client(stack: AsyncExitStack, jobs: Path, server: str | None, us
 
         data, key = _embedded_data(jobs)
         site = await stack.enter_async_context(running_site(
-            one_time_config(data, model_count=model_count)))
+            one_time_config(data, model_count=model_count, physics=physics)))
         log.info("embedded GI site at %s", site.url)
         client = SiteClient(site.url, site.username, site.password, site_key=key)
     await stack.enter_async_context(client)

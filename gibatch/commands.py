@@ -24,6 +24,8 @@ from gibatch.status import JobState, sweep_status
 from gibatch.steps import DEFAULT_STAGE_COST_S, Stage
 from gibatch.text import first_line, printable
 
+MAX_LISTED = 20  # failed or invalid jobs named one by one; the rest are counted
+
 
 def _say(console: Console, text: str) -> None:
     """A plain line: no markup read into job names, no wrapping inside it."""
@@ -134,9 +136,13 @@ def show_status(console: Console, sweep: Sweep, recent: int) -> None:
                           ", ".join(running) or "-")
     if models:
         console.print(per_model)
-    for j in st.jobs:
-        if j.state in (JobState.FAILED, JobState.INVALID):
-            _say(console, f"{j.state.value}: {printable(j.name)}: {first_line(j.reason or '')}")
+    for state in (JobState.FAILED, JobState.INVALID):  # a summary, whatever the sweep's size
+        shown = [j for j in st.jobs if j.state is state]
+        for j in shown[:MAX_LISTED]:
+            _say(console, f"{state.value}: {printable(j.name)}: {first_line(j.reason or '')}")
+        if len(shown) > MAX_LISTED:
+            _say(console, f"{state.value}: ... and {len(shown) - MAX_LISTED} more "
+                          "(all of them in `gibatch report` and `gibatch check`)")
     if st.last_events:
         _say(console, "last events:")
         for e in st.last_events:

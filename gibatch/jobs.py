@@ -442,6 +442,13 @@ class Sweep:
     def invalid_jobs(self) -> list[str]:
         return sorted({p.job for p in self.problems}, key=natural_key)
 
+    def reasons(self) -> dict[str, str]:
+        """Each invalid job's problems as one line, in natural order of the jobs."""
+        grouped: dict[str, list[str]] = {}
+        for p in self.problems:
+            grouped.setdefault(p.job, []).append(str(p))
+        return {job: "; ".join(grouped[job]) for job in sorted(grouped, key=natural_key)}
+
 
 def iter_jobs(root: Path) -> Iterator[Job | JobInvalid]:
     for folder in discover(root):

@@ -162,10 +162,9 @@ class Scheduler:
 
     async def execute(self) -> Summary:
         """Run every job of the sweep; returns what became of each."""
-        for problem_job in self.sweep.invalid_jobs:
+        for problem_job, reason in self.sweep.reasons().items():
             self.summary.outcomes[problem_job] = Outcome.INVALID
-            self.summary.reasons[problem_job] = "; ".join(
-                str(p) for p in self.sweep.problems if p.job == problem_job)
+            self.summary.reasons[problem_job] = reason
         for job in self.sweep.jobs:
             if record.is_complete(job):
                 self.summary.outcomes[job.name] = Outcome.ALREADY_COMPLETE

@@ -117,7 +117,6 @@ def sweep_status(sweep: Sweep, journal: Journal, recent: int = 10) -> SweepStatu
             jobs.append(JobStatus(job.name, JobState.FAILED, ev.model, reason=ev.detail))
         else:
             jobs.append(JobStatus(job.name, JobState.PENDING))
-    jobs.extend(JobStatus(name, JobState.INVALID,
-                          reason="; ".join(str(p) for p in sweep.problems if p.job == name))
-                for name in sweep.invalid_jobs)
+    jobs.extend(JobStatus(name, JobState.INVALID, reason=reason)
+                for name, reason in sweep.reasons().items())
     return SweepStatus(jobs, live, started, ended, done_this_run, events[-recent:])

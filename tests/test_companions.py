@@ -105,8 +105,12 @@ def test_bad_variations_name_the_key_and_write_nothing(
 def test_orbit_helpers_round_trip_and_place_galaxy_2() -> None:
     merge = json.loads((BASE_JOB / "merge.json").read_text())
     orbit = sw.orbit_of(merge)
-    assert orbit["distance"] == pytest.approx(math.hypot(100, 100))
-    assert orbit["azimuth"] == pytest.approx(45) and orbit["approach"] == pytest.approx(0)
+    r = [merge["position_galaxy_2"][k] for k in "xyz"]
+    v = [merge["velocity_galaxy_2"][k] for k in ("vx", "vy", "vz")]
+    assert orbit["distance"] == pytest.approx(math.hypot(*r))
+    assert orbit["azimuth"] == pytest.approx(math.degrees(math.atan2(r[1], r[0])))
+    inward = -sum(a * b for a, b in zip(r, v, strict=True)) / math.hypot(*r) / math.hypot(*v)
+    assert orbit["approach"] == pytest.approx(math.degrees(math.acos(inward)))
     pos, vel = sw.orbit_state(orbit)
     assert pos == pytest.approx(merge["position_galaxy_2"], abs=1e-3)
     assert vel == pytest.approx(merge["velocity_galaxy_2"], abs=1e-3)

@@ -497,3 +497,18 @@ def test_sweep_reads_only_the_base_jobs_own_regular_files(tmp_path: Path) -> Non
                         "--vary", "interact.mass_2=1,2")
     assert code != 0 and "merge.json" in text and "not a regular file" in text
     assert "Traceback" not in text
+
+
+def test_status_names_twenty_invalid_jobs_and_counts_the_rest(tmp_path: Path) -> None:
+    root = tmp_path / "jobs"
+    for k in range(25):
+        (write_base(root / f"bad{k:02d}") / "merge.json").unlink()
+    write_base(root / "good")
+    code, text = invoke("status", "--jobs", str(root))
+    assert code == 0, text
+    assert "1 pending" in text and "25 invalid" in text
+    lines = [line for line in text.splitlines() if line.startswith("invalid: ")]
+    assert len(lines) == 21
+    assert lines[0] == "invalid: bad00: bad00/merge.json: file is missing"
+    assert lines[-1] == ("invalid: ... and 5 more (all of them in `gibatch report` and "
+                         "`gibatch check`)")
