@@ -377,3 +377,49 @@ def test_companions_as_processes(ran_sweep: tuple[Path, str, str]) -> None:
                                *args[1:]], capture_output=True, text=True, timeout=120)
         assert done.returncode == 0, done.stderr
         assert expected in done.stdout, done.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.browser
+@pytest.mark.timeout(300)
+def test_report_pages_a_large_sweep_in_headless_chromium(tmp_path: Path, browser: Any) -> None:
+    """1,200 jobs: 500 rows laid out at a time; sorting and filtering work on all of
+    them and go back to the first page."""
+    jobs = tmp_path / "jobs"
+    points = [{"interact.mass_2": 1 + k / 1000} for k in range(1200)]
+    sw.write_sweep(BASE_JOB, jobs, points)
+    code, text = run_cli("report", "--jobs", str(jobs))
+    assert code == 0, text
+    driver = browser
+    driver.get((jobs / "report.html").as_uri())
+
+    def shown() -> list[str]:
+        return driver.execute_script(
+            "return [...document.querySelectorAll('#jobs tbody tr')]"
+            ".filter((r) => !r.hidden).map((r) => r.cells[0].dataset.v)")
+
+    def page_text() -> str:
+        return str(driver.find_element("id", "page").text)
+
+    assert len(driver.find_elements("css selector", "#jobs tbody tr")) == 1200
+    first = shown()
+    assert len(first) == 500 and first[0].startswith("0001-") and page_text() == "page 1 of 3"
+    driver.find_element("id", "next").click()
+    second = shown()
+    assert len(second) == 500 and second[0].startswith("0501-")
+    driver.find_element("id", "next").click()
+    assert len(shown()) == 200 and page_text() == "page 3 of 3"
+    assert not driver.find_element("id", "next").is_enabled()
+
+    keys = [h.get_attribute("data-key") for h in
+            driver.find_elements("css selector", "#jobs th[data-key]")]
+    mass = keys.index("interact.mass_2")
+    driver.find_elements("css selector", "#jobs th[data-key]")[mass].click()
+    driver.find_elements("css selector", "#jobs th[data-key]")[mass].click()  # descending
+    top = shown()
+    assert page_text() == "page 1 of 3" and top[0].startswith("1200-")
+    minimum = driver.find_element("css selector", f'input[data-min="{mass - 1}"]')
+    minimum.send_keys("2.1")  # mass_2 from 2.1 to 2.199: 100 jobs, one page
+    assert len(shown()) == 100
+    assert driver.find_element("id", "shown").text == "100 of 1200 shown"
+    assert not driver.find_element("id", "pager").is_displayed()
