@@ -31,7 +31,7 @@ import json
 import math
 import os
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import as_completed
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -44,6 +44,7 @@ from PIL import Image, UnidentifiedImageError
 from scipy import ndimage
 
 from gibatch import record, steps
+from gibatch.children import process_pool
 from gibatch.database import Database
 from gibatch.jobs import STATE_DIR, Job
 from gibatch.params import PlotParams
@@ -620,10 +621,7 @@ def _run_pool(todo: Sequence[tuple[Job, str, list[View], list[Score],
         for job, digest, views, _, skip in todo:
             yield job, digest, _score_job(job.name, snapshot_path(job), views, target, skip)[1]
         return
-    import multiprocessing
-
-    with ProcessPoolExecutor(min(count, len(todo)),
-                             mp_context=multiprocessing.get_context("spawn")) as pool:
+    with process_pool(min(count, len(todo))) as pool:
         futures = [pool.submit(_score_job, job.name, snapshot_path(job), views, target, skip)
                    for job, _, views, _, skip in todo]
         for future in as_completed(futures):

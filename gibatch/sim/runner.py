@@ -11,23 +11,17 @@ workers.
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import hashlib
 import json
 import logging
-import multiprocessing
 import os
 import shutil
-import signal
-import sys
-import threading
-import time
 import traceback
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from gibatch.children import process_pool
 from gibatch.sim import tasks
 from gibatch.sim.physics import Physics
 from gibatch.sim.store import Store, Task, TaskStatus
@@ -61,39 +55,7 @@ def execute(step: str, payload: dict[str, Any], inputs: list[str | None], out: s
     return None
 
 
-PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
-WATCHDOG_PERIOD_S = 0.5
 WORKER_EXIT_S = 5.0  # after SIGTERM, before SIGKILL
-
-
-def _die_with_parent(parent: int) -> None:
-    """Worker initializer: end this worker when `parent` (the site's process) ends.
-
-    A spawned worker blocks on a queue whose write end it holds itself, so it never sees
-    its parent go: left alone it would finish a minutes-long task, then wait forever,
-    holding ~100 MB and the resource tracker's pipe (which keeps that alive too).
-    """
-    # Ctrl-C on a terminal reaches the whole process group; the site decides what its
-    # workers do (Runner.close), and a worker's KeyboardInterrupt would only print noise.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    if sys.platform == "linux":
-        # The kernel kills us the moment the parent dies, even mid-computation. It fires
-        # when the *thread* that started the worker ends: that is the event loop's
-        # thread (run_in_executor spawns workers on demand), which outlives the pool.
-        libc = ctypes.CDLL(None, use_errno=True)
-        if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
-            log.debug("prctl(PR_SET_PDEATHSIG) failed: errno %d", ctypes.get_errno())
-    if os.getppid() != parent:  # the parent died before the line above took effect
-        os._exit(1)
-    # Elsewhere (and should prctl fail), notice the parent's death by being re-parented.
-    threading.Thread(target=_watch_parent, args=(parent,), name="parent-watchdog",
-                     daemon=True).start()
-
-
-def _watch_parent(parent: int) -> None:
-    while os.getppid() == parent:
-        time.sleep(WATCHDOG_PERIOD_S)
-    os._exit(1)  # no clean-up to do: the task's result has no one left to receive it
 
 
 def _ledger(folder: Path) -> list[tuple[str, int, str]]:
@@ -124,11 +86,7 @@ class Runner:
         self.physics = physics
         self.workers = workers or default_workers()
         self._on_end = on_end or (lambda task, status: store.set_status(task.job_id, status))
-        # spawn: the site may run inside a threaded client; forking that is unsafe.
-        self._pool = ProcessPoolExecutor(
-            self.workers, mp_context=multiprocessing.get_context("spawn"),
-            initializer=_die_with_parent, initargs=(os.getpid(),),
-        )
+        self._pool = process_pool(self.workers)
         self._slots = asyncio.Semaphore(self.workers)
         self._running: set[asyncio.Task[None]] = set()
 
