@@ -36,15 +36,12 @@ def signature(folder: Path) -> str | None:
     """What changes whenever a job file of `folder` may have changed; None if unknown."""
     try:
         with os.scandir(folder) as it:
-            parts = []
-            for entry in it:
-                if entry.name.endswith(".json"):
-                    st = entry.stat()  # follows a symlink: its target is what is read
-                    parts.append(f"{entry.name}\0{st.st_mode}\0{st.st_size}\0"
-                                 f"{st.st_mtime_ns}\0{st.st_ino}")
+            # follows a symlink: its target is what is read
+            found = [(e.name, e.stat()) for e in it if e.name.endswith(".json")]
     except OSError:
         return None
-    return "\n".join(sorted(parts))
+    found.sort()
+    return repr([(n, st.st_mode, st.st_size, st.st_mtime_ns, st.st_ino) for n, st in found])
 
 
 class JobCache(Database):

@@ -6,6 +6,7 @@ job types, and which earlier results a new task clears (downstream invalidation)
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from enum import IntEnum
 
@@ -31,7 +32,9 @@ class Step:
     stage: Stage
     number: int = 0
 
-    @property
+    # Names are asked for millions of times when a 100,000-job sweep is planned: each
+    # is made once per Step object (jobs share their Step objects).
+    @functools.cached_property
     def name(self) -> str:
         """The job-folder file stem: galaxy1, merge, interact, plot2."""
         return {
@@ -45,7 +48,7 @@ class Step:
     def filename(self) -> str:
         return f"{self.name}.json"
 
-    @property
+    @functools.cached_property
     def section(self) -> str:
         """The result section on the site, and the job's output folder name."""
         return {
@@ -79,6 +82,7 @@ def chain(plot_count: int) -> list[Step]:
     return [GALAXY1, GALAXY2, MERGE, INTERACT, *(plot(k) for k in range(1, plot_count + 1))]
 
 
+@functools.lru_cache(maxsize=4096)
 def section_stage(section: str) -> Stage | None:
     """The stage a site section belongs to, or None for a name we do not know."""
     if section in ("Galaxy 1", "Galaxy 2"):
