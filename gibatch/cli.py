@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import getpass
 import json
 import logging
@@ -27,9 +28,8 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from gibatch import match
+from gibatch import discovery, match
 from gibatch import sweep as sweep_module
-from gibatch.discovery import load_sweep
 from gibatch.display import RunDisplay
 from gibatch.errors import GibatchError, NoModelAvailable
 from gibatch.jobs import STATE_DIR, Sweep, discover
@@ -103,6 +103,15 @@ def _password(password_file: Path | None) -> str:
         return getpass.getpass("GI site password: ")
     raise _usage_error(f"no password: set {PASSWORD_ENV}, pass --password-file, "
                        "or run on a terminal to be asked")
+
+
+def _load_sweep(jobs: Path) -> Sweep:
+    """The sweep, through the discovery cache. Its jobs live as long as the command:
+    `gc.freeze` spares the cyclic collector walking 100,000 of them again and again
+    (a full collection in the middle of a run stalls the event loop for 0.3 s)."""
+    sweep = discovery.load_sweep(jobs)
+    gc.freeze()
+    return sweep
 
 
 def _jobs_dir(jobs: Path) -> Path:
@@ -252,7 +261,7 @@ def run(
     secret = _password(password_file) if server is not None else ""
     console = Console(stderr=True) if sys.stderr.isatty() else None
     _setup_logging(console)
-    sweep = load_sweep(jobs)
+    sweep = _load_sweep(jobs)
     for problem in sweep.problems:
         typer.echo(f"invalid: {problem}", err=True)
     options = Options(jobs_dir=jobs, models=model_list, concurrency=concurrency, grace_s=grace)
@@ -290,7 +299,7 @@ def check(jobs: Annotated[Path, typer.Option(help="Folder of job folders.")]) ->
 
     Example: gibatch check --jobs examples/sweep
     """
-    sweep = load_sweep(_require_job_folders(jobs))
+    sweep = _load_sweep(_require_job_folders(jobs))
     for problem in sweep.problems:
         typer.echo(str(problem))
     typer.echo(f"{len(sweep.jobs)} valid, {len(sweep.invalid_jobs)} invalid")
@@ -322,7 +331,7 @@ def plan(
     client = SiteClient(server, username or "", _password(password_file)) if server else None
     key = client.site_key if client else _embedded_data(jobs)[1]
     try:
-        show_plan(Console(), load_sweep(jobs), model_list, key, client)
+        show_plan(Console(), _load_sweep(jobs), model_list, key, client)
     except GibatchError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None
@@ -340,7 +349,7 @@ def status(
     """
     from gibatch.commands import show_status
 
-    show_status(Console(), load_sweep(_jobs_dir(jobs)), events)
+    show_status(Console(), _load_sweep(_jobs_dir(jobs)), events)
 
 
 @app.command(name="sweep")
@@ -396,7 +405,7 @@ def report(
     from gibatch.report import build_report
     from gibatch.status import sweep_status
 
-    sweep = load_sweep(_jobs_dir(jobs))
+    sweep = _load_sweep(_jobs_dir(jobs))
     journal = Journal(jobs)
     try:
         result = build_report(sweep, sweep_status(sweep, journal), out)
@@ -507,7 +516,7 @@ def match_command(
 
     Example: gibatch match --jobs jobs --target arp240.png --centres 120,88,301,140
     """
-    sweep = load_sweep(_require_job_folders(jobs))
+    sweep = _load_sweep(_require_job_folders(jobs))
     goal = _match_target(target, centres, blur, views)
     settings = match.Settings(views=views, metric=metric)
     with _progress_bar() as bar:

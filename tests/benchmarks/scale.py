@@ -18,6 +18,7 @@ Prints a table; asserts nothing.
 from __future__ import annotations
 
 import argparse
+import gc
 import hashlib
 import json
 import resource
@@ -76,6 +77,7 @@ def measure(what: str, folder: Path) -> dict[str, float]:
     start = time.perf_counter()
     sweep = load_sweep(folder)
     loaded = time.perf_counter() - start
+    gc.freeze()  # as the command line does after loading
     out: dict[str, float] = {"jobs": len(sweep.jobs), "load_s": loaded}
     holdings: dict[int, dict[str, str]] = {m: {} for m in range(1, MODELS + 1)}
     if what == "plan":
