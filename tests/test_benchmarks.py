@@ -49,3 +49,20 @@ def test_transfer_benchmark_runs() -> None:
                    "plain urllib+sha", "plain aiohttp", "gibatch c=1", "gibatch c=2",
                    "rate / plain", "SHA-256 alone"):
         assert figure in out, out
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_scale_benchmark_runs() -> None:
+    out = _run("tests.benchmarks.scale", "--sizes", "40", "--scan-up-to", "40")
+    for figure in ("load 2nd s", "plan s", "pick ms", "scan plan s"):
+        assert figure in out, out
+    assert out.splitlines()[-1].split()[-1] == "yes", out  # the same plan as the scan
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_match_benchmark_runs() -> None:
+    out = _run("tests.benchmarks.match", "--quick")
+    for figure in ("match time per job-frame-view", "grid distance", "optuna median"):
+        assert figure in out, out
