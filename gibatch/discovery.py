@@ -30,6 +30,7 @@ CREATE TABLE IF NOT EXISTS known_jobs (
     name TEXT PRIMARY KEY, signature TEXT NOT NULL, chain TEXT NOT NULL,
     payloads TEXT NOT NULL);
 """
+_COLUMNS = ["name", "signature", "chain", "payloads"]
 
 
 def signature(folder: Path) -> str | None:
@@ -49,6 +50,10 @@ class JobCache(Database):
         folder = root / STATE_DIR
         folder.mkdir(exist_ok=True)
         super().__init__(folder / CACHE_FILE, _SCHEMA)
+        columns = [row[1] for row in self._db.execute("PRAGMA table_info(known_jobs)")]
+        if columns != _COLUMNS:  # made by another version: a cache is rebuilt, not migrated
+            self._db.execute("DROP TABLE known_jobs")
+            self._db.executescript(_SCHEMA)
 
     def load(self) -> dict[str, tuple[str, str, str]]:
         """name -> (signature, chain, payloads) of every job remembered."""

@@ -101,3 +101,22 @@ def test_without_a_usable_cache_the_sweep_is_read_in_full(tmp_path: Path,
     second = load_sweep(root)
     assert len(reads) == 2 * 2 * 6
     same(first, second)
+
+
+def test_a_cache_of_another_layout_is_rebuilt(tmp_path: Path, reads: list[Path]) -> None:
+    import sqlite3
+
+    root = tmp_path / "jobs"
+    sweep_of(root, 2)
+    (root / ".gibatch").mkdir()
+    db = sqlite3.connect(root / ".gibatch" / "journal.db")
+    db.execute("CREATE TABLE known_jobs (name TEXT PRIMARY KEY, job TEXT)")
+    db.execute("INSERT INTO known_jobs VALUES ('j0', 'garbage')")
+    db.commit()
+    db.close()
+    first = load_sweep(root)
+    reads.clear()
+    second = load_sweep(root)
+    assert reads == []
+    same(first, second)
+    same(second, load_uncached(root))
