@@ -203,7 +203,10 @@ def gated_writes(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[threading.Ev
 async def test_cancelled_mid_download_keeps_a_part_that_resumes(
         site: ThreadedSite, tmp_path: Path,
         gated_writes: tuple[threading.Event, threading.Event]) -> None:
-    data = os.urandom(16 * MiB)
+    # Far more than can be in flight when the first write is held (the batch written,
+    # BATCHES_QUEUED queued, one filling, aiohttp's read-ahead), even when a loaded
+    # machine lets chunks grow to the read-ahead's size: the cut cannot hold it all.
+    data = os.urandom(64 * MiB)
     remote = place(site, "big.dat", data)
     first, release = gated_writes
     async with logged_in(site) as (client, rec):
