@@ -23,7 +23,7 @@ Residuals against our own 50,000-particle tree runs (`python -m tests.benchmarks
 --reference 50000`), restricted / live: 1:1 prograde, first pericentre 0.35 / 0.30 Gyr,
 first apocentre 25.7 / 27.4 kpc, merger 0.50 / 0.55 Gyr, tail fraction (disk stars
 beyond 50 kpc of both centres) 0.050 / 0.079 at 0.5 Gyr; 10:1 radial, first pericentre
-0.45 / 0.45 Gyr, first apocentre 78.7 / 43.5 kpc, merger none by 3 Gyr / 1.20 Gyr. The
+0.45 / 0.45 Gyr, first apocentre 78.7 / 43.5 kpc, merger none within 2 Gyr / 1.20 Gyr. The
 constant suits the equal-mass prograde encounter, not the unequal radial one (friction
 too weak there): the calibration is unfinished.
 
