@@ -494,18 +494,24 @@ def _progress_bar() -> Progress:
                     disable=not sys.stderr.isatty())
 
 
+
+# Options `match` and `search` share, so that both say the same.
+_Target = Annotated[Path, typer.Option(help="Image of the observed pair (PNG, JPEG, ...).")]
+_Centres = Annotated[str, typer.Option(
+    help="Pixel centres X1,Y1,X2,Y2 of galaxy 1 and galaxy 2 (x right, y down).")]
+_Views = Annotated[int, typer.Option(
+    help="0: the plots' own axes; N: N directions spread over the sphere.")]
+_Blur = Annotated[float, typer.Option(help="Blur of the renders, in target pixels.")]
+
 @app.command("match")
 def match_command(
     jobs: Annotated[Path, typer.Option(help="Folder of job folders.")],
-    target: Annotated[Path, typer.Option(help="Image of the observed pair (PNG, JPEG, ...).")],
-    centres: Annotated[str, typer.Option(
-        help="Pixel centres X1,Y1,X2,Y2 of galaxy 1 and galaxy 2 (x right, y down).")],
+    target: _Target,
+    centres: _Centres,
     metric: Annotated[match.Metric, typer.Option(help="The score that ranks.")]
     = match.Metric.SSIM,
-    views: Annotated[int, typer.Option(
-        help="0: the plots' own axes; N: N directions spread over the sphere.")] = 0,
-    blur: Annotated[float, typer.Option(help="Blur of the renders, in target pixels.")]
-    = match.DEFAULT_BLUR_PX,
+    views: _Views = 0,
+    blur: _Blur = match.DEFAULT_BLUR_PX,
     top: Annotated[int, typer.Option(min=1, help="Rows of the table shown.")] = 20,
     workers: Annotated[int | None, typer.Option(
         min=1, help="Scoring processes (default: every core).")] = None,
@@ -576,17 +582,14 @@ def search_command(
     jobs: Annotated[Path, typer.Option(help="Folder for the trials' job folders.")],
     base: Annotated[Path, typer.Option(help="The job folder every trial starts from.")],
     space: Annotated[Path, typer.Option(help="TOML file: job keys and their ranges.")],
-    target: Annotated[Path, typer.Option(help="Image of the observed pair (PNG, JPEG, ...).")],
-    centres: Annotated[str, typer.Option(
-        help="Pixel centres X1,Y1,X2,Y2 of galaxy 1 and galaxy 2 (x right, y down).")],
+    target: _Target,
+    centres: _Centres,
     budget: Annotated[int, typer.Option(help="How many trials to run in all.")],
     models: Annotated[str, typer.Option(help="Model numbers to use, e.g. 1-4 or 1,3.")] = "1-4",
     metric: Annotated[match.Metric, typer.Option(help="The score to maximise.")]
     = match.Metric.SSIM,
-    views: Annotated[int, typer.Option(
-        help="0: the plots' own axes; N: N directions spread over the sphere.")] = 0,
-    blur: Annotated[float, typer.Option(help="Blur of the renders, in target pixels.")]
-    = match.DEFAULT_BLUR_PX,
+    views: _Views = 0,
+    blur: _Blur = match.DEFAULT_BLUR_PX,
     seed: Annotated[int | None, typer.Option(help="Seed of Optuna's sampler.")] = None,
     server: Annotated[str | None, typer.Option(
         help="Base URL of a GI site, e.g. https://HOST/ast80011. Default: the embedded one.")

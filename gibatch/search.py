@@ -56,7 +56,7 @@ from gibatch import match, record
 from gibatch.errors import leaves
 from gibatch.jobs import STATE_DIR, Job, JobInvalid, job_files, load_job, load_sweep
 from gibatch.run import Outcome, Scheduler
-from gibatch.sweep import SweepError, apply_point, orbit_of
+from gibatch.sweep import SweepError, apply_point, lookup, orbit_of
 
 log = logging.getLogger("gibatch")
 
@@ -169,15 +169,6 @@ def space_key(dims: list[Dimension]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
-def _value_at(files: Mapping[str, Any], key: str) -> object:
-    node: object = files
-    for part in key.split("."):
-        if not isinstance(node, Mapping) or part not in node:
-            return None
-        node = node[part]
-    return node
-
-
 def _inside(dist: BaseDistribution, value: Value) -> bool:
     if isinstance(dist, CategoricalDistribution):
         return value in dist.choices
@@ -191,7 +182,7 @@ def job_values(files: Mapping[str, Any], dims: list[Dimension]) -> dict[str, Val
     for dim in dims:
         stem, _, sub = dim.key.partition(".")
         value = (orbit_of(files["merge"])[sub] if stem == "orbit" and "merge" in files
-                 else _value_at(files, dim.key))
+                 else lookup(files, dim.key))
         if (not isinstance(value, int | float | str) or isinstance(value, bool)
                 or not _inside(dim.distribution, value)):
             return None

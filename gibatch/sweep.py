@@ -151,11 +151,12 @@ def random_points(varies: Sequence[Vary], count: int, seed: int,
     as an integer; every other range as a float.
     """
     rng = random.Random(seed)
-    integer = {v.key: isinstance(_lookup(base or {}, v.key), int) for v in varies}
+    integer = {v.key: isinstance(lookup(base or {}, v.key), int) for v in varies}
     return [{v.key: v.sample(rng, integer[v.key]) for v in varies} for _ in range(count)]
 
 
-def _lookup(files: Mapping[str, Any], key: str) -> object:
+def lookup(files: Mapping[str, Any], key: str) -> object:
+    """The value at dotted `key` (`galaxy1.disk.number_of_particles`) in job files, or None."""
     node: object = files
     for part in key.split("."):
         if not isinstance(node, Mapping) or part not in node:
