@@ -28,7 +28,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from gibatch import discovery, match
+from gibatch import discovery, match_settings
 from gibatch import sweep as sweep_module
 from gibatch.display import RunDisplay
 from gibatch.errors import GibatchError, NoModelAvailable
@@ -40,7 +40,7 @@ from gibatch.site import SiteClient
 from gibatch.text import EscapeArgs, first_line, printable
 
 if TYPE_CHECKING:
-    from gibatch import search
+    from gibatch import match, search
 
 PASSWORD_ENV = "GIBATCH_PASSWORD"
 EXIT_USAGE = 2
@@ -482,9 +482,11 @@ def _match_target(target: Path, centres: str, blur: float, views: int) -> match.
     """The target, or exit 2 with the reason (never a traceback)."""
     if views < 0:
         raise _usage_error(f"--views {views}: must be 0 (the plots' axes) or more")
+    from gibatch import match  # scipy and h5py: only for the commands that score
+
     try:
-        return match.load_target(target, match.parse_centres(centres), blur)
-    except match.MatchError as exc:
+        return match.load_target(target, match_settings.parse_centres(centres), blur)
+    except match_settings.MatchError as exc:
         raise _usage_error(str(exc)) from None
 
 
@@ -508,10 +510,10 @@ def match_command(
     jobs: Annotated[Path, typer.Option(help="Folder of job folders.")],
     target: _Target,
     centres: _Centres,
-    metric: Annotated[match.Metric, typer.Option(help="The score that ranks.")]
-    = match.Metric.SSIM,
+    metric: Annotated[match_settings.Metric, typer.Option(help="The score that ranks.")]
+    = match_settings.Metric.SSIM,
     views: _Views = 0,
-    blur: _Blur = match.DEFAULT_BLUR_PX,
+    blur: _Blur = match_settings.DEFAULT_BLUR_PX,
     top: Annotated[int, typer.Option(min=1, help="Rows of the table shown.")] = 20,
     workers: Annotated[int | None, typer.Option(
         min=1, help="Scoring processes (default: every core).")] = None,
@@ -522,9 +524,11 @@ def match_command(
 
     Example: gibatch match --jobs jobs --target arp240.png --centres 120,88,301,140
     """
+    from gibatch import match
+
     sweep = _load_sweep(_require_job_folders(jobs))
     goal = _match_target(target, centres, blur, views)
-    settings = match.Settings(views=views, metric=metric)
+    settings = match_settings.Settings(views=views, metric=metric)
     with _progress_bar() as bar:
         task = bar.add_task("scoring jobs", total=len(sweep.jobs))
         results = match.match_jobs(jobs, sweep.jobs, goal, settings, workers,
@@ -568,7 +572,7 @@ async def _site_client(stack: AsyncExitStack, jobs: Path, server: str | None, us
     return client
 
 
-def _search_line(progress: search.Progress, metric: match.Metric) -> str:
+def _search_line(progress: search.Progress, metric: match_settings.Metric) -> str:
     best = (f"best {metric.value} {progress.best_value:.4f} ({progress.best_job}: "
             + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                         for k, v in progress.best_params.items()) + ")"
@@ -586,10 +590,10 @@ def search_command(
     centres: _Centres,
     budget: Annotated[int, typer.Option(help="How many trials to run in all.")],
     models: Annotated[str, typer.Option(help="Model numbers to use, e.g. 1-4 or 1,3.")] = "1-4",
-    metric: Annotated[match.Metric, typer.Option(help="The score to maximise.")]
-    = match.Metric.SSIM,
+    metric: Annotated[match_settings.Metric, typer.Option(help="The score to maximise.")]
+    = match_settings.Metric.SSIM,
     views: _Views = 0,
-    blur: _Blur = match.DEFAULT_BLUR_PX,
+    blur: _Blur = match_settings.DEFAULT_BLUR_PX,
     seed: Annotated[int | None, typer.Option(help="Seed of Optuna's sampler.")] = None,
     server: Annotated[str | None, typer.Option(
         help="Base URL of a GI site, e.g. https://HOST/ast80011. Default: the embedded one.")
@@ -619,7 +623,7 @@ def search_command(
     except (sweep_module.SweepError, search.SearchError) as exc:
         raise _usage_error(str(exc)) from None
     goal = _match_target(target, centres, blur, views)
-    settings = match.Settings(views=views, metric=metric)
+    settings = match_settings.Settings(views=views, metric=metric)
     jobs.mkdir(parents=True, exist_ok=True)
     _jobs_dir(jobs)
     secret = _password(password_file) if server is not None else ""

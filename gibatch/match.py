@@ -33,7 +33,6 @@ import os
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import as_completed
 from dataclasses import asdict, dataclass, field
-from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +46,7 @@ from gibatch import record, steps
 from gibatch.children import process_pool
 from gibatch.database import Database
 from gibatch.jobs import STATE_DIR, Job
+from gibatch.match_settings import DEFAULT_BLUR_PX, MatchError, Metric, Settings
 from gibatch.params import PlotParams
 
 F64 = NDArray[np.float64]
@@ -59,7 +59,6 @@ SETTINGS_FILE = "match.json"
 # Targets are compared on a grid of at most this many pixels a side: tails and bridges
 # span tens of pixels there, and SSIM's cost grows with the pixel count.
 GRID_PX_MAX = 160
-DEFAULT_BLUR_PX = 1.5
 DYNAMIC_RANGE_DEX = 2.5  # log stretch: this many decades below the brightest pixel
 MASK_LEVEL = 0.25  # of the 0..1 brightness: what counts as "galaxy" for IoU
 SSIM_SIGMA_PX = 1.5  # Wang et al.'s Gaussian window
@@ -68,16 +67,6 @@ MIN_SEPARATION_KPC = 0.5  # projected centres closer than this give no transform
 _CORE_MIN = 8  # stars the shrinking sphere keeps at least
 SCORE_VERSION = 2  # part of the target key: bump when scoring changes
 _AXIS = {"x": 0, "y": 1, "z": 2}
-
-
-class MatchError(Exception):
-    """Input the matcher cannot use; the message says what and why."""
-
-
-class Metric(StrEnum):
-    SSIM = "ssim"
-    IOU = "iou"
-    NMI = "nmi"
 
 
 # -- the target
@@ -101,18 +90,6 @@ class Target:
     @property
     def levels(self) -> NDArray[np.int64]:
         return levels(self.image)
-
-
-def parse_centres(text: str) -> tuple[tuple[float, float], tuple[float, float]]:
-    """`X1,Y1,X2,Y2` in pixels (x right, y down, as image viewers show them)."""
-    try:
-        x1, y1, x2, y2 = (float(v) for v in text.split(","))
-    except ValueError:
-        raise MatchError(f"--centres {text!r}: expected four numbers X1,Y1,X2,Y2 (pixels of "
-                         "galaxy 1's and galaxy 2's centres)") from None
-    if not all(math.isfinite(v) for v in (x1, y1, x2, y2)):
-        raise MatchError(f"--centres {text!r}: the numbers must be finite")
-    return (x1, y1), (x2, y2)
 
 
 def _grey(image: Image.Image) -> F64:
@@ -516,14 +493,6 @@ def match_dir(root: Path) -> Path:
 
 
 # -- one job, and a sweep
-
-
-@dataclass(frozen=True)
-class Settings:
-    """How jobs are matched: views (0: the plots' axes; N: N directions) and ranking."""
-
-    views: int = 0
-    metric: Metric = Metric.SSIM
 
 
 @dataclass

@@ -280,7 +280,7 @@ def match_section(sweep: Sweep, rows: list[Row], keys: list[str], media: Path,
     """The target beside the best render of the top jobs, and score against each varied
     parameter; empty when no ranking exists. Renders are made again from the snapshots
     (cheap for five jobs), so the ranking file stays small."""
-    from gibatch import match
+    from gibatch import match, match_settings
 
     folder = match.match_dir(sweep.root)
     try:
@@ -289,7 +289,7 @@ def match_section(sweep: Sweep, rows: list[Row], keys: list[str], media: Path,
             ranking = [r for r in csv.DictReader(f) if r["rank"]]
         (c1, c2) = (tuple(c) for c in meta["centres"])
         target = match.load_target(Path(meta["target"]), (c1, c2), float(meta["blur_px"]))
-    except (OSError, ValueError, KeyError, TypeError, match.MatchError) as exc:
+    except (OSError, ValueError, KeyError, TypeError, match_settings.MatchError) as exc:
         if (folder / match.RANKING_FILE).exists():
             log.warning("report: match results not shown: %s", exc)
         return ""

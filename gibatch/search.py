@@ -52,7 +52,7 @@ from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import FrozenTrial, TrialState
 
-from gibatch import match, record
+from gibatch import match, match_settings, record
 from gibatch.errors import leaves
 from gibatch.jobs import STATE_DIR, Job, JobInvalid, job_files, load_job, load_sweep
 from gibatch.run import Outcome, Scheduler
@@ -238,7 +238,7 @@ class Search:
     """One study over one folder; `drive` feeds a scheduler until the budget is told."""
 
     def __init__(self, root: Path, base: Mapping[str, Any], dims: list[Dimension],
-                 target: match.Target, settings: match.Settings, budget: int,
+                 target: match.Target, settings: match_settings.Settings, budget: int,
                  seed: int | None = None,
                  on_progress: Callable[[Progress], None] | None = None) -> None:
         if budget < 1:

@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from gibatch import match
+from gibatch import match, match_settings
 from gibatch.cli import app
 from gibatch.jobs import load_sweep
 from gibatch.run import Outcome
@@ -90,7 +90,7 @@ def observe(image: np.ndarray, angle_deg: float, zoom: float, noise: float, path
 
 
 def ranked(jobs: Path, target: Path, centres: str, views: int = 0) -> list[match.Result]:
-    goal = match.load_target(target, match.parse_centres(centres))
+    goal = match.load_target(target, match_settings.parse_centres(centres))
     return match.match_jobs(jobs, load_sweep(jobs).jobs, goal, match.Settings(views=views),
                             workers=1)
 
@@ -124,7 +124,7 @@ def test_mirror_and_rotation_recovered_from_any_direction(sweep: Path, tmp_path:
         job = next(j for j in load_sweep(sweep).jobs if j.name == HIDDEN)
         digest = match.snapshot_digest(job)
         assert digest is not None
-        goal = match.load_target(tmp_path / "m.png", match.parse_centres(centres))
+        goal = match.load_target(tmp_path / "m.png", match_settings.parse_centres(centres))
         plain = [s for s in cache.get(goal.key, HIDDEN, digest)
                  if s.frame == 4 and s.view == "x-y" and not s.mirror]
     finally:

@@ -42,6 +42,7 @@ import time
 import tracemalloc
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 from gibatch import sweep as sw
 from gibatch.holdings import Holdings
@@ -86,18 +87,27 @@ def _t(stamp: str) -> float:
     return datetime.fromisoformat(stamp).timestamp()
 
 
-def site_figures(db_path: Path) -> dict[str, float]:
+def site_figures(db_path: Path) -> dict[str, Any]:
     with sqlite3.connect(db_path) as db:
         rows = db.execute("SELECT model, submitted, started, finished FROM tasks "
                           "ORDER BY job_id").fetchall()
+        steps = [s for (s,) in db.execute("SELECT step FROM tasks ORDER BY job_id")]
     busy = [(_t(f) - _t(s)) for _, _, s, f in rows]
-    per_model: dict[int, list[tuple[float, float, float]]] = {}
-    for model, sub, start, fin in rows:
-        per_model.setdefault(model, []).append((_t(sub), _t(start), _t(fin)))
-    delays = [b[0] - a[2] for tasks in per_model.values() for a, b in itertools.pairwise(tasks)]
-    chains = [sum(f - s for _, s, f in tasks) for tasks in per_model.values()]
-    span = max(_t(f) for *_, f in rows) - min(_t(s) for _, s, _, _ in rows)
+    per_model: dict[int, list[tuple[float, float, float, str]]] = {}
+    for (model, sub, start, fin), step in zip(rows, steps, strict=True):
+        per_model.setdefault(model, []).append((_t(sub), _t(start), _t(fin), step))
+    by_kind: dict[str, list[float]] = {}
+    for tasks in per_model.values():
+        for a, b in itertools.pairwise(tasks):
+            by_kind.setdefault(f"{a[3]}->{b[3]}", []).append(b[0] - a[2])
+    delays = [d for ds in by_kind.values() for d in ds]
+    chains = [sum(f - s for _, s, f, _ in tasks) for tasks in per_model.values()]
+    first_submit = min(_t(sub) for _, sub, _, _ in rows)
+    last_finish = max(_t(f) for *_, f in rows)
+    span = last_finish - min(_t(s) for _, _, s, _ in rows)
     return {"tasks": len(rows), "busy_s": sum(busy), "longest_chain_s": max(chains),
+            "first_submit": first_submit, "last_finish": last_finish,
+            "gaps_s": sum(delays), "by_kind": by_kind,
             "median_delay_s": statistics.median(delays) if delays else 0.0,
             "p90_delay_s": statistics.quantiles(delays, n=10)[-1] if len(delays) > 1 else 0.0,
             "site_span_s": span, "models": len(per_model)}
@@ -132,13 +142,14 @@ def run_benchmark(jobs: int, models: int, particles: int, strict: bool = False,
         try:
             env = {**os.environ, "GIBATCH_PASSWORD": "bench-pw",
                    "GIBATCH_LOCK_DIR": str(tmp / "locks")}
-            started = time.monotonic()
+            started, started_wall = time.monotonic(), time.time()
             done = subprocess.run(
                 [sys.executable, "-m", "gibatch", "run", "--jobs", str(sweep_dir),
                  "--models", f"1-{models}", "--server", site.running.url,
                  "--username", "bench"],
                 env=env, capture_output=True, text=True, timeout=3600)
             wall = time.monotonic() - started
+            ended_wall = started_wall + wall
             rss_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
             clicks = len(site.running.site.clicked)
         finally:
@@ -161,6 +172,13 @@ def run_benchmark(jobs: int, models: int, particles: int, strict: bool = False,
               f"{fig['busy_s'] / models:.1f} s; longest chain {fig['longest_chain_s']:.1f} s)")
         print(f"makespan / ideal: {wall / ideal:.3f} (site span / ideal: "
               f"{fig['site_span_s'] / ideal:.3f})")
+        print(f"where the rest goes: start to first submission "
+              f"{fig['first_submit'] - started_wall:.2f} s; last finish to exit "
+              f"{ended_wall - fig['last_finish']:.2f} s; gaps between a model's tasks "
+              f"{fig['gaps_s']:.1f} s in all ({fig['gaps_s'] / models:.1f} s per model)")
+        print("gaps by step (previous -> next: count, median ms, max ms): " + "; ".join(
+            f"{kind}: {len(ds)}, {statistics.median(ds) * 1000:.0f}, {max(ds) * 1000:.0f}"
+            for kind, ds in sorted(fig["by_kind"].items())))
         print(f"dispatch delay (finish -> next submission, same model, site clock): median "
               f"{fig['median_delay_s'] * 1000:.0f} ms, p90 {fig['p90_delay_s'] * 1000:.0f} ms")
         print(f"tasks submitted: {fig['tasks'] - clicks:.0f} (+{clicks} browser); plan "

@@ -1,0 +1,44 @@
+"""What a student tells `match` and `search`: the metric, the centres, the blur.
+
+Kept apart from `gibatch.match` so that the command line can declare its options
+without importing the scorer's numerical stack (scipy, h5py, skimage: most of a
+second), which every other command would otherwise pay at start.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from enum import StrEnum
+
+DEFAULT_BLUR_PX = 1.5
+
+
+class MatchError(Exception):
+    """Input the matcher cannot use; the message says what and why."""
+
+
+class Metric(StrEnum):
+    SSIM = "ssim"
+    IOU = "iou"
+    NMI = "nmi"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How jobs are matched: views (0: the plots' axes; N: N directions) and ranking."""
+
+    views: int = 0
+    metric: Metric = Metric.SSIM
+
+
+def parse_centres(text: str) -> tuple[tuple[float, float], tuple[float, float]]:
+    """`X1,Y1,X2,Y2` in pixels (x right, y down, as image viewers show them)."""
+    try:
+        x1, y1, x2, y2 = (float(v) for v in text.split(","))
+    except ValueError:
+        raise MatchError(f"--centres {text!r}: expected four numbers X1,Y1,X2,Y2 (pixels of "
+                         "galaxy 1's and galaxy 2's centres)") from None
+    if not all(math.isfinite(v) for v in (x1, y1, x2, y2)):
+        raise MatchError(f"--centres {text!r}: the numbers must be finite")
+    return (x1, y1), (x2, y2)
