@@ -2,11 +2,28 @@
 `status` or `report` of an unchanged sweep reads no JSON.
 
 Each valid job is kept in the journal's database (`JOBS/.gibatch/journal.db`, table
-`known_jobs`) with a signature of its folder: name, type, size, modification time and
-inode of every `.json` entry in it. A folder whose signature differs (a file edited,
-added, removed, replaced) is read and validated again; so is one that cannot be listed.
-Invalid jobs are not kept: their problems are found anew each time, as the user fixes
-them.
+`known_jobs`) with a signature of its folder:
+- `files`: the names of its `.json` entries, and `stats`: type, size, modification and
+  change times, inode and device of each (of a symlink's target: that is what is read).
+  The change time (ctime) cannot be set back by `touch`, `cp -p` or `rsync -t`, so an
+  edit that keeps size and mtime is still seen;
+- `folder`: the folder's own device, inode, modification and change times. Adding,
+  removing, renaming or replacing an entry changes them, so while they hold, the
+  folder's `.json` names are still `files` and need not be listed again: its files
+  are stat'ed by name. Editing a file in place does not change its folder; its own
+  stat does, which is why the files are stat'ed either way.
+
+A folder whose signature differs is read and validated again; so is one that cannot be
+listed. Invalid jobs are not kept: their problems are found anew each time, as the
+user fixes them. The natural order of the job names is kept too (`job_order`): sorting
+100,000 names by `natural_key` costs more than listing them.
+
+Timestamps are coarse (a clock tick; up to seconds on some filesystems): an entry
+added in the same tick as the last change seen would leave the folder's times as they
+were. So a folder's own stat is trusted only once it is older than `SETTLE_NS` when
+listed; a younger one is listed again next time (git's "racily clean" entries, met the
+same way). A file edited twice within one tick, to the same size, after it was read,
+is the one change no stat-based cache can see.
 
 If the cache cannot be opened (a read-only jobs folder, a damaged database), the
 sweep is read in full, as without it: the cache may make things faster, never wrong.
@@ -15,34 +32,104 @@ sweep is read in full, as without it: the cache may make things faster, never wr
 from __future__ import annotations
 
 import contextlib
+import functools
+import json
 import os
 import sqlite3
-from collections.abc import Iterator
+import sys
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from gibatch import jobs
 from gibatch.database import Database
-from gibatch.jobs import STATE_DIR, Job, JobInvalid, Sweep, discover, load_job
+from gibatch.jobs import STATE_DIR, Job, JobInvalid, Sweep, job_names, load_job, natural_key
+from gibatch.steps import Stage, Step
 
 CACHE_FILE = "journal.db"  # beside the journal's own tables
+SETTLE_NS = 2_000_000_000  # FAT's 2 s timestamps are the coarsest in common use
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS known_jobs (
-    name TEXT PRIMARY KEY, signature TEXT NOT NULL, chain TEXT NOT NULL,
-    payloads TEXT NOT NULL);
+    name TEXT PRIMARY KEY, folder TEXT NOT NULL, files TEXT NOT NULL, stats TEXT NOT NULL,
+    steps TEXT NOT NULL, lineage TEXT NOT NULL, payloads TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS job_order (
+    id INTEGER PRIMARY KEY CHECK (id = 0), names TEXT NOT NULL);
 """
-_COLUMNS = ["name", "signature", "chain", "payloads"]
+_COLUMNS = {"known_jobs": ["name", "folder", "files", "stats", "steps", "lineage", "payloads"],
+            "job_order": ["id", "names"]}
+_clock_ns = time.time_ns  # tests move it on, to make folders look settled
+
+# name -> (folder, files, stats, steps, lineage, payloads): a known_jobs row
+Known = tuple[str, str, str, str, str, str]
 
 
-def signature(folder: Path) -> str | None:
-    """What changes whenever a job file of `folder` may have changed; None if unknown."""
+@dataclass(frozen=True, slots=True)
+class Signature:
+    """What changes whenever a job file of a folder may have changed (module docstring)."""
+
+    folder: str  # "" when too recent to stand for the folder's listing
+    files: str  # the `.json` names, sorted, joined by "/" (which no name holds)
+    stats: str  # the stat of each, in the same order
+
+    def same_files(self, other: Signature | Known) -> bool:
+        if isinstance(other, Signature):
+            return self.files == other.files and self.stats == other.stats
+        return self.files == other[1] and self.stats == other[2]
+
+
+def _folder_stat(st: os.stat_result) -> str:
+    return f"{st.st_dev}:{st.st_ino}:{st.st_mtime_ns}:{st.st_ctime_ns}"
+
+
+def _file_stats(stats: Iterable[os.stat_result]) -> str:
+    return "/".join(f"{s.st_mode}:{s.st_size}:{s.st_mtime_ns}:{s.st_ctime_ns}:{s.st_ino}:"
+                    f"{s.st_dev}" for s in stats)
+
+
+def signature(folder: str) -> Signature | None:
+    """`folder`'s signature, listing it; None if it cannot be listed or stat'ed."""
     try:
+        listed_ns = _clock_ns()
+        st = os.stat(folder)  # before the listing: a change during it shows next time
         with os.scandir(folder) as it:
-            # follows a symlink: its target is what is read
-            found = [(e.name, e.stat()) for e in it if e.name.endswith(".json")]
+            found = sorted((e.name, e.stat()) for e in it if e.name.endswith(".json"))
     except OSError:
         return None
-    found.sort()
-    return repr([(n, st.st_mode, st.st_size, st.st_mtime_ns, st.st_ino) for n, st in found])
+    settled = max(st.st_mtime_ns, st.st_ctime_ns) < listed_ns - SETTLE_NS
+    return Signature(_folder_stat(st) if settled else "", "/".join(n for n, _ in found),
+                     _file_stats(s for _, s in found))
+
+
+def current(folder: str, known: Known | None) -> Signature | None:
+    """`folder`'s signature now: without listing it when `known`'s folder stat still
+    holds (its files are then `known`'s, stat'ed by name), else by `signature`."""
+    if known is not None and known[0]:
+        with contextlib.suppress(OSError):  # listed below, which tells what is wrong
+            if _folder_stat(os.stat(folder)) == known[0]:
+                names = known[1].split("/") if known[1] else []
+                return Signature(known[0], known[1],
+                                 _file_stats([os.stat(f"{folder}/{n}") for n in names]))
+    return signature(folder)
+
+
+def _encode(job: Job) -> tuple[str, str, str]:
+    """The job's steps, lineages and payloads as texts for `known_jobs` (`_decode`)."""
+    return (",".join(f"{int(s.stage)}.{s.number}" for s in job.lineage),
+            ",".join(job.lineage.values()),
+            json.dumps(list(job.payloads.values()), separators=(",", ":")))
+
+
+@functools.cache
+def _steps(text: str) -> tuple[Step, ...]:
+    """Shared Step objects per chain shape: 100,000 jobs have a handful of shapes."""
+    return tuple(Step(Stage(int(stage)), int(number))
+                 for stage, number in (link.split(".") for link in text.split(",")))
+
+
+def _decode(name: str, path: Path, row: Known) -> Job:
+    lineage = dict(zip(_steps(row[3]), map(sys.intern, row[4].split(",")), strict=True))
+    return Job(name, path, lineage, row[5])
 
 
 class JobCache(Database):
@@ -50,26 +137,37 @@ class JobCache(Database):
         folder = root / STATE_DIR
         folder.mkdir(exist_ok=True)
         super().__init__(folder / CACHE_FILE, _SCHEMA)
-        columns = [row[1] for row in self._db.execute("PRAGMA table_info(known_jobs)")]
-        if columns != _COLUMNS:  # made by another version: a cache is rebuilt, not migrated
-            self._db.execute("DROP TABLE known_jobs")
-            self._db.executescript(_SCHEMA)
+        for table, expected in _COLUMNS.items():
+            columns = [row[1] for row in self._db.execute(f"PRAGMA table_info({table})")]
+            if columns != expected:  # made by another version: rebuilt, not migrated
+                self._db.execute(f"DROP TABLE {table}")
+                self._db.executescript(_SCHEMA)
 
-    def load(self) -> dict[str, tuple[str, str, str]]:
-        """name -> (signature, chain, payloads) of every job remembered."""
+    def load(self) -> tuple[dict[str, Known], list[str]]:
+        """Every job remembered, and the job names in the natural order last found."""
         with self._lock:
-            rows = self._db.execute(
-                "SELECT name, signature, chain, payloads FROM known_jobs").fetchall()
-        return {n: (sig, chain, body) for n, sig, chain, body in rows}
+            rows = self._db.execute("SELECT * FROM known_jobs").fetchall()
+            order = self._db.execute("SELECT names FROM job_order").fetchall()
+        return {r[0]: r[1:] for r in rows}, (order[0][0].split("/") if order else [])
 
-    def store(self, fresh: list[tuple[str, str, str, str]], gone: list[str]) -> None:
+    def store(self, fresh: list[tuple[str, ...]], gone: list[str],
+              settled: list[tuple[str, str]], order: list[str] | None) -> None:
+        """Remember `fresh` rows, forget `gone` names, give `settled` (folder, name)
+        their folder stat and keep `order` (unless None: unchanged)."""
+        if not (fresh or gone or settled or order is not None):
+            return  # no write lock taken while a run may be writing
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
-                self._db.executemany("INSERT OR REPLACE INTO known_jobs VALUES (?, ?, ?, ?)",
-                                     fresh)
+                self._db.executemany(
+                    "INSERT OR REPLACE INTO known_jobs VALUES (?, ?, ?, ?, ?, ?, ?)", fresh)
                 self._db.executemany("DELETE FROM known_jobs WHERE name = ?",
                                      [(n,) for n in gone])
+                self._db.executemany("UPDATE known_jobs SET folder = ? WHERE name = ?",
+                                     settled)
+                if order is not None:
+                    self._db.execute("INSERT OR REPLACE INTO job_order VALUES (0, ?)",
+                                     ("/".join(order),))
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")
@@ -86,29 +184,51 @@ def _open(root: Path) -> JobCache | None:
 def iter_jobs(root: Path, cache: JobCache) -> Iterator[Job | JobInvalid]:
     """Every job folder of `root` in natural order: from the cache where its signature
     still holds, else read and validated (and remembered, if valid)."""
-    known = cache.load()
-    fresh: list[tuple[str, str, str, str]] = []
+    known, order = cache.load()
+    names = job_names(root)
+    same_names = len(order) == len(names) and set(order) == set(names)
+    if not same_names:
+        order = sorted(names, key=natural_key)
+    fresh: list[tuple[str, ...]] = []
+    settled: list[tuple[str, str]] = []  # folders whose own stat can stand in from now
     forget = set(known)  # what is not found again, or no longer valid
-    for folder in discover(root):
-        name = folder.name
-        sig = signature(folder)
+    top = os.fspath(root)
+    for name in order:
+        path = f"{top}/{name}"
         hit = known.get(name)
-        if sig is not None and hit is not None and hit[0] == sig:
+        sig = current(path, hit)
+        if sig is not None and hit is not None and sig.same_files(hit):
             forget.discard(name)
-            yield Job.from_record(name, folder, hit[1], hit[2])
+            if sig.folder != hit[0]:
+                settled.append((sig.folder, name))
+            yield _decode(name, root / name, hit)
             continue
         try:
-            job = load_job(folder)
+            job = load_job(root / name)
         except JobInvalid as exc:
             yield exc
             continue
-        if sig is not None and signature(folder) == sig:  # unchanged while it was read
-            forget.discard(name)
-            fresh.append((name, sig, *job.record()))
+        after = signature(path)
+        if sig is not None and after is not None and after.same_files(sig):
+            forget.discard(name)  # unchanged while it was read: remembered
+            folder = sig.folder if after.folder == sig.folder else ""
+            fresh.append((name, folder, sig.files, sig.stats, *_encode(job)))
         yield job
+    # Names that are not text (undecodable bytes) cannot be kept in SQLite: such a job
+    # is read each time, and the order sorted each time.
+    fresh = [row for row in fresh if _storable(row[0])]
+    keep_order = not same_names and _storable("/".join(order))
     # Another process may hold the database a long time: a later command remembers.
     with contextlib.suppress(sqlite3.Error):
-        cache.store(fresh, sorted(forget))
+        cache.store(fresh, sorted(forget), settled, order if keep_order else None)
+
+
+def _storable(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def load_sweep(root: Path) -> Sweep:

@@ -14,7 +14,6 @@ import json
 import os
 import re
 import stat
-import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -122,26 +121,6 @@ class Job:
         """The JSON object to POST for `step`, without the model number."""
         return copy.deepcopy(self.payloads[step])
 
-    def record(self) -> tuple[str, str]:
-        """The job as two texts for the discovery cache (read by `from_record`): the
-        chain with its lineages, and the payloads as JSON."""
-        chain = ";".join(f"{int(s.stage)},{s.number},{v}" for s, v in self.lineage.items())
-        return chain, json.dumps(list(self.payloads.values()), separators=(",", ":"))
-
-    @classmethod
-    def from_record(cls, name: str, path: Path, chain: str, payloads: str) -> Job:
-        lineage: dict[Step, str] = {}
-        for link in chain.split(";"):
-            stage, number, digest = link.split(",")
-            lineage[_step(int(stage), int(number))] = sys.intern(digest)
-        return cls(name, path, lineage, payloads)
-
-
-@functools.cache
-def _step(stage: int, number: int) -> Step:
-    """One shared Step object per step of any job (100,000 jobs, a handful of steps)."""
-    return Step(Stage(stage), number)
-
 
 def payload_of(params: StepParams) -> dict[str, Any]:
     return params.model_dump(mode="json", exclude_none=True)
@@ -164,11 +143,16 @@ def _may_be_job(entry: os.DirEntry[str]) -> bool:
         return True
 
 
-def discover(root: Path) -> list[Path]:
-    """The job folders of a sweep, in natural order (dot-folders are not jobs)."""
+def job_names(root: Path) -> list[str]:
+    """The names of the job folders of a sweep, in listing order (dot-folders are not
+    jobs)."""
     with os.scandir(root) as it:
-        dirs = [e.name for e in it if _may_be_job(e)]
-    return [root / name for name in sorted(dirs, key=natural_key)]
+        return [e.name for e in it if _may_be_job(e)]
+
+
+def discover(root: Path) -> list[Path]:
+    """The job folders of a sweep, in natural order."""
+    return [root / name for name in sorted(job_names(root), key=natural_key)]
 
 
 def _digest(*parts: Any) -> str:

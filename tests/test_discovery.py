@@ -1,15 +1,19 @@
 """The discovery cache: a second look at an unchanged sweep reads no JSON, and any
-change to a job's files (edited, added, removed, replaced by a symlink) is seen."""
+change to a job's files (edited, added, removed, replaced by a symlink) is seen, also
+when a settled folder's own stat stands in for listing it."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from gibatch import discovery
 from gibatch import jobs as jobs_module
 from gibatch.discovery import load_sweep
 from gibatch.jobs import load_sweep as load_uncached
@@ -28,6 +32,27 @@ def reads(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
 
     monkeypatch.setattr(jobs_module, "_read_json", counting)
     return seen
+
+
+@pytest.fixture
+def listed(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The name of every folder listed (os.scandir), in order."""
+    seen: list[str] = []
+    real = os.scandir
+
+    def counting(path: Any) -> Any:
+        if not isinstance(path, int):  # shutil.rmtree lists by descriptor
+            seen.append(Path(path).name)
+        return real(path)
+
+    monkeypatch.setattr(os, "scandir", counting)
+    return seen
+
+
+@pytest.fixture
+def settled(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A clock well past every file's times: folders are settled when listed."""
+    monkeypatch.setattr(discovery, "_clock_ns", lambda: time.time_ns() + 10 * discovery.SETTLE_NS)
 
 
 def sweep_of(root: Path, n: int) -> None:
@@ -120,3 +145,97 @@ def test_a_cache_of_another_layout_is_rebuilt(tmp_path: Path, reads: list[Path])
     assert reads == []
     same(first, second)
     same(second, load_uncached(root))
+
+
+@pytest.mark.usefixtures("settled")
+def test_a_settled_folder_is_not_listed_again(tmp_path: Path, reads: list[Path],
+                                              listed: list[str]) -> None:
+    root = tmp_path / "jobs"
+    sweep_of(root, 3)
+    first = load_sweep(root)
+    reads.clear()
+    listed.clear()
+    second = load_sweep(root)
+    assert reads == [] and listed == ["jobs"]  # the sweep's folder only
+    same(first, second)
+    same(second, load_uncached(root))
+
+
+@pytest.mark.usefixtures("settled")
+def test_every_kind_of_change_is_seen_without_listing(tmp_path: Path, reads: list[Path],
+                                                      listed: list[str]) -> None:
+    root = tmp_path / "jobs"
+    sweep_of(root, 6)
+    load_sweep(root)
+    # j0: edited in place to the same size, its mtime set back: only its ctime tells.
+    merge = root / "j0" / "merge.json"
+    before = merge.stat()
+    merge.write_text(merge.read_text().replace('"theta_galaxy_2": 45', '"theta_galaxy_2": 46'))
+    os.utime(merge, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert merge.stat().st_size == before.st_size and merge.stat().st_ino == before.st_ino
+    # j1: a plot added; j2: a file removed; j3: a file replaced by a symlink;
+    # j4: an output folder added (no job file changed); j5: the folder replaced by a
+    # symlink to another one with other parameters.
+    (root / "j1" / "plot3.json").write_text(json.dumps(tiny_job_files()["plot1.json"]))
+    (root / "j2" / "galaxy2.json").unlink()
+    (root / "j3" / "interact.json").unlink()
+    (root / "j3" / "interact.json").symlink_to(root / "j4" / "interact.json")
+    (root / "j4" / "output").mkdir()
+    write_job(tmp_path / "elsewhere", "j5", tiny_job_files(**{"interact.json": {"mass_2": 9}}))
+    shutil.rmtree(root / "j5")
+    (root / "j5").symlink_to(tmp_path / "elsewhere" / "j5")
+    reads.clear()
+    listed.clear()
+    sweep = load_sweep(root)
+    assert {p.parent.name for p in reads} == {"j0", "j1", "j2", "j3", "j5"}
+    assert "j4" in listed  # its folder changed: listed, found the same, not read
+    same(sweep, load_uncached(root))
+    assert sweep.invalid_jobs == ["j2"]
+    assert sweep.jobs[-1].payloads[jobs_module.steps.INTERACT]["mass_2"] == 9
+    # Settled again: only the invalid job (never remembered) is listed and read.
+    reads.clear()
+    listed.clear()
+    again = load_sweep(root)
+    assert {p.parent.name for p in reads} == {"j2"}
+    assert set(listed) - {"jobs"} == {"j2"}
+    same(again, sweep)
+
+
+def test_a_folder_changed_just_now_is_listed_again(tmp_path: Path, reads: list[Path],
+                                                   listed: list[str]) -> None:
+    """Its own times may not change again within the same clock tick: they stand for
+    its listing only once settled (so a plot written right after is never missed)."""
+    root = tmp_path / "jobs"
+    sweep_of(root, 2)
+    load_sweep(root)
+    reads.clear()
+    listed.clear()
+    load_sweep(root)
+    assert reads == []
+    assert set(listed) == {"jobs", "j0", "j1"}
+
+
+def test_the_natural_order_is_kept_and_made_again_when_names_change(tmp_path: Path) -> None:
+    root = tmp_path / "jobs"
+    sweep_of(root, 3)
+    write_job(root, "j10", tiny_job_files())
+    assert [j.name for j in load_sweep(root).jobs] == ["j0", "j1", "j2", "j10"]
+    assert [j.name for j in load_sweep(root).jobs] == ["j0", "j1", "j2", "j10"]
+    write_job(root, "j9", tiny_job_files())
+    shutil.rmtree(root / "j1")
+    assert [j.name for j in load_sweep(root).jobs] == ["j0", "j2", "j9", "j10"]
+    assert [j.name for j in load_sweep(root).jobs] == ["j0", "j2", "j9", "j10"]
+
+
+def test_a_job_named_by_undecodable_bytes_is_read_each_time(tmp_path: Path,
+                                                           reads: list[Path]) -> None:
+    """SQLite keeps text only: that job (and the order) is not remembered; the rest is."""
+    root = tmp_path / "jobs"
+    sweep_of(root, 2)
+    odd = os.fsdecode(b"odd\xff")
+    write_job(root, odd, tiny_job_files())
+    load_sweep(root)
+    reads.clear()
+    sweep = load_sweep(root)
+    assert {p.parent.name for p in reads} == {odd}
+    assert [j.name for j in sweep.jobs] == ["j0", "j1", odd]
