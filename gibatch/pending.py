@@ -81,6 +81,13 @@ class PendingJobs:
         self._first -= 1
         self._queue(job, self._first)
 
+    def take(self, name: str) -> Job | None:
+        """Remove and return the pending job called `name` (None: not pending)."""
+        number = self._number.get(name)
+        if number is None or self._position.pop(number, None) is None:
+            return None
+        return self._jobs[number]
+
     def take_best(self, held: Mapping[str, str], cost: Mapping[Stage, float]) -> Job | None:
         """Remove and return the job saving the most on a model holding `held`."""
         candidates = {self._earliest(self._all)}

@@ -2,12 +2,17 @@
 
 Every answer goes first to the observers (each model's memory accounts for its new
 rows there, so a foreign task is seen whoever polled), then to the waiters, each with
-its own condition. Its interval adapts: with a measured estimate E of a task's
-duration it waits until about 0.6 E, then polls every POLL_INTERVAL_MIN_S, backing off
-past E by a tenth of the overrun up to POLL_INTERVAL_MAX_S (with no estimate, E = 0:
-the interval grows with the task's age, so the time lost noticing its end stays a
-small fraction of it). A poll that fails past its retries fails every waiter with
-that error: each job's boundary decides what it means for the job.
+its own condition. A poll that fails past its retries fails every waiter with that
+error: each job's boundary decides what it means for the job.
+
+The interval keeps a constant relative precision: a task that has run t seconds is
+polled again after PRECISION * t (within POLL_INTERVAL_MIN_S..POLL_INTERVAL_MAX_S), so
+noticing its end costs at most PRECISION of its duration, whether it lasts 1 s or an
+hour, and the polls per task grow as ln(T) / PRECISION, not with T, until the cap of
+one per POLL_INTERVAL_MAX_S (the old course script's rate). A floor F, the shortest
+recent duration of the same step, skips the polls before EARLY_FRACTION * F, when the
+task cannot have ended; a floor that overstates (the parameters changed) is the only
+way to lose more, so it is a minimum, never a mean.
 """
 
 from __future__ import annotations
@@ -21,10 +26,10 @@ import anyio
 
 from gibatch.site import SiteClient, TaskRow
 
-POLL_INTERVAL_MIN_S = 0.1
-POLL_INTERVAL_MAX_S = 5.0
-EARLY_FRACTION = 0.6
-OVERRUN_BACKOFF = 0.1  # extra seconds of interval per second past the estimate
+POLL_INTERVAL_MIN_S = 0.05
+POLL_INTERVAL_MAX_S = 10.0
+PRECISION = 0.03  # of a task's age: the most its end can go unnoticed
+EARLY_FRACTION = 0.6  # of the floor: no poll before, the task cannot have ended
 
 T = TypeVar("T")
 Observer = Callable[[list[TaskRow]], object]
@@ -34,19 +39,19 @@ Observer = Callable[[list[TaskRow]], object]
 class _Waiter:
     check: Callable[[list[TaskRow]], Any]
     since: float
-    estimate_s: float
+    floor_s: float
     result: Any = None
     error: BaseException | None = None
     done: anyio.Event = field(default_factory=anyio.Event)
 
 
-def next_interval(elapsed_s: float, estimate_s: float) -> float:
-    """Seconds until the next poll for one task that has run `elapsed_s`."""
-    early = EARLY_FRACTION * estimate_s
+def next_interval(elapsed_s: float, floor_s: float) -> float:
+    """Seconds until the next poll for one task that has run `elapsed_s` and is known to
+    take at least about `floor_s` (0: nothing known)."""
+    early = EARLY_FRACTION * floor_s
     if elapsed_s < early:
-        return min(POLL_INTERVAL_MAX_S, max(POLL_INTERVAL_MIN_S, early - elapsed_s))
-    over = max(0.0, elapsed_s - estimate_s)
-    return min(POLL_INTERVAL_MAX_S, POLL_INTERVAL_MIN_S + OVERRUN_BACKOFF * over)
+        return min(POLL_INTERVAL_MAX_S, early - elapsed_s)
+    return min(POLL_INTERVAL_MAX_S, max(POLL_INTERVAL_MIN_S, PRECISION * elapsed_s))
 
 
 class Poller:
@@ -80,9 +85,10 @@ class Poller:
             return self.rows
         return await self.refresh()
 
-    async def wait(self, check: Callable[[list[TaskRow]], T | None], estimate_s: float) -> T:
-        """Poll until `check(rows)` gives a value (not None) and return it."""
-        waiter = _Waiter(check, time.monotonic(), estimate_s)
+    async def wait(self, check: Callable[[list[TaskRow]], T | None], floor_s: float) -> T:
+        """Poll until `check(rows)` gives a value (not None) and return it; `floor_s`: the
+        least the awaited task is expected to take (0: unknown)."""
+        waiter = _Waiter(check, time.monotonic(), floor_s)
         self._waiters.append(waiter)
         self._wake.set()
         try:
@@ -103,7 +109,7 @@ class Poller:
                 self._wake = anyio.Event()
                 continue
             now = time.monotonic()
-            delay = min(next_interval(now - w.since, w.estimate_s) for w in self._waiters)
+            delay = min(next_interval(now - w.since, w.floor_s) for w in self._waiters)
             woken = False
             with anyio.move_on_after(delay):
                 await self._wake.wait()

@@ -119,6 +119,7 @@ class Scheduler:
         self.summary = Summary()
         self.durations = Durations(journal)
         self.pending = PendingJobs()
+        self.adopted: dict[int, Job] = {}  # model -> the job whose task it adopts
         self.claims: dict[str, JobClaim] = {}
         self.vanished: dict[str, int] = {}
         self.finishing: set[str] = set()  # jobs whose downloads are under way
@@ -171,15 +172,17 @@ class Scheduler:
             else:
                 self.pending.append(job)
         workers = await self._lock_models()
+        self._reserve_adopted(workers)
         if not workers:
             self.summary.ended = time.monotonic()
             raise NoModelAvailable("every requested model number is held by another gibatch: "
                                    + "; ".join(f"model {m}: {why}" for m, why in
                                                self.summary.models_refused.items()))
-        self.emit(Event.RUN_START, detail=f"{len(self.pending)} jobs to run",
-                  jobs=len(self.pending), models=[w.model for w in workers])
+        to_run = len(self.pending) + len(self.adopted)
+        self.emit(Event.RUN_START, detail=f"{to_run} jobs to run",
+                  jobs=to_run, models=[w.model for w in workers])
         try:
-            if self.pending or self.open:
+            if to_run or self.open:
                 await self.client.login()
                 async with anyio.create_task_group() as outer:
                     outer.start_soon(self.poller.run)
@@ -199,6 +202,18 @@ class Scheduler:
             self.summary.requests = dict(self.client.requests)
             self.emit(Event.RUN_END, detail=self._summary_line())
         return self.summary
+
+    def _reserve_adopted(self, workers: list[ModelWorker]) -> None:
+        """Give each model the job whose task a crash left on it, before any worker picks.
+
+        The model adopts that task when it reconciles (and then holds its results); a
+        model that reconciled sooner must not take the job and run the task again.
+        """
+        for worker in workers:
+            intent = self.journal.intent(self.site, worker.model)
+            job = self.pending.take(intent.job) if intent is not None else None
+            if job is not None:
+                self.adopted[worker.model] = job
 
     def _summary_line(self) -> str:
         s = self.summary
@@ -276,16 +291,22 @@ class Scheduler:
             raise exc
         log.error("model %d cannot be used: %s", worker.model, _describe(exc))
         self.summary.models_refused[worker.model] = _describe(exc)
+        job = self.adopted.pop(worker.model, None)
+        if job is not None:  # its task stays where it is; another model runs the job
+            self.pending.appendleft(job)
+            self._notify()
 
     def _pick(self, worker: ModelWorker) -> Job | None:
-        """Claim the pending job with the most work already done here (ties: natural order).
+        """Claim the job this model adopted a task of, else the pending job with the
+        most work already done here (ties: natural order).
 
         Choosing and claiming happen without an await in between, so two workers of
         this process never take one job; the claim's non-blocking flock keeps other
         processes off it.
         """
-        while (job := self.pending.take_best(worker.memory.held,
-                                             self.durations.estimates)) is not None:
+        while (job := self.adopted.pop(worker.model, None)
+               or self.pending.take_best(worker.memory.held,
+                                         self.durations.estimates)) is not None:
             if job.name not in self.claims:
                 claim = JobClaim(self.options.jobs_dir, job.name)
                 if not claim.acquire():

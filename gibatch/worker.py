@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -51,30 +52,35 @@ class _ForeignRestart(Exception):
 
 @dataclass
 class Durations:
-    """Seconds per stage: measured means where known, stated defaults elsewhere.
+    """Seconds per task: stage means for ranking jobs, recent floors for polling.
 
-    Only measured durations may delay polling: a default that overstates a short task
-    would hold back the next submission by the difference.
+    Ranking uses the journal's measured mean per stage (defaults where none). Polling
+    uses, per step ("galaxy2", "plot1"), the shortest of its last FLOOR_WINDOW durations
+    in this run: a galaxy 2 may take a tenth of galaxy 1, and an interaction a third of
+    the one before, so a mean would hold back noticing a short task by the difference.
     """
+
+    FLOOR_WINDOW = 5
 
     journal: Journal
     estimates: dict[Stage, float] = field(default_factory=dict)
     measured: set[Stage] = field(default_factory=set)
+    recent: dict[str, deque[float]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.estimates = self.journal.stage_estimates()
         self.measured = {Stage(k) for k in self.journal.mean_durations()}
 
-    def poll_estimate(self, stage: Stage) -> float:
-        return self.estimates[stage] if stage in self.measured else 0.0
+    def poll_floor(self, step: Step) -> float:
+        seen = self.recent.get(step.name)
+        return min(seen) if seen else 0.0
 
-    def learn(self, stage: Stage, seconds: float) -> None:
-        if stage in self.measured:
-            self.estimates[stage] = 0.7 * self.estimates[stage] + 0.3 * seconds
-        else:
-            self.estimates[stage] = seconds
-            self.measured.add(stage)
-        self.journal.add_duration(int(stage), seconds)
+    def learn(self, step: Step, seconds: float) -> None:
+        self.recent.setdefault(step.name, deque(maxlen=self.FLOOR_WINDOW)).append(seconds)
+        self.estimates[step.stage] = (0.7 * self.estimates[step.stage] + 0.3 * seconds
+                                      if step.stage in self.measured else seconds)
+        self.measured.add(step.stage)
+        self.journal.add_duration(int(step.stage), seconds)
 
 
 @dataclass(frozen=True)
@@ -243,7 +249,7 @@ class ModelWorker:
                     return own.row
                 return False if not own.listed and time.monotonic() > listed_by else None
 
-            row = await self.poller.wait(outcome, self.durations.poll_estimate(step.stage))
+            row = await self.poller.wait(outcome, self.durations.poll_floor(step))
             if not isinstance(row, TaskRow):  # accepted, yet never listed: the site lost it
                 self.memory.refused(own)
                 raise ResultVanished(
@@ -260,7 +266,7 @@ class ModelWorker:
         self.journal.clear_intent(self.memory.site, self.model)
         finished = time.monotonic()
         self._last_finish = finished
-        self.durations.learn(step.stage, finished - submitted)
+        self.durations.learn(step, finished - submitted)
         assert own.section is not None
         if not own.intact:  # a foreign task changed its inputs: not the job's result
             raise _ForeignRestart()

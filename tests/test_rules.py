@@ -69,10 +69,30 @@ def test_colliding_names_get_distinct_local_names() -> None:
     assert names["a/b.png"] == "a_b.png" and names["a_b.png"] == "a_b~2.png"
 
 
-def test_poll_interval_adapts() -> None:
-    assert next_interval(0.0, 10.0) == pytest.approx(5.0)
-    assert next_interval(9.0, 10.0) == pytest.approx(0.1)
-    assert next_interval(100.0, 10.0) == 5.0
+def test_poll_interval_keeps_a_relative_precision() -> None:
+    # Before 0.6 of the floor the task cannot have ended: one wait up to that point.
+    assert next_interval(0.0, 10.0) == pytest.approx(6.0)
+    assert next_interval(5.0, 10.0) == pytest.approx(1.0)
+    # Then a poll every 3% of the task's age, so its end goes unnoticed at most 3% of
+    # its duration, whatever that is; never more often than 20 a second, never rarer
+    # than every 10 s.
+    assert next_interval(9.0, 10.0) == pytest.approx(0.27)
+    assert next_interval(100.0, 10.0) == pytest.approx(3.0)
+    assert next_interval(0.2, 0.0) == pytest.approx(0.05)
+    assert next_interval(3600.0, 0.0) == 10.0
+
+    def polls(duration: float, floor: float) -> int:
+        t, n = 0.0, 0
+        while t < duration:
+            t += next_interval(t, floor)
+            n += 1
+        return n
+
+    # Polls per task grow with log(duration) (a fixed 0.1 s would make 240 of them for
+    # a minute's task), and long tasks are polled no more often than every 10 s, the
+    # old course script's rate.
+    assert polls(1.0, 1.0) <= 10 and polls(60.0, 60.0) <= 25
+    assert polls(3600.0, 3600.0) <= 3600 / 10 + 1
 
 
 def row(job_id: int, job_type: str, status: str = "Completed", model: int = 1) -> TaskRow:

@@ -133,6 +133,38 @@ def test_kill_9_then_resume(three_jobs: Path, tmp_path: Path,
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_a_task_adopted_after_kill_9_keeps_its_job_on_its_model(
+        three_jobs: Path, tmp_path: Path) -> None:
+    """After a crash, the job whose task is still on model 2 stays with model 2, though
+    model 1 is free at once (model 2 first waits for the adopted task to end)."""
+    for other in ("b", "c"):
+        (three_jobs / other).rename(tmp_path / other)
+    env = {"GIBATCH_LOCK_DIR": str(tmp_path / "locks")}
+    log = tmp_path / "gibatch.log"
+    first = gibatch(log, "run", "--jobs", str(three_jobs), "--models", "2", env=env)
+    try:
+        wait_for_event(three_jobs, "step-submitted", "interact", deadline_s=90)
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait(timeout=30)
+    second = gibatch(log, "run", "--jobs", str(three_jobs), "--models", "1-2", env=env)
+    second.wait(timeout=240)
+    out = log.read_text()
+    assert second.returncode == 0, out
+    site_dir = three_jobs / ".gibatch" / "site"
+    assert_jobs_match_ledger(three_jobs, site_dir)
+    import sqlite3
+
+    with sqlite3.connect(site_dir / "site.db") as db:
+        models = dict(db.execute("SELECT model, COUNT(*) FROM tasks GROUP BY model"))
+    assert models == {2: 6}, out  # the adopted interaction and the plots; nothing twice
+    events = Journal(three_jobs).events()
+    assert [(e.model, e.step) for e in events if e.event == "step-adopted"] == [
+        (2, "interact")]
+
+
+@pytest.mark.slow
 def test_model_held_by_another_process_is_named(three_jobs: Path, tmp_path: Path) -> None:
     env = {"GIBATCH_LOCK_DIR": str(tmp_path / "locks")}
     key = f"embedded:{(three_jobs / '.gibatch' / 'site').resolve()}"

@@ -126,8 +126,22 @@ def jobs_right(sweep_dir: Path, site_dir: Path) -> int:
     return right
 
 
+def print_timeline(db_path: Path, origin: float) -> None:
+    """Each task on the site: model, step, and its submission, start and finish in
+    seconds from gibatch's start, with the gap since the model's previous finish."""
+    with sqlite3.connect(db_path) as db:
+        rows = db.execute("SELECT job_id, model, step, submitted, started, finished "
+                          "FROM tasks ORDER BY model, job_id").fetchall()
+    last: dict[int, float] = {}
+    for job_id, model, step, sub, start, fin in rows:
+        gap = f"{(_t(sub) - last[model]) * 1000:6.0f} ms" if model in last else " " * 9
+        print(f"  model {model} task {job_id:3d} {step:<9} submitted {_t(sub) - origin:7.2f}"
+              f" started {_t(start) - origin:7.2f} finished {_t(fin) - origin:7.2f}  gap {gap}")
+        last[model] = _t(fin)
+
+
 def run_benchmark(jobs: int, models: int, particles: int, strict: bool = False,
-                  browser_rate: float = 0.0) -> None:
+                  browser_rate: float = 0.0, timeline: bool = False) -> None:
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         sweep_dir = make_sweep(tmp, jobs, particles)
@@ -158,6 +172,8 @@ def run_benchmark(jobs: int, models: int, particles: int, strict: bool = False,
             print(done.stdout[-3000:], done.stderr[-3000:])
             print(f"gibatch run exited with code {done.returncode}")
         fig = site_figures(tmp / "site" / "site.db")
+        if timeline:
+            print_timeline(tmp / "site" / "site.db", started_wall)
         right = jobs_right(sweep_dir, tmp / "site")
         requests = int(re.search(r"requests to the site: (\d+)", done.stdout)[1])  # type: ignore[index]
         ideal = max(fig["busy_s"] / models, fig["longest_chain_s"])
@@ -234,8 +250,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--strict", action="store_true", help="a strict local site")
     parser.add_argument("--browser-rate", type=float, default=0.0,
                         help="share of requests followed by a task started in the browser")
+    parser.add_argument("--timeline", action="store_true", help="print every site task")
     args = parser.parse_args(argv)
-    run_benchmark(args.jobs, args.models, args.particles, args.strict, args.browser_rate)
+    run_benchmark(args.jobs, args.models, args.particles, args.strict, args.browser_rate,
+                  args.timeline)
     if args.discover:
         discovery_benchmark(args.discover)
 
