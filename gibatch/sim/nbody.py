@@ -259,8 +259,7 @@ def interact(
 
 def _interact_restricted(state: Prepared, params: InteractParams, times: list[float],
                          on_frame: Callable[[Frame], None]) -> RunSummary:
-    run = restricted.State(0.0, state.pos.copy(), state.vel.copy(), state.centre_pos.copy(),
-                           state.centre_vel.copy())
+    run = restricted.State.start(0.0, state.pos, state.vel, state.centre_pos, state.centre_vel)
     expected = restricted.estimated_star_steps(run, state.fields,
                                                params.duration / GYR_PER_TIME_UNIT)
     if expected > restricted.MAX_STAR_STEPS:
@@ -272,7 +271,7 @@ def _interact_restricted(state: Prepared, params: InteractParams, times: list[fl
 
     def emit(index: int, now: restricted.State) -> None:
         centres[index] = now.centre_pos
-        on_frame(Frame(index, times[index], now.pos.copy(), now.vel.copy()))
+        on_frame(Frame(index, times[index], now.positions(), now.velocities()))
 
     steps = restricted.run(run, state.fields, [t / GYR_PER_TIME_UNIT for t in times], emit)
     base = min(restricted.BASE_STEP_MAX, params.duration / GYR_PER_TIME_UNIT)

@@ -29,12 +29,21 @@ too weak there): the calibration is unfinished.
 
 Integration: kick-drift-kick leapfrog (symplectic for a static field) with block time
 steps. At every sync point (every BASE_STEP_MAX at most, frames included) each star
-takes the power-of-two fraction of the base step nearest below ETA / Omega, where
-Omega^2 = a(r) / r is the orbital frequency of the field it feels most; stars on the
-same level are integrated together with numpy, each force a star feels is evaluated once
-per its own step. The centres take the finest step (or finer) and are tabulated at
-every fine time the stars need. Halo particles are not followed: the halo is the smooth
-field, so its particle count changes nothing here.
+takes the power-of-two fraction of the base step nearest below ETA / Omega, Omega the
+highest of its orbital frequency sqrt(a/r) in either field and its rate of passage
+|v - v_centre| / r by either centre (r the closest it comes on a straight line within
+the base step); a star keeps a finer level for HOLD_STEPS base steps, since each change
+of level costs energy. Stars are sorted by level, finest first, so those due at a fine
+time are a prefix of the arrays: one numpy pass per operation and fine time, in place,
+float32, component-major; the two fields' a/r tables are read in one look-up. The
+centres take their own leapfrog steps and are interpolated at every fine time the stars
+need. Halo particles are not followed: the halo is the smooth field, so its particle
+count changes nothing here.
+
+Speed (40,000 stars, 3 Gyr, CPU seconds of the integration alone, side by side): see
+the README; per-star energy error of an isolated galaxy over 1 Gyr at ETA = 0.08:
+median 1.2e-5, 99th percentile 5.2e-4 (ETA 0.04 without the held levels: 4.9e-6 and
+6.9e-4, at 1.6 times the steps).
 """
 
 from __future__ import annotations
@@ -44,73 +53,60 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
-from scipy import special
+from numpy.typing import NDArray
 
 from gibatch.sim.galaxy import F64, Potential
 from gibatch.sim.units import G_KPC_KMS2_PER_1E11MSUN as G
 
+F32 = NDArray[np.float32]
+
 COULOMB_LOG = 0.5
-ETA = 0.04  # star step = ETA / Omega: per-star energy error ~1e-5 median, <1e-3 p99
+ETA = 0.08  # star step = ETA / Omega: per-star energy error ~1e-5 median, 5e-4 p99 per Gyr
 CENTRE_ETA = 0.01
 BASE_STEP_MAX = 0.01  # time units (kpc / (km/s) = 0.978 Gyr): ~10 Myr
 MAX_LEVEL = 14
+HOLD_STEPS = 10  # base steps a star keeps a finer level it no longer needs
 MAX_STAR_STEPS = 2e10  # star-steps: refuses a job of days, not a long one
 
-
-TABLE_SIZE = 4096
+TABLE_SIZE = 8192
+TABLE_REACH = 1e4  # the star table reaches this many scale lengths (then a/r is clipped)
 
 
 @dataclass(frozen=True)
 class Field:
     """One galaxy's softened field in physical units (kpc, km/s, 1e11 Msun).
 
-    Stars read a(r)/r from a table uniform in log r^2: an index computed, not searched
-    (np.interp's binary search was two thirds of the run time), and no square root.
+    Stars read a(r)/r from a float32 table uniform in log r^2, from the model grid's
+    first point to TABLE_REACH scale lengths (point mass beyond the model): an index
+    computed, not searched, and no square root. The centres read the model's enclosed
+    mass, density and dispersion from tables made once (scalar look-ups).
     """
 
     mass: float
     length_kpc: float
     model: Potential
-    _table: F64 = field(init=False, repr=False)
-    _slope: F64 = field(init=False, repr=False)
-    _log_r2: tuple[float, float, float] = field(init=False, repr=False)
+    table: F32 = field(init=False, repr=False)
+    log_r2: tuple[float, float] = field(init=False, repr=False)  # (lowest, per entry)
+    _profile: tuple[F64, F64, F64, F64] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         lo = math.log((self.model.grid[0] * self.length_kpc) ** 2)
-        hi = math.log((self.model.grid[-1] * self.length_kpc) ** 2)
+        hi = math.log((TABLE_REACH * self.length_kpc) ** 2)
         r = np.exp(0.5 * np.linspace(lo, hi, TABLE_SIZE))
-        object.__setattr__(self, "_table", self.accel(r) / r)
-        object.__setattr__(self, "_slope", np.append(np.diff(self._table), 0.0))
-        object.__setattr__(self, "_log_r2", (lo, hi, (TABLE_SIZE - 1) / (hi - lo)))
+        object.__setattr__(self, "table", (self.accel(r) / r).astype(np.float32))
+        object.__setattr__(self, "log_r2", (lo, (TABLE_SIZE - 1) / (hi - lo)))
+        grid = self.model.grid
+        scale = self.mass / self.model.total_mass
+        sigma = self.model.jeans_dispersion(self.model.density, grid)
+        object.__setattr__(self, "_profile", (
+            grid * self.length_kpc, scale * self.model.m_enc,
+            scale / self.length_kpc**3 * self.model.density, math.sqrt(self.v2) * sigma))
 
     @property
     def core2(self) -> float:
         """Squared radius (kpc^2) inside which the softened field is harmonic."""
         return float((self.model.softening * self.length_kpc) ** 2
                      + (self.model.grid[0] * self.length_kpc) ** 2)
-
-    def accel_over_r(self, r2: F64) -> F64:
-        """a(r) / r at squared distances r2 (kpc^2), by linear interpolation in log r^2.
-
-        Overwrites r2: this is the innermost loop, and every pass over memory counts.
-        """
-        lo, hi, scale = self._log_r2
-        far = float(r2.max(initial=0.0)) > math.exp(hi)
-        if far:
-            beyond = r2 > math.exp(hi)
-            point_mass = G * self.mass / r2[beyond] ** 1.5
-        np.maximum(r2, 1e-300, out=r2)
-        u = np.log(r2, out=r2)
-        u -= lo
-        u *= scale
-        np.clip(u, 0.0, TABLE_SIZE - 1.000001, out=u)
-        i = u.astype(np.intp)
-        u -= i
-        u *= self._slope[i]
-        u += self._table[i]
-        if far:
-            u[beyond] = point_mass
-        return u
 
     @property
     def v2(self) -> float:
@@ -126,19 +122,18 @@ class Field:
 
     def enclosed(self, r: float) -> float:
         """Mass (1e11 Msun) within r kpc of the centre."""
-        model = float(np.interp(r / self.length_kpc, self.model.grid, self.model.m_enc))
-        return self.mass * model / self.model.total_mass
+        grid, m_enc, _, _ = self._profile
+        return float(np.interp(r, grid, m_enc))
 
-    def density(self, r: F64) -> F64:
-        """1e11 Msun / kpc^3."""
-        scale = self.mass / self.model.total_mass / self.length_kpc**3
-        return np.asarray(scale * np.interp(r / self.length_kpc, self.model.grid,
-                                            self.model.density, right=0.0))
+    def density(self, r: float) -> float:
+        """1e11 Msun / kpc^3 at r kpc."""
+        grid, _, rho, _ = self._profile
+        return float(np.interp(r, grid, rho, right=0.0))
 
-    def dispersion(self, r: F64) -> F64:
-        """Isotropic Jeans dispersion of the whole model, km/s."""
-        sigma = self.model.jeans_dispersion(self.model.density, r / self.length_kpc)
-        return np.asarray(math.sqrt(self.v2) * sigma)
+    def dispersion(self, r: float) -> float:
+        """Isotropic Jeans dispersion of the whole model at r kpc, km/s."""
+        grid, _, _, sigma = self._profile
+        return float(np.interp(r, grid, sigma))
 
 
 def _chandrasekhar(host: Field, perturber: Field, r: float, v: F64, coulomb_log: float
@@ -150,14 +145,14 @@ def _chandrasekhar(host: Field, perturber: Field, r: float, v: F64, coulomb_log:
     least one of its own disk scale lengths from the host's centre (it is not a point:
     a point would meet the Hernquist cusp and stop dead on any orbit through the centre).
     """
-    speed = float(np.linalg.norm(v))
+    speed = math.sqrt(float(v @ v))
     mass = perturber.enclosed(r)
-    rho = float(host.density(np.array([math.hypot(r, perturber.length_kpc)]))[0])
+    rho = host.density(math.hypot(r, perturber.length_kpc))
     if speed == 0 or rho == 0:
         return np.zeros(3)
-    sigma = max(float(host.dispersion(np.array([r]))[0]), 1e-9)
+    sigma = max(host.dispersion(r), 1e-9)
     x = speed / (math.sqrt(2) * sigma)
-    bracket = float(special.erf(x)) - 2 * x / math.sqrt(math.pi) * math.exp(-x * x)
+    bracket = math.erf(x) - 2 * x / math.sqrt(math.pi) * math.exp(-x * x)
     return np.asarray(-4 * math.pi * G**2 * mass * rho * coulomb_log * bracket * v / speed**3)
 
 
@@ -166,7 +161,7 @@ def centre_accelerations(x: F64, v: F64, fields: tuple[Field, Field], coulomb_lo
     """Accelerations (2, 3) of the two centres: attraction plus dynamical friction."""
     f1, f2 = fields
     d = x[1] - x[0]
-    r = float(np.linalg.norm(d))
+    r = math.sqrt(float(d @ d))
     out = np.zeros((2, 3))
     if r > 0:
         rr = np.array([r])
@@ -186,47 +181,139 @@ def _centre_omega(x: F64, fields: tuple[Field, Field]) -> float:
     return math.sqrt(float((fields[0].accel(r) + fields[1].accel(r))[0] / r[0]))
 
 
-def star_accelerations(pos: F64, centres: F64, fields: tuple[Field, Field]) -> F64:
-    """Accelerations of test stars at `pos` (n, 3) in both fields, centred at `centres`."""
-    acc = np.zeros_like(pos)
-    for one, centre in zip(fields, centres, strict=True):
-        d = pos - centre
-        d *= one.accel_over_r(np.einsum("ij,ij->i", d, d))[:, None]
-        acc -= d
-    return acc
+class _Pair:
+    """The stars' side of both fields: the a/r tables stacked, in float32, and work
+    buffers for up to n stars, so that the innermost loop allocates nothing.
 
+    Arrays are (3, n), component-major: every operation is a contiguous pass.
+    """
 
-def _star_omega2(pos: F64, vel: F64, centres: F64, fields: tuple[Field, Field]) -> F64:
-    """Squared inverse time scale of each star: its orbital frequency a/r in the field it
-    feels most, or its rate of approach v/r to that centre if higher (an eccentric orbit
-    reaches the centre far faster than a/r at apocentre says)."""
-    out = np.zeros(len(pos))
-    speed2 = np.einsum("ij,ij->i", vel, vel)
-    for one, centre in zip(fields, centres, strict=True):
-        d = pos - centre
-        r2 = np.einsum("ij,ij->i", d, d)
-        approach = speed2 / (r2 + one.core2)
-        out = np.maximum(out, np.maximum(one.accel_over_r(r2), approach))
-    return out
+    def __init__(self, fields: tuple[Field, Field], n: int) -> None:
+        self.fields = fields
+        self._table = np.concatenate([f.table for f in fields])
+        self._slope = np.concatenate([np.append(np.diff(f.table), np.float32(0))
+                                      for f in fields])
+        self._lo = np.array([[f.log_r2[0]] for f in fields], np.float32)
+        self._scale = np.array([[f.log_r2[1]] for f in fields], np.float32)
+        self._offset = np.array([[0], [TABLE_SIZE]], np.intp)
+        self._core2 = np.array([[f.core2] for f in fields], np.float32)
+        self._d = np.empty((2, 3, n), np.float32)
+        self._u = np.empty((2, n), np.float32)
+        self._w = np.empty((2, n), np.float32)
+        self._i = np.empty((2, n), np.intp)
+
+    def _over_r(self, u: F32) -> F32:
+        """a(r)/r of both fields at squared distances u (2, m), in place (log 0 is -inf:
+        callers run under np.errstate(divide="ignore"))."""
+        m = u.shape[1]
+        w, i = self._w[:, :m], self._i[:, :m]
+        np.log(u, out=u)
+        u -= self._lo
+        u *= self._scale
+        np.clip(u, 0.0, TABLE_SIZE - 1.001, out=u)
+        np.floor(u, out=w)
+        np.copyto(i, w, casting="unsafe")
+        u -= w
+        i += self._offset
+        np.take(self._slope, i, out=w)
+        u *= w
+        np.take(self._table, i, out=w)
+        u += w
+        return u
+
+    def accelerations(self, x: F32, centres: F32, out: F32) -> None:
+        """Accelerations of the stars at x (3, m) in both fields centred at `centres`
+        (2, 3, 1), written to out (3, m)."""
+        m = x.shape[1]
+        d, u = self._d[:, :, :m], self._u[:, :m]
+        np.subtract(centres, x, out=d)  # star -> centre
+        np.einsum("kjn,kjn->kn", d, d, out=u)
+        d *= self._over_r(u)[:, None, :]
+        np.add(d[0], d[1], out=out)
+
+    def omega2(self, x: F32, v: F32, centre_pos: F64, centre_vel: F64, within: float
+               ) -> F32:
+        """Squared inverse time scale of each star: its orbital frequency a/r in either
+        field, or its rate of passage |v - v_centre| / r by either centre if higher (an
+        eccentric orbit reaches the centre far faster than a/r at apocentre says), r the
+        closest the star comes to that centre on a straight line within `within`."""
+        d = x[None] - centre_pos.astype(np.float32)[:, :, None]
+        u = v[None] - centre_vel.astype(np.float32)[:, :, None]
+        r2 = np.einsum("kjn,kjn->kn", d, d)
+        du = np.einsum("kjn,kjn->kn", d, u)
+        s2 = np.einsum("kjn,kjn->kn", u, u)
+        t = np.clip(-du / np.maximum(s2, 1e-30), 0.0, within)
+        closest2 = np.maximum(r2 + t * (2 * du + s2 * t), 0.0)
+        rate = np.maximum(self._over_r(r2), s2 / (closest2 + self._core2))
+        return np.asarray(rate.max(axis=0))
 
 
 @dataclass
 class State:
-    """Stars and centres at one time (kpc, km/s; time in units of kpc / (km/s))."""
+    """Stars and centres at one time (kpc, km/s; time in units of kpc / (km/s)).
+
+    Stars are float32 and component-major, (3, n): `start` takes and `positions` /
+    `velocities` give the usual (n, 3) float64. `acc` keeps the stars' accelerations at
+    the present positions between steps (None: not known yet); `level` and `since` what
+    `_levels` needs to hold a level.
+    """
 
     time: float
-    pos: F64
-    vel: F64
+    pos: F32
+    vel: F32
     centre_pos: F64
     centre_vel: F64
+    acc: F32 | None = None
+    level: NDArray[np.intp] | None = None  # each star's level in the last base step
+    since: NDArray[np.int16] | None = None  # base steps it has kept a finer level
+
+    @classmethod
+    def start(cls, time: float, pos: F64, vel: F64, centre_pos: F64, centre_vel: F64
+              ) -> State:
+        return cls(time, np.ascontiguousarray(pos.T, np.float32),
+                   np.ascontiguousarray(vel.T, np.float32), centre_pos.copy(),
+                   centre_vel.copy())
+
+    def positions(self) -> F64:
+        return np.ascontiguousarray(self.pos.T, np.float64)
+
+    def velocities(self) -> F64:
+        return np.ascontiguousarray(self.vel.T, np.float64)
+
+
+def _levels(pair: _Pair, state: State, base: float) -> NDArray[np.intp]:
+    """Each star's level for this base step: its step is base / 2**level.
+
+    The level wanted is the power of two nearest below ETA / Omega; a star keeps a finer
+    level it had for HOLD_STEPS base steps before it drops to a coarser one. Every change
+    of level breaks the leapfrog's symplectic cycle and costs a little energy at random:
+    stars whose level went up and down twice an orbit (eccentric bulge orbits, disk
+    stars at a threshold) had 1e-4 median energy errors against 3e-6 for the others.
+    """
+    omega = np.sqrt(pair.omega2(state.pos, state.vel, state.centre_pos, state.centre_vel,
+                                base))
+    wanted = np.clip(np.ceil(np.log2(np.maximum(base / ETA * omega, 1.0))), 0, MAX_LEVEL)
+    level = wanted.astype(np.intp)
+    since = np.zeros(len(level), np.int16) if state.since is None else state.since
+    if state.level is not None:
+        hold = (level < state.level) & (since < HOLD_STEPS)
+        level[hold] = state.level[hold]
+        since = np.where(hold, since + 1, 0).astype(np.int16)
+    state.level, state.since = level, since
+    return level
 
 
 @dataclass(frozen=True)
 class Stepper:
-    """Advances a State by base steps; `star_steps` counts force evaluations per star."""
+    """Advances a State by base steps."""
 
     fields: tuple[Field, Field]
+    n_stars: int
     coulomb_log: float = COULOMB_LOG
+    pair: _Pair = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "pair", _Pair(self.fields, self.n_stars))
 
     def _centre_path(self, state: State, base: float, n_fine: int) -> F64:
         """Centre positions at the n_fine + 1 fine times of this base step: integrated
@@ -255,34 +342,55 @@ class Stepper:
                           + (-2 * s**3 + 3 * s**2) * x1 + (s**3 - s**2) * v1)
 
     def step(self, state: State, base: float) -> int:
-        """Advance by `base`; return the number of star force evaluations."""
-        omega = np.sqrt(_star_omega2(state.pos, state.vel, state.centre_pos, self.fields))
-        wanted = base * omega / ETA
-        level = np.clip(np.ceil(np.log2(np.maximum(wanted, 1.0))), 0, MAX_LEVEL).astype(int)
-        top = int(level.max()) if len(level) else 0
-        path = self._centre_path(state, base, 2**top)
-        evaluations = 0
-        for lev in np.unique(level):
-            idx = np.flatnonzero(level == lev)
-            h, stride = base / 2**lev, 2 ** (top - lev)
-            x, v = state.pos[idx], state.vel[idx]
-            a = star_accelerations(x, path[0], self.fields)
-            v += 0.5 * h * a  # successive half kicks merged: one kick per step
-            for k in range(1, 2**lev + 1):
-                x += h * v
-                a = star_accelerations(x, path[k * stride], self.fields)
-                v += (h if k < 2**lev else 0.5 * h) * a
-            state.pos[idx], state.vel[idx] = x, v
-            evaluations += len(idx) * 2**lev
+        """Advance by `base`; return the number of star force evaluations.
+
+        Block steps (kick-drift-kick, successive half kicks merged): stars sorted by
+        level, finest first, so that the stars due at fine tick k (those whose step
+        divides k) are a prefix of the arrays, worked on in place as views.
+        """
+        with np.errstate(divide="ignore"):  # log(0) of a star exactly at a centre
+            return self._step(state, base)
+
+    def _step(self, state: State, base: float) -> int:
+        pair = self.pair
+        n = state.pos.shape[1]
+        if n == 0:
+            self._centre_path(state, base, 1)
+            state.time += base
+            return 0
+        if state.acc is None:
+            state.acc = np.empty_like(state.pos)
+            pair.accelerations(state.pos, state.centre_pos.astype(np.float32)[:, :, None],
+                               state.acc)
+        level = _levels(pair, state, base)
+        order = np.argsort(-level, kind="stable")
+        level = level[order]
+        top = int(level[0])
+        due = np.searchsorted(-level, np.arange(-top, 1), side="right")  # level >= top - j
+        path = self._centre_path(state, base, 2**top).astype(np.float32)[:, :, :, None]
+        x, v, a = state.pos[:, order], state.vel[:, order], state.acc[:, order]
+        h = (base / 2.0 ** level).astype(np.float32)
+        work = np.empty_like(x)
+        np.multiply(a, 0.5 * h, out=work)
+        v += work
+        for k in range(1, 2**top + 1):
+            m = int(due[(k & -k).bit_length() - 1])
+            xs, vs, as_, hs, ws = x[:, :m], v[:, :m], a[:, :m], h[:m], work[:, :m]
+            np.multiply(vs, hs, out=ws)
+            xs += ws
+            pair.accelerations(xs, path[k], as_)
+            np.multiply(as_, hs if k < 2**top else 0.5 * hs, out=ws)
+            vs += ws
+        state.pos[:, order], state.vel[:, order], state.acc[:, order] = x, v, a
         state.time += base
-        return evaluations
+        return int(np.sum(2**level))
 
 
 def run(state: State, fields: tuple[Field, Field], times: list[float],
         on_frame: Callable[[int, State], None], coulomb_log: float = COULOMB_LOG) -> int:
     """Integrate to each of `times` (time units, ascending, from state.time), calling
     `on_frame(index, state)` there; return the star-steps taken."""
-    stepper = Stepper(fields, coulomb_log)
+    stepper = Stepper(fields, state.pos.shape[1], coulomb_log)
     evaluations = 0
     for index, target in enumerate(times):
         span = target - state.time
@@ -297,6 +405,8 @@ def run(state: State, fields: tuple[Field, Field], times: list[float],
 
 def estimated_star_steps(state: State, fields: tuple[Field, Field], duration: float) -> float:
     """Star-steps a run would take if the stars kept their present orbits."""
-    omega = np.sqrt(_star_omega2(state.pos, state.vel, state.centre_pos, fields))
-    per_star = np.maximum(duration * omega / ETA, duration / BASE_STEP_MAX)
+    with np.errstate(divide="ignore"):
+        omega2 = _Pair(fields, state.pos.shape[1]).omega2(
+            state.pos, state.vel, state.centre_pos, state.centre_vel, BASE_STEP_MAX)
+    per_star = np.maximum(duration * np.sqrt(omega2) / ETA, duration / BASE_STEP_MAX)
     return float(per_star.sum())
