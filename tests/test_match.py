@@ -166,6 +166,22 @@ def test_match_command_writes_the_ranking(sweep: Path, tmp_path: Path) -> None:
     assert "4 jobs scored" in result.output
 
 
+@pytest.mark.slow
+def test_own_ssim_is_skimages(sweep: Path, tmp_path: Path) -> None:
+    """The scorer's SSIM (filtered once for the target, float32) is skimage's to 1e-5."""
+    image, _ = render_target(sweep, frame=3, view="x-z", mirror=False)
+    centres = observe(image, 25, 1.3, 0.03, tmp_path / "s.png")
+    goal = match.load_target(tmp_path / "s.png", match_settings.parse_centres(centres))
+    job = next(j for j in load_sweep(sweep).jobs if j.name == "theta-60")
+    snaps = match.load_snapshots(match.snapshot_path(job))
+    views = [match.axes_view("x", "z"), *match.sphere_views(2)]
+    ours = match.score_snapshots(snaps, views, goal)
+    theirs = match.score_snapshots(snaps, views, goal, ssim=match.skimage_ssim)
+    pairs = [(a.ssim, b.ssim) for a, b in zip(ours, theirs, strict=True) if a.ssim is not None]
+    assert len(pairs) > 20
+    assert max(abs(a - (b or 0.0)) for a, b in pairs) < 1e-5, pairs
+
+
 def bad(args: list[str]) -> str:
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 2, result.output
