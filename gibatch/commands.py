@@ -76,7 +76,7 @@ def show_plan(console: Console, sweep: Sweep, models: list[int], site: str,
         measured = set(journal.mean_durations())
     finally:
         journal.close()
-    done = {j.name for j in sweep.jobs if record.is_complete(j)}
+    done = record.completed(sweep.root, sweep.jobs)
     todo = [j for j in sweep.jobs if j.name not in done]
     plan = make_plan(todo, holdings, cost)
 

@@ -9,17 +9,27 @@ from __future__ import annotations
 
 import sqlite3
 import threading
+from collections.abc import Mapping
 from pathlib import Path
 
 
 class Database:
-    def __init__(self, path: Path, schema: str) -> None:
+    """`caches`: tables (name -> columns) that only remember what can be found again;
+    one made by another version is dropped and made anew, not migrated."""
+
+    def __init__(self, path: Path, schema: str,
+                 caches: Mapping[str, list[str]] | None = None) -> None:
         self.path = path
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None,
                                    timeout=30)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(schema)
+        for table, expected in (caches or {}).items():
+            columns = [row[1] for row in self._db.execute(f"PRAGMA table_info({table})")]
+            if columns != expected:
+                self._db.execute(f"DROP TABLE {table}")
+                self._db.executescript(schema)
         self._lock = threading.Lock()
 
     def close(self) -> None:

@@ -58,7 +58,6 @@ CREATE TABLE IF NOT EXISTS job_order (
 """
 _COLUMNS = {"known_jobs": ["name", "folder", "files", "stats", "steps", "lineage", "payloads"],
             "job_order": ["id", "names"]}
-_clock_ns = time.time_ns  # tests move it on, to make folders look settled
 
 # name -> (folder, files, stats, steps, lineage, payloads): a known_jobs row
 Known = tuple[str, str, str, str, str, str]
@@ -82,7 +81,8 @@ def _folder_stat(st: os.stat_result) -> str:
     return f"{st.st_dev}:{st.st_ino}:{st.st_mtime_ns}:{st.st_ctime_ns}"
 
 
-def _file_stats(stats: Iterable[os.stat_result]) -> str:
+def stat_text(stats: Iterable[os.stat_result]) -> str:
+    """Type, size, times (ctime too), inode and device of each, as one text."""
     return "/".join(f"{s.st_mode}:{s.st_size}:{s.st_mtime_ns}:{s.st_ctime_ns}:{s.st_ino}:"
                     f"{s.st_dev}" for s in stats)
 
@@ -90,15 +90,25 @@ def _file_stats(stats: Iterable[os.stat_result]) -> str:
 def signature(folder: str) -> Signature | None:
     """`folder`'s signature, listing it; None if it cannot be listed or stat'ed."""
     try:
-        listed_ns = _clock_ns()
+        listed_ns = clock_ns()
         st = os.stat(folder)  # before the listing: a change during it shows next time
         with os.scandir(folder) as it:
             found = sorted((e.name, e.stat()) for e in it if e.name.endswith(".json"))
     except OSError:
         return None
-    settled = max(st.st_mtime_ns, st.st_ctime_ns) < listed_ns - SETTLE_NS
-    return Signature(_folder_stat(st) if settled else "", "/".join(n for n, _ in found),
-                     _file_stats(s for _, s in found))
+    return Signature(_folder_stat(st) if settled(listed_ns, st) else "",
+                     "/".join(n for n, _ in found), stat_text(s for _, s in found))
+
+
+def settled(seen_ns: int, *stats: os.stat_result) -> bool:
+    """Whether each of `stats`, taken at `seen_ns` or later, was last changed long enough
+    before that for any later change to show in its times (module docstring)."""
+    return all(max(st.st_mtime_ns, st.st_ctime_ns) < seen_ns - SETTLE_NS for st in stats)
+
+
+def clock_ns() -> int:
+    """Now, as `settled` compares it: tests move it on, to make files look settled."""
+    return time.time_ns()
 
 
 def current(folder: str, known: Known | None) -> Signature | None:
@@ -109,7 +119,7 @@ def current(folder: str, known: Known | None) -> Signature | None:
             if _folder_stat(os.stat(folder)) == known[0]:
                 names = known[1].split("/") if known[1] else []
                 return Signature(known[0], known[1],
-                                 _file_stats([os.stat(f"{folder}/{n}") for n in names]))
+                                 stat_text([os.stat(f"{folder}/{n}") for n in names]))
     return signature(folder)
 
 
@@ -136,12 +146,7 @@ class JobCache(Database):
     def __init__(self, root: Path) -> None:
         folder = root / STATE_DIR
         folder.mkdir(exist_ok=True)
-        super().__init__(folder / CACHE_FILE, _SCHEMA)
-        for table, expected in _COLUMNS.items():
-            columns = [row[1] for row in self._db.execute(f"PRAGMA table_info({table})")]
-            if columns != expected:  # made by another version: rebuilt, not migrated
-                self._db.execute(f"DROP TABLE {table}")
-                self._db.executescript(_SCHEMA)
+        super().__init__(folder / CACHE_FILE, _SCHEMA, _COLUMNS)
 
     def load(self) -> tuple[dict[str, Known], list[str]]:
         """Every job remembered, and the job names in the natural order last found."""
@@ -151,10 +156,10 @@ class JobCache(Database):
         return {r[0]: r[1:] for r in rows}, (order[0][0].split("/") if order else [])
 
     def store(self, fresh: list[tuple[str, ...]], gone: list[str],
-              settled: list[tuple[str, str]], order: list[str] | None) -> None:
-        """Remember `fresh` rows, forget `gone` names, give `settled` (folder, name)
-        their folder stat and keep `order` (unless None: unchanged)."""
-        if not (fresh or gone or settled or order is not None):
+              restated: list[tuple[str, str]], order: list[str] | None) -> None:
+        """Remember `fresh` rows, forget `gone` names, give the folders of `restated`
+        (folder stat, name) their new stat, keep `order` (unless None: unchanged)."""
+        if not (fresh or gone or restated or order is not None):
             return  # no write lock taken while a run may be writing
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
@@ -164,7 +169,7 @@ class JobCache(Database):
                 self._db.executemany("DELETE FROM known_jobs WHERE name = ?",
                                      [(n,) for n in gone])
                 self._db.executemany("UPDATE known_jobs SET folder = ? WHERE name = ?",
-                                     settled)
+                                     restated)
                 if order is not None:
                     self._db.execute("INSERT OR REPLACE INTO job_order VALUES (0, ?)",
                                      ("/".join(order),))
@@ -190,7 +195,7 @@ def iter_jobs(root: Path, cache: JobCache) -> Iterator[Job | JobInvalid]:
     if not same_names:
         order = sorted(names, key=natural_key)
     fresh: list[tuple[str, ...]] = []
-    settled: list[tuple[str, str]] = []  # folders whose own stat can stand in from now
+    restated: list[tuple[str, str]] = []  # (folder stat, name) of folders found unchanged
     forget = set(known)  # what is not found again, or no longer valid
     top = os.fspath(root)
     for name in order:
@@ -200,7 +205,7 @@ def iter_jobs(root: Path, cache: JobCache) -> Iterator[Job | JobInvalid]:
         if sig is not None and hit is not None and sig.same_files(hit):
             forget.discard(name)
             if sig.folder != hit[0]:
-                settled.append((sig.folder, name))
+                restated.append((sig.folder, name))
             yield _decode(name, root / name, hit)
             continue
         try:
@@ -216,14 +221,15 @@ def iter_jobs(root: Path, cache: JobCache) -> Iterator[Job | JobInvalid]:
         yield job
     # Names that are not text (undecodable bytes) cannot be kept in SQLite: such a job
     # is read each time, and the order sorted each time.
-    fresh = [row for row in fresh if _storable(row[0])]
-    keep_order = not same_names and _storable("/".join(order))
+    fresh = [row for row in fresh if storable(row[0])]
+    keep_order = not same_names and storable("/".join(order))
     # Another process may hold the database a long time: a later command remembers.
     with contextlib.suppress(sqlite3.Error):
-        cache.store(fresh, sorted(forget), settled, order if keep_order else None)
+        cache.store(fresh, sorted(forget), restated, order if keep_order else None)
 
 
-def _storable(text: str) -> bool:
+def storable(text: str) -> bool:
+    """Whether SQLite can keep `text` (a name of undecodable bytes holds surrogates)."""
     try:
         text.encode()
     except UnicodeEncodeError:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Collection
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -110,6 +111,32 @@ class Journal(Database):
                    f"events ORDER BY id DESC LIMIT {int(limit)}) ORDER BY id")
             return [EventRow(*r[1:]) for r in self._exec(sql)]  # type: ignore[arg-type]
         return [EventRow(*r) for r in self._exec(sql)]  # type: ignore[arg-type]
+
+    # What `status` needs of a journal with a million events, without loading them all.
+    def run_events(self) -> list[EventRow]:
+        """Every run's start and end, in order."""
+        return self._events_where("event IN (?, ?)",
+                                  (Event.RUN_START.value, Event.RUN_END.value))
+
+    def last_job_events(self, kinds: Collection[Event]) -> dict[str, EventRow]:
+        """job -> its last event (events of invalid jobs aside), for the jobs whose last
+        event is of one of `kinds`."""
+        marks = ", ".join("?" * len(kinds))
+        rows = self._events_where(
+            f"id IN (SELECT MAX(id) FROM events WHERE job IS NOT NULL AND event != ? "
+            f"GROUP BY job) AND event IN ({marks})",
+            (Event.JOB_INVALID.value, *(k.value for k in kinds)))
+        return {e.job: e for e in rows if e.job is not None}
+
+    def count_events(self, event: Event, since: float) -> int:
+        rows = self._exec("SELECT COUNT(*) FROM events WHERE event = ? AND at >= ?",
+                          (event.value, since))
+        return int(str(rows[0][0]))
+
+    def _events_where(self, where: str, args: tuple[str, ...]) -> list[EventRow]:
+        sql = f"SELECT at, pid, job, model, step, event, detail FROM events WHERE {where} " \
+              "ORDER BY id"
+        return [EventRow(*r) for r in self._exec(sql, args)]  # type: ignore[arg-type]
 
     # what each model number holds
     def held(self, site: str, model: int) -> dict[str, str]:

@@ -2,23 +2,46 @@
 
 A job is complete when, and only when, this record exists and every file it lists is
 on disk with the listed size (jobs.md). An `output/` without it is an interrupted job.
+
+`completed` answers the same for a whole sweep without reading 100,000 records each
+time `status`, `report` or `plan` asks: what it needs of each whole record (its lineage
+and model number) is kept in the journal's database (table `completions`) beside a
+signature of the record and of its section folders. While that signature holds, the
+record is the same and no file was added to, removed from or renamed in a section (a
+download lands by renaming its `.part`; `prune` and `invalidate` remove), so the job is
+judged from the database. Not seen that way: a listed file whose size changes in place;
+`run` still checks every size (`is_complete`) before it skips a job. Signatures younger
+than `discovery.SETTLE_NS` are not kept (coarse timestamps, as in `discovery`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
 import shutil
+import sqlite3
 import time
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from gibatch.jobs import Job
+from gibatch import discovery
+from gibatch.database import Database
+from gibatch.jobs import OUTPUT_DIR, STATE_DIR, Job
 from gibatch.transfer import PART_SUFFIX, FileRecord
 
 RECORD_FILE = ".gibatch-complete.json"
 RECORD_VERSION = 1
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS completions (
+    name TEXT PRIMARY KEY, sections TEXT NOT NULL, signature TEXT NOT NULL,
+    lineage TEXT NOT NULL, model INTEGER);
+"""
+_COLUMNS = {"completions": ["name", "sections", "signature", "lineage", "model"]}
+Row = tuple[str, str, str, int | None]  # a completions row: sections, signature, lineage, model
 
 
 def record_path(job: Job) -> Path:
@@ -54,25 +77,159 @@ def read(job: Job) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
+def _lineage(job: Job) -> dict[str, str]:
+    return {s.name: job.lineage[s] for s in job.steps}
+
+
+def _whole(job: Job, data: dict[str, Any]) -> bool:
+    """Every file the record lists is on disk with the listed size (False for a record
+    of another shape)."""
+    sections = data.get("sections", {})
+    if not isinstance(sections, dict):
+        return False
+    for section, files in sections.items():
+        if not isinstance(files, list):
+            return False
+        for f in files:
+            if not (isinstance(f, dict) and isinstance(f.get("name"), str)
+                    and isinstance(f.get("size"), int)):
+                return False
+            try:
+                if (job.output / section / f["name"]).stat().st_size != f["size"]:
+                    return False
+            except OSError:
+                return False
+    return True
+
+
 def complete_record(job: Job) -> dict[str, Any] | None:
     """The record, if it matches this job's parameters and every file it lists is whole."""
     data = read(job)
-    if data is None or data.get("lineage") != {s.name: job.lineage[s] for s in job.steps}:
+    if data is None or data.get("lineage") != _lineage(job) or not _whole(job, data):
         return None
-    for section, files in data.get("sections", {}).items():
-        for f in files:
-            path = job.output / section / f["name"]
-            try:
-                if path.stat().st_size != f["size"]:
-                    return None
-            except OSError:
-                return None
     return data
 
 
 def is_complete(job: Job) -> bool:
     """The record exists, matches this job's parameters, and every file is whole."""
     return complete_record(job) is not None
+
+
+# -- the same for a whole sweep, remembered (module docstring)
+
+class _Completions(Database):
+    def __init__(self, root: Path) -> None:
+        folder = root / STATE_DIR
+        folder.mkdir(exist_ok=True)
+        super().__init__(folder / discovery.CACHE_FILE, _SCHEMA, _COLUMNS)
+
+    def load(self) -> dict[str, Row]:
+        """name -> (sections, signature, lineage, model) of every record remembered."""
+        with self._lock:
+            rows = self._db.execute("SELECT * FROM completions").fetchall()
+        shared: dict[str, str] = {}  # most jobs list the same sections
+        return {r[0]: (shared.setdefault(r[1], r[1]), r[2], r[3], r[4]) for r in rows}
+
+    def store(self, fresh: list[tuple[str, str, str, str, int | None]],
+              gone: list[str]) -> None:
+        if not (fresh or gone):
+            return  # no write lock taken while a run may be writing
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.executemany("INSERT OR REPLACE INTO completions VALUES (?, ?, ?, ?, ?)",
+                                     fresh)
+                self._db.executemany("DELETE FROM completions WHERE name = ?",
+                                     [(n,) for n in gone])
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+
+
+def _hash(text: str) -> str:
+    """Only compared for equality: a short digest keeps 100,000 rows small."""
+    return hashlib.blake2b(text.encode(errors="surrogatepass"), digest_size=12).hexdigest()
+
+
+def _lineage_hash(lineage: Mapping[str, str]) -> str:
+    return _hash(";".join(f"{k}={v}" for k, v in sorted(lineage.items())))
+
+
+def _stats(job: Job, sections: list[str]) -> list[os.stat_result] | None:
+    """The record's stat, then each section folder's; None if one is missing."""
+    output = f"{job.path}/{OUTPUT_DIR}"
+    try:
+        return [os.stat(f"{output}/{RECORD_FILE}"),
+                *(os.stat(f"{output}/{section}") for section in sections)]
+    except OSError:
+        return None
+
+
+def _examine(job: Job, seen_ns: int) -> tuple[dict[str, Any] | None, Row | None]:
+    """The record if the job is complete (`complete_record`), and what to remember of
+    the record (None: not whole, of another shape, or changed too recently)."""
+    try:
+        before = discovery.stat_text([os.stat(record_path(job))])
+    except OSError:
+        return None, None
+    data = read(job)
+    if data is None:
+        return None, None
+    lineage: Any = data.get("lineage")
+    sections: Any = data.get("sections")
+    model: Any = data.get("model_number")
+    shaped = (isinstance(lineage, dict) and isinstance(sections, dict)
+              and all(isinstance(v, str) for v in lineage.values())
+              and all("/" not in name for name in sections))
+    names = sorted(sections) if shaped else []
+    stats = _stats(job, names) if shaped else None  # before the files are checked
+    whole = _whole(job, data)
+    complete = data if whole and lineage == _lineage(job) else None
+    if (not whole or stats is None or discovery.stat_text(stats[:1]) != before
+            or not discovery.settled(seen_ns, *stats)):
+        return complete, None
+    return complete, ("/".join(names), _hash(discovery.stat_text(stats)),
+                      _lineage_hash(lineage), model if isinstance(model, int) else None)
+
+
+def completed(root: Path, jobs: Iterable[Job]) -> dict[str, int | None]:
+    """name -> model number (None if the record has none) of each of `jobs` that is
+    complete, as `complete_record` says; reads only the records that are new or changed
+    since the last call (module docstring). Without a usable database, reads them all."""
+    try:
+        cache: _Completions | None = _Completions(root)
+    except (OSError, sqlite3.Error):
+        cache = None
+    known = cache.load() if cache is not None else {}
+    done: dict[str, int | None] = {}
+    fresh: list[tuple[str, str, str, str, int | None]] = []
+    gone = set(known)  # rows of records no longer found whole
+    seen_ns = discovery.clock_ns()
+    for job in jobs:
+        hit = known.get(job.name)
+        if hit is not None:
+            sections, signature, lineage, model = hit
+            stats = _stats(job, sections.split("/") if sections else [])
+            if stats is not None and _hash(discovery.stat_text(stats)) == signature:
+                gone.discard(job.name)
+                if lineage == _lineage_hash(_lineage(job)):
+                    done[job.name] = model
+                continue
+        data, row = _examine(job, seen_ns)
+        if data is not None:
+            number = data.get("model_number")
+            done[job.name] = number if isinstance(number, int) else None
+        if row is not None and discovery.storable(job.name):
+            gone.discard(job.name)
+            fresh.append((job.name, *row))
+    if cache is not None:
+        try:
+            with contextlib.suppress(sqlite3.Error):  # a later call remembers
+                cache.store(fresh, sorted(gone))
+        finally:
+            cache.close()
+    return done
 
 
 def prune(job: Job, keep: dict[str, set[str]]) -> None:

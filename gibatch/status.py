@@ -85,32 +85,32 @@ _ACTIVE = {Event.JOB_START, Event.STEP_SKIPPED, Event.STEP_SUBMITTED, Event.STEP
 
 
 def sweep_status(sweep: Sweep, journal: Journal, recent: int = 10) -> SweepStatus:
-    """Join the journal's events with the completion records on disk."""
-    events = journal.events()
+    """Join the journal's events with the completion records on disk.
+
+    At 100,000 jobs the journal holds about a million events: only the runs' starts
+    and ends, each job's last event when it says running or failed, and the last
+    `recent` events are read; completion records come through `record.completed`.
+    """
     runs: dict[int, tuple[float, float | None]] = {}  # pid -> (start, end) of its last run
-    last: dict[str, EventRow] = {}
-    for e in events:
+    for e in journal.run_events():
         if e.event == Event.RUN_START:
             runs[e.pid] = (e.at, None)
-        elif e.event == Event.RUN_END and e.pid in runs:
+        elif e.pid in runs:
             runs[e.pid] = (runs[e.pid][0], e.at)
-        if e.job is not None and e.event != Event.JOB_INVALID:
-            last[e.job] = e
     live = sorted(pid for pid, (_, end) in runs.items() if end is None and pid_alive(pid))
     current = [runs[p] for p in live] or ([max(runs.values())] if runs else [])
     started = min((s for s, _ in current), default=None)
     ended = None if live else max((e for _, e in current if e is not None), default=None)
-    done_this_run = sum(1 for e in events if e.event == Event.JOB_COMPLETE
-                        and started is not None and e.at >= started)
+    done_this_run = (0 if started is None
+                     else journal.count_events(Event.JOB_COMPLETE, since=started))
+    last = journal.last_job_events(_ACTIVE | {Event.JOB_FAILED})
+    complete = record.completed(sweep.root, sweep.jobs)
 
     jobs: list[JobStatus] = []
     for job in sweep.jobs:
         ev = last.get(job.name)
-        data = record.complete_record(job)
-        if data is not None:
-            model = data.get("model_number")
-            jobs.append(JobStatus(job.name, JobState.COMPLETE,
-                                  model if isinstance(model, int) else None))
+        if job.name in complete:
+            jobs.append(JobStatus(job.name, JobState.COMPLETE, complete[job.name]))
         elif ev is not None and ev.event in _ACTIVE and ev.pid in live:
             jobs.append(JobStatus(job.name, JobState.RUNNING, ev.model, ev.step))
         elif ev is not None and ev.event == Event.JOB_FAILED:
@@ -119,4 +119,5 @@ def sweep_status(sweep: Sweep, journal: Journal, recent: int = 10) -> SweepStatu
             jobs.append(JobStatus(job.name, JobState.PENDING))
     jobs.extend(JobStatus(name, JobState.INVALID, reason=reason)
                 for name, reason in sweep.reasons().items())
-    return SweepStatus(jobs, live, started, ended, done_this_run, events[-recent:])
+    return SweepStatus(jobs, live, started, ended, done_this_run,
+                       journal.events(limit=recent) if recent > 0 else [])

@@ -52,7 +52,7 @@ def listed(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 @pytest.fixture
 def settled(monkeypatch: pytest.MonkeyPatch) -> None:
     """A clock well past every file's times: folders are settled when listed."""
-    monkeypatch.setattr(discovery, "_clock_ns", lambda: time.time_ns() + 10 * discovery.SETTLE_NS)
+    monkeypatch.setattr(discovery, "clock_ns", lambda: time.time_ns() + 10 * discovery.SETTLE_NS)
 
 
 def sweep_of(root: Path, n: int) -> None:
