@@ -375,8 +375,16 @@ class Scheduler:
 
     async def _finish(self, worker: ModelWorker, job: Job, listed: Listed,
                       names: list[str]) -> None:
+        reading = set(names)
+
+        def read(section: str) -> None:
+            """A section wholly saved: a task may now clear it (see `_download`)."""
+            if section in reading:
+                reading.discard(section)
+                worker.memory.release([section])
+
         try:
-            files = await self._download(job, listed.chosen)
+            files = await self._download(job, listed.chosen, read)
             await self.poller.refresh()  # files of a section replaced meanwhile are not its
             if worker.memory.disturbed(listed.foreign_mark, names):
                 for name in names:
@@ -398,13 +406,20 @@ class Scheduler:
                     worker.memory.forget(e.section)
             self._settle(job, worker.model, exc)
         finally:
-            worker.memory.release(names)
+            worker.memory.release(reading)
             self.finishing.discard(job.name)
             self._notify()
 
-    async def _download(self, job: Job, chosen: dict[str, Section]
-                        ) -> dict[str, list[FileRecord]]:
-        """Every file of every chosen section, concurrently (bounded by `transfers`)."""
+    async def _download(self, job: Job, chosen: dict[str, Section],
+                        read: Callable[[str], None]) -> dict[str, list[FileRecord]]:
+        """Every file of every chosen section, concurrently (bounded by `transfers`).
+
+        The latest stage goes first and each section is released (`read`) as soon as
+        its files are saved: the model's next task (typically the next interaction) waits
+        only for the sections it clears, not for the galaxies every job shares. Files
+        of a section released early stay this job's: they were whole before any task of
+        ours could replace them, and a foreign task is caught by the caller's check.
+        """
         files: dict[str, list[FileRecord]] = {}
 
         async def one(folder: str, section: Section, remote_name: str, local: str) -> None:
@@ -417,12 +432,16 @@ class Scheduler:
                                      section=section.name, job=job.name) from exc
             files[folder].append(got)
 
-        async with anyio.create_task_group() as tg:
-            for folder, section in chosen.items():
-                files[folder] = []
-                names = local_names(f.name for f in section.files)
-                for remote_name, local in names.items():
+        async def whole(folder: str, section: Section) -> None:
+            async with anyio.create_task_group() as tg:
+                for remote_name, local in local_names(f.name for f in section.files).items():
                     tg.start_soon(one, folder, section, remote_name, local)
+            read(section.name)
+
+        async with anyio.create_task_group() as tg:
+            for folder, section in reversed(chosen.items()):  # chain order: plots last
+                files[folder] = []
+                tg.start_soon(whole, folder, section)
         return files
 
 
