@@ -104,6 +104,16 @@ class Target:
     def ssim_side(self) -> SsimSide:
         return SsimSide.of(self.image)
 
+    def on_grid(self, kpc_per_px: tuple[float, float]) -> tuple[float, float]:
+        """A scale range per pixel of the image as given, per pixel of the comparison grid
+        (a shrunk target's pixels span more)."""
+        if self.given is None:
+            return kpc_per_px
+        (x1, y1), (x2, y2) = self.centres
+        (u1, v1), (u2, v2) = self.given
+        shrink = math.hypot(x2 - x1, y2 - y1) / math.hypot(u2 - u1, v2 - v1)
+        return kpc_per_px[0] / shrink, kpc_per_px[1] / shrink
+
 
 def _grey(image: Image.Image) -> F64:
     """Brightness of any PIL mode as floats (colour by luminance, alpha dropped)."""
@@ -499,24 +509,33 @@ def render_one(snaps: Snapshots, frame: int, view: View, mirror: bool, target: T
                ) -> tuple[F32, Transform] | None:
     """The render of one frame, view and mirror on the target's grid, and its transform."""
     g1, g2 = _galaxy_centres(snaps, frame)
-    return _render_at(snaps, frame, view, mirror, target, g1, g2)
+    where = _transform_at(view, mirror, target, g1, g2)
+    return None if where is None else (_render_at(snaps, frame, view, target, where), where)
 
 
-def _render_at(snaps: Snapshots, frame: int, view: View, mirror: bool, target: Target,
-               g1: F64, g2: F64) -> tuple[F32, Transform] | None:
+def _transform_at(view: View, mirror: bool, target: Target, g1: F64, g2: F64
+                  ) -> Transform | None:
     c1, c2 = sky(np.stack([g1, g2]), view, mirror)
-    where = transform(complex(c1), complex(c2), target, mirror)
-    if where is None:
-        return None
-    z = sky(snaps.position[frame], view, mirror)
+    return transform(complex(c1), complex(c2), target, mirror)
+
+
+def _render_at(snaps: Snapshots, frame: int, view: View, target: Target, where: Transform
+               ) -> F32:
+    z = sky(snaps.position[frame], view, where.mirror)
     shape = (target.image.shape[0], target.image.shape[1])
-    return render(z, snaps.weight, where, shape, target.blur_px), where
+    return render(z, snaps.weight, where, shape, target.blur_px)
 
 
 def score_snapshots(snaps: Snapshots, views: Sequence[View], target: Target,
                     skip: frozenset[tuple[int, str, bool]] = frozenset(),
-                    ssim: SsimFunction = ssim_of) -> list[Score]:
-    """Every frame x view x mirror not in `skip` (`ssim`: another SSIM to time or check)."""
+                    ssim: SsimFunction = ssim_of,
+                    kpc_per_px: tuple[float, float] | None = None) -> list[Score]:
+    """Every frame x view x mirror not in `skip` (`ssim`: another SSIM to time or check).
+
+    With a `kpc_per_px` range (the target's scale, when its distance is known), a frame
+    whose two centres would need another scale to land on the target's is not rendered:
+    its Score has the transform and no metric, like a frame whose centres coincide.
+    """
     out: list[Score] = []
     for frame in range(len(snaps.time_gyr)):
         g1, g2 = _galaxy_centres(snaps, frame)
@@ -525,15 +544,17 @@ def score_snapshots(snaps: Snapshots, views: Sequence[View], target: Target,
             for mirror in (False, True):
                 if (frame, view.name, mirror) in skip:
                     continue
-                done = _render_at(snaps, frame, view, mirror, target, g1, g2)
-                if done is None:
+                where = _transform_at(view, mirror, target, g1, g2)
+                if where is None:
                     out.append(Score(frame, t, view.name, mirror, None, None, None))
                     continue
-                image, where = done
-                similarity, iou, nmi = compare(target, image, ssim)
-                out.append(Score(frame, t, view.name, mirror, similarity, iou, nmi,
-                                 where.kpc_per_px, where.rotation_deg, where.b.real,
-                                 -where.b.imag))
+                placed = (where.kpc_per_px, where.rotation_deg, where.b.real, -where.b.imag)
+                if kpc_per_px and not kpc_per_px[0] <= where.kpc_per_px <= kpc_per_px[1]:
+                    out.append(Score(frame, t, view.name, mirror, None, None, None, *placed))
+                    continue
+                similarity, iou, nmi = compare(target, _render_at(snaps, frame, view, target,
+                                                                  where), ssim)
+                out.append(Score(frame, t, view.name, mirror, similarity, iou, nmi, *placed))
     return out
 
 
@@ -602,21 +623,41 @@ def best_of(scores: Iterable[Score], metric: Metric) -> Score | None:
 
 
 def _score_job(job_name: str, path: Path, views: list[View], target: Target,
-               skip: frozenset[tuple[int, str, bool]]) -> tuple[str, list[Score]]:
-    return job_name, score_snapshots(load_snapshots(path), views, target, skip)
+               skip: frozenset[tuple[int, str, bool]], kpc_per_px: tuple[float, float] | None
+               ) -> tuple[str, list[Score]]:
+    return job_name, score_snapshots(load_snapshots(path), views, target, skip,
+                                     kpc_per_px=kpc_per_px)
 
 
-def _unscored(cache: ScoreCache, job: Job, views: Sequence[View], target: Target
+def cache_key(target: Target, settings: Settings) -> str:
+    """The target's key, with the scale range when one is set: it decides what is scored."""
+    if settings.kpc_per_px is None:
+        return target.key
+    low, high = settings.kpc_per_px
+    return f"{target.key}:{low:g}-{high:g}"
+
+
+def _unscored(cache: ScoreCache, key: str, job: Job, views: Sequence[View]
               ) -> tuple[str | None, list[Score], int]:
     """(snapshot digest, cached scores of these views, frames) for one job."""
     digest = snapshot_digest(job)
     if digest is None:
         return None, [], 0
-    cached = [s for s in cache.get(target.key, job.name, digest)
-              if s.view in {v.name for v in views}]
+    cached = [s for s in cache.get(key, job.name, digest) if s.view in {v.name for v in views}]
     with h5py.File(snapshot_path(job), "r") as f:
         frames = int(f["time"].shape[0])
     return digest, cached, frames
+
+
+@dataclass(frozen=True)
+class _Work:
+    """A job with scores still to compute: what the cache has, and what to skip."""
+
+    job: Job
+    digest: str
+    views: list[View]
+    cached: list[Score]
+    skip: frozenset[tuple[int, str, bool]]
 
 
 def match_jobs(root: Path, jobs: Sequence[Job], target: Target, settings: Settings,
@@ -627,14 +668,15 @@ def match_jobs(root: Path, jobs: Sequence[Job], target: Target, settings: Settin
     Jobs with work left go to a pool of `workers` processes (default: every core);
     `progress(done, total)` is called as jobs finish.
     """
+    key = cache_key(target, settings)
     cache = ScoreCache(root)
     try:
         results: dict[str, Result] = {}
-        todo: list[tuple[Job, str, list[View], list[Score], frozenset[tuple[int, str, bool]]]] = []
+        todo: dict[str, _Work] = {}
         for job in jobs:
             views = views_for(job, settings.views)
             try:
-                digest, cached, frames = _unscored(cache, job, views, target)
+                digest, cached, frames = _unscored(cache, key, job, views)
             except (OSError, KeyError) as exc:
                 results[job.name] = Result(job.name, None, reason=f"unreadable snapshots: {exc}")
                 continue
@@ -643,7 +685,7 @@ def match_jobs(root: Path, jobs: Sequence[Job], target: Target, settings: Settin
                 continue
             done = frozenset((s.frame, s.view, s.mirror) for s in cached)
             if len(done) < frames * len(views) * 2:
-                todo.append((job, digest, views, cached, done))
+                todo[job.name] = _Work(job, digest, views, cached, done)
             else:
                 results[job.name] = Result(job.name, best_of(cached, settings.metric),
                                            len(cached))
@@ -651,11 +693,12 @@ def match_jobs(root: Path, jobs: Sequence[Job], target: Target, settings: Settin
         finished = total - len(todo)
         if progress:
             progress(finished, total)
-        for job, digest, scores in _run_pool(todo, target, workers):
-            cache.put(target.key, job.name, digest, scores)
-            everything = [*next(t[3] for t in todo if t[0] is job), *scores]
-            results[job.name] = Result(job.name, best_of(everything, settings.metric),
-                                       len(everything))
+        scale = None if settings.kpc_per_px is None else target.on_grid(settings.kpc_per_px)
+        for work, scores in _run_pool(list(todo.values()), target, scale, workers):
+            cache.put(key, work.job.name, work.digest, scores)
+            everything = [*work.cached, *scores]
+            results[work.job.name] = Result(work.job.name, best_of(everything, settings.metric),
+                                            len(everything))
             finished += 1
             if progress:
                 progress(finished, total)
@@ -664,28 +707,26 @@ def match_jobs(root: Path, jobs: Sequence[Job], target: Target, settings: Settin
     return rank(list(results.values()), settings.metric)
 
 
-def _run_pool(todo: Sequence[tuple[Job, str, list[View], list[Score],
-                                   frozenset[tuple[int, str, bool]]]],
-              target: Target, workers: int | None
-              ) -> Iterable[tuple[Job, str, list[Score]]]:
+def _run_pool(todo: Sequence[_Work], target: Target, kpc_per_px: tuple[float, float] | None,
+              workers: int | None) -> Iterable[tuple[_Work, list[Score]]]:
     """Score the jobs in `todo`: in this process for one job or one worker, else a pool.
 
     The pool uses `spawn`: a fork of a process with threads (an event loop's) may
     inherit a held lock.
     """
     count = workers if workers is not None else (os.cpu_count() or 1)
-    by_name = {job.name: (job, digest) for job, digest, *_ in todo}
     if count <= 1 or len(todo) <= 1:
-        for job, digest, views, _, skip in todo:
-            yield job, digest, _score_job(job.name, snapshot_path(job), views, target, skip)[1]
+        for work in todo:
+            yield work, _score_job(work.job.name, snapshot_path(work.job), work.views, target,
+                                   work.skip, kpc_per_px)[1]
         return
+    by_name = {work.job.name: work for work in todo}
     with process_pool(min(count, len(todo))) as pool:
-        futures = [pool.submit(_score_job, job.name, snapshot_path(job), views, target, skip)
-                   for job, _, views, _, skip in todo]
+        futures = [pool.submit(_score_job, work.job.name, snapshot_path(work.job), work.views,
+                               target, work.skip, kpc_per_px) for work in todo]
         for future in as_completed(futures):
             name, scores = future.result()
-            job, digest = by_name[name]
-            yield job, digest, scores
+            yield by_name[name], scores
 
 
 def rank(results: list[Result], metric: Metric) -> list[Result]:

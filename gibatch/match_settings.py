@@ -26,10 +26,13 @@ class Metric(StrEnum):
 
 @dataclass(frozen=True)
 class Settings:
-    """How jobs are matched: views (0: the plots' axes; N: N directions) and ranking."""
+    """How jobs are matched: views (0: the plots' axes; N: N directions), ranking, and
+    the target's scale when its distance is known (kpc per target pixel, low and high):
+    frames that would need another scale are not rendered."""
 
     views: int = 0
     metric: Metric = Metric.SSIM
+    kpc_per_px: tuple[float, float] | None = None
 
 
 def parse_centres(text: str) -> tuple[tuple[float, float], tuple[float, float]]:
@@ -42,3 +45,15 @@ def parse_centres(text: str) -> tuple[tuple[float, float], tuple[float, float]]:
     if not all(math.isfinite(v) for v in (x1, y1, x2, y2)):
         raise MatchError(f"--centres {text!r}: the numbers must be finite")
     return (x1, y1), (x2, y2)
+
+
+def parse_scale(text: str) -> tuple[float, float]:
+    """`LOW,HIGH` kpc per pixel of the target image as given (before any shrinking)."""
+    try:
+        low, high = (float(v) for v in text.split(","))
+    except ValueError:
+        raise MatchError(f"--kpc-per-px {text!r}: expected two numbers LOW,HIGH (the "
+                         "range of kiloparsecs one target pixel may span)") from None
+    if not (math.isfinite(low) and math.isfinite(high) and 0 < low <= high):
+        raise MatchError(f"--kpc-per-px {text!r}: need 0 < LOW <= HIGH, both finite")
+    return low, high

@@ -167,6 +167,36 @@ def test_match_command_writes_the_ranking(sweep: Path, tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+def test_a_known_scale_skips_frames_that_would_need_another(sweep: Path, tmp_path: Path
+                                                             ) -> None:
+    job = next(j for j in load_sweep(sweep).jobs if j.name == HIDDEN)
+    snaps = match.load_snapshots(match.snapshot_path(job))
+    grid = match.Target(np.zeros(GRID), CENTRES, "none", Path("none"))
+    done = match.render_one(snaps, 3, match.axes_view("x", "z"), False, grid)
+    assert done is not None
+    zoom = 1.5  # 180 px wide: shrunk to the comparison grid, so the range is converted
+    centres = observe(done[0], 0, zoom, 0.0, tmp_path / "k.png")
+    goal = match.load_target(tmp_path / "k.png", match_settings.parse_centres(centres))
+    true = done[1].kpc_per_px / zoom  # per pixel of the image as given
+    settings = match.Settings(kpc_per_px=(0.9 * true, 1.1 * true))
+    results = match.match_jobs(sweep, load_sweep(sweep).jobs, goal, settings, workers=1)
+    best = results[0].best
+    assert results[0].job == HIDDEN and best is not None and best.frame == 3, results[0]
+    cache = match.ScoreCache(sweep)
+    try:
+        digest = match.snapshot_digest(job)
+        assert digest is not None
+        scores = cache.get(match.cache_key(goal, settings), HIDDEN, digest)
+    finally:
+        cache.close()
+    low, high = goal.on_grid((0.9 * true, 1.1 * true))
+    rendered = [s for s in scores if s.ssim is not None]
+    assert all(s.kpc_per_px is not None and low <= s.kpc_per_px <= high for s in rendered)
+    assert 0 < len(rendered) <= len(scores) // 2, len(rendered)
+    assert match.cache_key(goal, settings) != goal.key  # another range, other scores
+
+
+@pytest.mark.slow
 def test_own_ssim_is_skimages(sweep: Path, tmp_path: Path) -> None:
     """The scorer's SSIM (filtered once for the target, float32) is skimage's to 1e-5."""
     image, _ = render_target(sweep, frame=3, view="x-z", mirror=False)
@@ -211,6 +241,9 @@ def test_bad_targets_and_centres_are_named(one_job: Path, tmp_path: Path) -> Non
                                                        "10,10,10,10"])
     assert "expected four numbers" in bad([*args, str(image), "--centres", "10,10,20"])
     assert "every pixel the same" in bad([*args, str(image), "--centres", "10,10,20,20"])
+    for text in ("1", "2,1", "0,1", "1,inf"):
+        with pytest.raises(match_settings.MatchError, match="--kpc-per-px"):
+            match_settings.parse_scale(text)
 
 
 def test_bad_search_inputs_are_named(tmp_path: Path) -> None:
