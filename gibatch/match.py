@@ -29,7 +29,9 @@ only what is new, and a job run again with other results is scored again.
 from __future__ import annotations
 
 import csv
+import gzip
 import hashlib
+import io
 import json
 import math
 import os
@@ -139,24 +141,28 @@ def normalise(grey: F64) -> F64:
 
 def load_target(path: Path, centres: tuple[tuple[float, float], tuple[float, float]],
                 blur_px: float = DEFAULT_BLUR_PX) -> Target:
-    """Read, check and grid the target image; raise MatchError saying what is wrong."""
+    """Read, check and grid the target image; raise MatchError saying what is wrong.
+
+    PNG, JPEG and whatever else PIL reads take centres in pixels from the top-left corner
+    (x right, y down); a FITS file (`.fits`, `.fits.gz`: the first 2-D image HDU) takes
+    them as FITS pixels, as ds9 shows them: 1-based, y up.
+    """
     try:
         data = path.read_bytes()
     except OSError as exc:
         raise MatchError(f"--target {path}: cannot read: {exc.strerror or exc}") from None
-    try:
-        with Image.open(path) as opened:
-            opened.load()
-            image = opened.copy()
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError,
-            Image.DecompressionBombError) as exc:
-        raise MatchError(f"--target {path}: not an image PIL can read (PNG, JPEG, ...): "
-                         f"{exc}") from None
+    fits = is_fits(data)
+    image = _fits_image(data, path) if fits else _pil_image(path)
     width, height = image.size
-    for which, (x, y) in zip(("galaxy 1", "galaxy 2"), centres, strict=True):
-        if not (0 <= x < width and 0 <= y < height):
+    # Where the centres lie in the image as stored top row first, pixel x spanning x..x+1.
+    on_image = (tuple((x - 0.5, height + 0.5 - y) for x, y in centres) if fits
+                else centres)
+    for which, (x, y), (ix, iy) in zip(("galaxy 1", "galaxy 2"), centres, on_image,
+                                       strict=True):
+        if not (0 <= ix < width and 0 <= iy < height):
             raise MatchError(f"--centres: {which}'s centre ({x:g}, {y:g}) lies outside the "
-                             f"target, which is {width}x{height} pixels")
+                             f"target, which is {width}x{height} pixels"
+                             + (" (FITS pixels: 1-based, y up)" if fits else ""))
     (x1, y1), (x2, y2) = centres
     if math.hypot(x2 - x1, y2 - y1) < 1.0:
         raise MatchError("--centres: the two centres are the same point; give galaxy 1's "
@@ -170,7 +176,7 @@ def load_target(path: Path, centres: tuple[tuple[float, float], tuple[float, flo
         image = image.resize(size, Image.Resampling.BOX)
     sx, sy = image.size[0] / width, image.size[1] / height
     # Pixel (x, y) spans x..x+1, so its centre maps to (x + 0.5) * s - 0.5.
-    on_grid = tuple(((x + 0.5) * sx - 0.5, (y + 0.5) * sy - 0.5) for x, y in centres)
+    on_grid = tuple(((x + 0.5) * sx - 0.5, (y + 0.5) * sy - 0.5) for x, y in on_image)
     key = hashlib.sha256(json.dumps([hashlib.sha256(data).hexdigest(), centres, blur_px,
                                      SCORE_VERSION, GRID_PX_MAX]).encode()).hexdigest()[:24]
     # The target gets the renders' blur too: both at one resolution, and its pixel noise
@@ -178,6 +184,121 @@ def load_target(path: Path, centres: tuple[tuple[float, float], tuple[float, flo
     grey = ndimage.gaussian_filter(_grey(image), blur_px) if blur_px > 0 else _grey(image)
     return Target(normalise(grey), on_grid, key, path.resolve(),  # type: ignore[arg-type]
                   blur_px, centres)
+
+
+def _pil_image(path: Path) -> Image.Image:
+    try:
+        with Image.open(path) as opened:
+            opened.load()
+            return opened.copy()
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError,
+            Image.DecompressionBombError) as exc:
+        raise MatchError(f"--target {path}: not an image PIL can read (PNG, JPEG, ...) "
+                         f"nor FITS: {exc}") from None
+
+
+# -- FITS targets: the first 2-D image of an uncompressed (or gzipped) file
+#
+# The format (FITS 4.0, sections 3-5) is 2880-byte blocks: a header of 80-character
+# "KEY     = value / comment" cards ending in END, then big-endian data. astropy reads
+# it, but is a large dependency for the one array a target needs.
+
+FITS_BLOCK = 2880
+FITS_CARD = 80
+_FITS_DTYPES = {8: ">u1", 16: ">i2", 32: ">i4", 64: ">i8", -32: ">f4", -64: ">f8"}
+_GZIP_MAGIC = b"\x1f\x8b"
+FITS_PIXELS_MAX = 100_000_000  # PIL refuses images of this order as decompression bombs
+
+
+def is_fits(data: bytes) -> bool:
+    """Whether the bytes (or their gzip stream) begin as every FITS file must."""
+    head = data[:9]
+    if data[:2] == _GZIP_MAGIC:
+        try:
+            head = gzip.GzipFile(fileobj=io.BytesIO(data)).read(9)
+        except (OSError, EOFError):
+            return False
+    return head == b"SIMPLE  ="
+
+
+def _fits_header(data: bytes, start: int) -> tuple[dict[str, str], int]:
+    """The cards of the header at `start` (first of each key) and where its data start."""
+    cards: dict[str, str] = {}
+    pos = start
+    while True:
+        block = data[pos:pos + FITS_BLOCK]
+        if len(block) < FITS_BLOCK:
+            raise MatchError("a header ends before its END card (truncated file?)")
+        pos += FITS_BLOCK
+        for i in range(0, FITS_BLOCK, FITS_CARD):
+            card = block[i:i + FITS_CARD].decode("ascii", errors="replace")
+            key = card[:8].strip()
+            if key == "END":
+                return cards, pos
+            if card[8:10] == "= ":
+                value = card[10:].strip()
+                if value.startswith("'"):  # a string: up to its closing quote
+                    value = value[1:].split("'", 1)[0].strip()
+                else:
+                    value = value.split("/", 1)[0].strip()
+                cards.setdefault(key, value)
+
+
+def read_fits(data: bytes) -> F64:
+    """The first HDU holding a 2-D image (axes beyond two must be 1), as floats with
+    BSCALE, BZERO and BLANK applied, top row first (FITS stores the bottom row first)."""
+    if data[:2] == _GZIP_MAGIC:
+        data = gzip.decompress(data)
+    pos, hdu = 0, 0
+    while pos < len(data):
+        header, pos = _fits_header(data, pos)
+        try:
+            bitpix = int(header["BITPIX"])
+            axes = [int(header[f"NAXIS{k}"]) for k in range(1, int(header["NAXIS"]) + 1)]
+            extra = int(header.get("PCOUNT", "0"))
+            groups = int(header.get("GCOUNT", "1"))
+        except (KeyError, ValueError) as exc:
+            raise MatchError(f"HDU {hdu}: a bad or missing mandatory keyword: {exc}") from None
+        if bitpix not in _FITS_DTYPES:
+            raise MatchError(f"HDU {hdu}: BITPIX {bitpix} is not a FITS data type")
+        count = math.prod(axes) if axes else 0
+        size = abs(bitpix) // 8 * groups * (extra + count)
+        if header.get("ZIMAGE") == "T":
+            raise MatchError(f"HDU {hdu} is a tile-compressed image: uncompress it first "
+                             "(funpack)")
+        image = hdu == 0 or header.get("XTENSION") == "IMAGE"
+        if image and len(axes) >= 2 and axes[0] > 1 and axes[1] > 1:
+            if any(n != 1 for n in axes[2:]):
+                raise MatchError(f"HDU {hdu} is a {'x'.join(map(str, axes))} cube: give one "
+                                 "2-D image")
+            if count > FITS_PIXELS_MAX:
+                raise MatchError(f"HDU {hdu}: {count} pixels is more than a target needs")
+            if len(data) < pos + abs(bitpix) // 8 * count:
+                raise MatchError(f"HDU {hdu}: the data end early (truncated file?)")
+            raw = np.frombuffer(data, _FITS_DTYPES[bitpix], count, pos)
+            values = raw.astype(np.float64)
+            if bitpix > 0 and "BLANK" in header:
+                values[raw == int(header["BLANK"])] = np.nan
+            values = values * float(header.get("BSCALE", "1")) + float(header.get("BZERO", "0"))
+            return np.asarray(values.reshape(axes[1], axes[0])[::-1])
+        pos += -(-size // FITS_BLOCK) * FITS_BLOCK
+        hdu += 1
+    raise MatchError("no HDU holds a 2-D image")
+
+
+def _fits_image(data: bytes, path: Path) -> Image.Image:
+    """A FITS target as a float PIL image; undefined pixels (NaN, BLANK) as the median."""
+    try:
+        values = read_fits(data)
+    except MatchError as exc:
+        raise MatchError(f"--target {path}: not a FITS image gibatch can read: {exc}") from None
+    except (OSError, EOFError) as exc:
+        raise MatchError(f"--target {path}: a broken gzip stream: {exc}") from None
+    finite = np.isfinite(values)
+    if not finite.any():
+        raise MatchError(f"--target {path}: no pixel of the FITS image has a value")
+    values[~finite] = np.median(values[finite])
+    return Image.fromarray(values.astype(np.float32), mode="F")
 
 
 # -- views

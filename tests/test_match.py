@@ -4,6 +4,7 @@ are recovered; scores come from the cache the second time; bad inputs get one li
 
 from __future__ import annotations
 
+import gzip
 import math
 from collections.abc import Iterator
 from pathlib import Path
@@ -210,6 +211,54 @@ def test_own_ssim_is_skimages(sweep: Path, tmp_path: Path) -> None:
     pairs = [(a.ssim, b.ssim) for a, b in zip(ours, theirs, strict=True) if a.ssim is not None]
     assert len(pairs) > 20
     assert max(abs(a - (b or 0.0)) for a, b in pairs) < 1e-5, pairs
+
+
+def fits_bytes(image: np.ndarray, bitpix: int = -32, extension: bool = False,
+               bscale: float = 1.0, bzero: float = 0.0, planes: int = 1) -> bytes:
+    """A FITS file written by the standard's rules (top row of `image` shown on top)."""
+    def header(cards: list[tuple[str, str]]) -> bytes:
+        text = "".join(f"{key:<8}= {value:>20}".ljust(80) for key, value in cards)
+        text += "END".ljust(80)
+        return text.ljust(-(-len(text) // 2880) * 2880).encode()
+
+    dtype = {16: ">i2", -32: ">f4"}[bitpix]
+    data = ((image[::-1] - bzero) / bscale).astype(dtype).tobytes() * planes  # bottom first
+    data += b"\0" * (-len(data) % 2880)
+    axes = [("NAXIS", "3" if planes > 1 else "2"), ("NAXIS1", str(image.shape[1])),
+            ("NAXIS2", str(image.shape[0])), *([("NAXIS3", str(planes))] if planes > 1 else [])]
+    scaling = [("BSCALE", f"{bscale:g}"), ("BZERO", f"{bzero:g}")]
+    if not extension:
+        return header([("SIMPLE", "T"), ("BITPIX", str(bitpix)), *axes, *scaling]) + data
+    return (header([("SIMPLE", "T"), ("BITPIX", "8"), ("NAXIS", "0"), ("EXTEND", "T")])
+            + header([("XTENSION", "'IMAGE   '"), ("BITPIX", str(bitpix)), *axes,
+                      ("PCOUNT", "0"), ("GCOUNT", "1"), *scaling]) + data)
+
+
+@pytest.mark.slow
+def test_fits_targets_rank_as_the_same_png(sweep: Path, tmp_path: Path) -> None:
+    image, _ = render_target(sweep, frame=3, view="x-z", mirror=False)
+    centres = observe(image, 25, 1.3, 0.03, tmp_path / "t.png")
+    pixels = np.asarray(Image.open(tmp_path / "t.png"), dtype=np.float64)
+    height = pixels.shape[0]
+    xy = [float(v) for v in centres.split(",")]
+    # FITS pixels as ds9 shows them: 1-based centres, y up
+    fits_centres = ",".join(f"{v:.3f}" for x, y in zip(xy[::2], xy[1::2], strict=True)
+                            for v in (x + 0.5, height + 0.5 - y))
+    (tmp_path / "t.fits.gz").write_bytes(gzip.compress(fits_bytes(pixels)))
+    (tmp_path / "t-ext.fits").write_bytes(fits_bytes(pixels, 16, True, 0.5, 10.0))
+    png = ranked(sweep, tmp_path / "t.png", centres)[0]
+    for name in ("t.fits.gz", "t-ext.fits"):
+        first = ranked(sweep, tmp_path / name, fits_centres)[0]
+        assert first.job == png.job == HIDDEN and first.best and png.best
+        assert (first.best.frame, first.best.view, first.best.mirror) == (3, "x-z", False)
+        assert first.best.ssim == pytest.approx(png.best.ssim, abs=1e-6), name
+    (tmp_path / "cube.fits").write_bytes(fits_bytes(pixels, planes=3))
+    (tmp_path / "cut.fits").write_bytes(fits_bytes(pixels)[:4000])
+    for name, message in (("cube.fits", "cube"), ("cut.fits", "truncated")):
+        with pytest.raises(match_settings.MatchError, match=message):
+            match.load_target(tmp_path / name, match_settings.parse_centres(fits_centres))
+    with pytest.raises(match_settings.MatchError, match=r"FITS pixels: 1-based, y up"):
+        match.load_target(tmp_path / "t.fits.gz", ((0.2, 5.0), (30.0, 40.0)))
 
 
 def bad(args: list[str]) -> str:
