@@ -3,8 +3,8 @@
 
 Each valid job is kept in the journal's database (`JOBS/.gibatch/journal.db`, table
 `known_jobs`) with a signature of its folder:
-- `files`: the names of its `.json` entries, and `stats`: type, size, modification and
-  change times, inode and device of each (of a symlink's target: that is what is read).
+- `files`: the names of its `.json` entries, and `stats`: inode, size, modification
+  and change times of each (of a symlink's target: that is what is read).
   The change time (ctime) cannot be set back by `touch`, `cp -p` or `rsync -t`, so an
   edit that keeps size and mtime is still seen;
 - `folder`: the folder's own device, inode, modification and change times. Adding,
@@ -82,9 +82,10 @@ def _folder_stat(st: os.stat_result) -> str:
 
 
 def stat_text(stats: Iterable[os.stat_result]) -> str:
-    """Type, size, times (ctime too), inode and device of each, as one text."""
-    return "/".join(f"{s.st_mode}:{s.st_size}:{s.st_mtime_ns}:{s.st_ctime_ns}:{s.st_ino}:"
-                    f"{s.st_dev}" for s in stats)
+    """Inode, size, modification and change times of each, as one text. Whatever
+    changes a file's content, type or mode sets its ctime to now; so does replacing it
+    (a new inode); the rest is cheap insurance."""
+    return "/".join(f"{s.st_ino}:{s.st_size}:{s.st_mtime_ns}:{s.st_ctime_ns}" for s in stats)
 
 
 def signature(folder: str) -> Signature | None:

@@ -1,10 +1,12 @@
 """`gibatch report`: one static HTML page for a sweep, and a contact sheet of final frames.
 
-The page works from `file://` with no server and no network: the table is plain HTML
-(sortable and filterable by a few lines of inline JavaScript), thumbnails are small
-PNGs made here and lazy-loaded, and each opens the plot's animation straight from the
-job's `output/`. Only complete jobs (completion record present and whole) show images:
-a half-downloaded file is never shown as a result.
+The page works from `file://` with no server and no network: the jobs are one compact
+JSON array in the page, laid out 500 rows at a time by a few lines of inline JavaScript
+(sorting and filtering work on all of them), so 100,000 jobs make a page of a few MB
+that opens at once. Thumbnails are small PNGs made here and lazy-loaded, and each opens
+the plot's animation straight from the job's `output/`. Only complete jobs (completion
+record present and whole) show images: a half-downloaded file is never shown as a
+result. The contact sheet shows the first `SHEET_MAX_TILES` complete jobs.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import json
 import logging
 import math
 import os
+import re
 import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -25,13 +28,15 @@ from urllib.parse import quote
 import numpy as np
 from PIL import Image, ImageDraw, UnidentifiedImageError
 
-from gibatch.jobs import STATE_DIR, Job, Sweep, open_regular, payload_of
+from gibatch import discovery
+from gibatch.jobs import STATE_DIR, Job, Sweep, open_regular
 from gibatch.status import JobState, JobStatus, SweepStatus
 from gibatch.steps import Stage
 from gibatch.text import printable
 
 THUMB_PX = 160
 SHEET_TILE_PX = 200
+SHEET_MAX_TILES = 400  # 20 x 20 tiles: 4,000 px square, about 50 MB while it is made
 REPORT_FILE = "report.html"
 SHEET_FILE = "contact-sheet.png"
 _ANIMATION_SUFFIXES = (".gif", ".mp4", ".webm")
@@ -83,16 +88,26 @@ def flatten(job: Job) -> dict[str, Value]:
         elif isinstance(node, int | float | str):
             out[prefix] = node
 
-    for step, params in job.params.items():
-        walk(step.name, payload_of(params))
+    # The validated payloads, not the typed parameters: 100,000 jobs need no pydantic.
+    for step, body in job.payloads.items():
+        walk(step.name, body)
     return out
 
 
 def varying_keys(rows: Iterable[Mapping[str, Value]]) -> list[str]:
-    """Keys whose value is not the same in every job (absent counts as a value)."""
+    """Keys whose value is not the same in every job (absent counts as a value; 1 and
+    1.0 differ, as their JSON does)."""
     rows = list(rows)
     keys = sorted({k for r in rows for k in r})
-    return [k for k in keys if len({json.dumps(r.get(k)) for r in rows}) > 1]
+    return [k for k in keys if not _all_same([r.get(k) for r in rows])]
+
+
+def _all_same(values: list[Value | None]) -> bool:
+    first = values[0] if values else None
+    kind = type(first)
+    # Equal and of one type is the same JSON, but for -0.0 and 0.0: their text decides.
+    return all(type(v) is kind and v == first for v in values) and (
+        kind is not float or len({repr(v) for v in values}) == 1)
 
 
 def find_shot(section_dir: Path) -> Shot:
@@ -135,9 +150,9 @@ def last_frame(path: Path) -> Image.Image:
 def make_thumbnail(still: Path, dest: Path, size: int = THUMB_PX) -> None:
     """A small PNG of `still`'s last frame; kept if newer than its source."""
     try:
-        if dest.exists() and dest.stat().st_mtime >= still.stat().st_mtime:
+        if dest.stat().st_mtime >= still.stat().st_mtime:
             return
-    except OSError:  # a dangling link, say: last_frame makes the placeholder
+    except OSError:  # none yet, or a dangling link (last_frame makes the placeholder)
         pass
     image = last_frame(still)
     image.thumbnail((size, size))
@@ -147,11 +162,13 @@ def make_thumbnail(still: Path, dest: Path, size: int = THUMB_PX) -> None:
     os.replace(tmp, dest)
 
 
-def contact_sheet(rows: list[Row], dest: Path, tile: int = SHEET_TILE_PX) -> bool:
-    """Each complete job's first plot, side by side with its name; False if none."""
-    shots = [(r.name, r.shots[0].still) for r in rows if r.shots and r.shots[0].still]
+def contact_sheet(rows: list[Row], dest: Path, tile: int = SHEET_TILE_PX,
+                  most: int = SHEET_MAX_TILES) -> int:
+    """The first plot of the first `most` complete jobs, side by side with their names;
+    returns how many (0: no sheet written)."""
+    shots = [(r.name, r.shots[0].still) for r in rows if r.shots and r.shots[0].still][:most]
     if not shots:
-        return False
+        return 0
     cols = min(len(shots), max(4, math.ceil(math.sqrt(len(shots)))))
     label = 14
     sheet = Image.new("RGB", (cols * tile, math.ceil(len(shots) / cols) * (tile + label)),
@@ -167,7 +184,7 @@ def contact_sheet(rows: list[Row], dest: Path, tile: int = SHEET_TILE_PX) -> boo
     tmp = dest.with_suffix(".tmp.png")
     sheet.save(tmp, format="PNG", optimize=True)
     os.replace(tmp, dest)
-    return True
+    return len(shots)
 
 
 def collect_rows(sweep: Sweep, status: SweepStatus) -> list[Row]:
@@ -187,17 +204,47 @@ def collect_rows(sweep: Sweep, status: SweepStatus) -> list[Row]:
 
 
 def _url(path: Path, start: Path) -> str:
-    return quote(os.path.relpath(path, start).replace(os.sep, "/"))
+    """`path` relative to `start` as a URL: its bytes, so undecodable names work too."""
+    return quote(os.fsencode(os.path.relpath(path, start).replace(os.sep, "/")))
 
 
-def _cell(value: Value | None) -> str:
-    if value is None:
-        return '<td data-v=""></td>'
-    return f'<td data-v="{html.escape(str(value))}">{html.escape(str(value))}</td>'
+def _json_in_html(data: object) -> str:
+    """JSON to sit inside <script>: no `<` can close the element or open a comment."""
+    return json.dumps(data, separators=(",", ":")).replace("<", "\\u003c")
 
 
-def render_page(title: str, rows: list[Row], keys: list[str], page_dir: Path,
-                thumbs: Mapping[tuple[str, str], Path], sheet: Path | None,
+def page_data(rows: list[Row], keys: list[str], root: Path, page_dir: Path, media: Path,
+              thumbs: Mapping[tuple[str, str], Path]) -> dict[str, object]:
+    """The table as the page's script reads it, compact: per row its name, state (an
+    index into `states`), reason, the text of each key's value (null if absent) and
+    its shots as [index into `targets`, thumbnail file]. Links are relative to the
+    page: `jobs` + the job's name (encoded by the script, or by the row's sixth item
+    when not UTF-8) + a target's link; `media` + a thumbnail file."""
+    states = [s.value for s in JobState]
+    targets: dict[tuple[str, str], int] = {}
+    out = []
+    for r in rows:
+        shots = []
+        for shot in r.shots:
+            thumb = thumbs.get((r.name, shot.section))
+            target = shot.animation or shot.still
+            if thumb is None or target is None:
+                continue
+            link = _url(target, root / r.name)
+            index = targets.setdefault((shot.section, link), len(targets))
+            shots.append([index, quote(thumb.name)])
+        row: list[object] = [r.name, states.index(r.state.value), r.reason,
+                             [None if (v := r.values.get(k)) is None else str(v)
+                              for k in keys], shots]
+        if shots and not discovery.storable(r.name):  # the script cannot encode it
+            row.append(quote(os.fsencode(r.name), safe=""))
+        out.append(row)
+    return {"jobs": _url(root, page_dir) + "/", "media": _url(media, page_dir) + "/",
+            "states": states, "targets": [list(t) for t in targets], "rows": out}
+
+
+def render_page(title: str, rows: list[Row], keys: list[str], data: Mapping[str, object],
+                sheet: Path | None, page_dir: Path, sheet_tiles: int = 0,
                 match_html: str = "") -> str:
     head = "".join(f'<th data-key="{html.escape(k)}" title="sort by {html.escape(k)}">'
                    f"{html.escape(k)}</th>" for k in keys)
@@ -208,36 +255,18 @@ def render_page(title: str, rows: list[Row], keys: list[str], page_dir: Path,
         f'placeholder="min"> <input type="number" step="any" data-max="{i}" '
         f'placeholder="max"></label>'
         for i, k in enumerate(keys) if k in numeric)
-    body = []
-    for r in rows:
-        cells = "".join(_cell(r.values.get(k)) for k in keys)
-        shots = []
-        for shot in r.shots:
-            thumb = thumbs.get((r.name, shot.section))
-            if thumb is None:
-                continue
-            target = shot.animation or shot.still
-            assert target is not None
-            shots.append(
-                f'<a class="shot" href="{_url(target, page_dir)}" '
-                f'title="{html.escape(r.name)}: {html.escape(shot.section)}">'
-                f'<img loading="lazy" src="{_url(thumb, page_dir)}" width="{THUMB_PX}" '
-                f'alt="{html.escape(shot.section)}"></a>')
-        reason = f' title="{html.escape(r.reason)}"' if r.reason else ""
-        body.append(f'<tr><td data-v="{html.escape(r.name)}">{html.escape(r.name)}</td>'
-                    f'{cells}<td data-v="{r.state.value}" class="{r.state.value}"{reason}>'
-                    f'{r.state.value}</td><td>{"".join(shots)}</td></tr>')
-    sheet_link = (f'<a href="{_url(sheet, page_dir)}">contact sheet</a>' if sheet else "")
+    complete = sum(1 for r in rows if r.shots)
+    sheet_link = "" if sheet is None else (
+        f'<a href="{_url(sheet, page_dir)}">contact sheet</a>'
+        + (f" (the first {sheet_tiles} complete jobs)" if sheet_tiles < complete else ""))
     counts = ", ".join(f"{sum(1 for r in rows if r.state is s)} {s.value}" for s in JobState
                        if any(r.state is s for r in rows))
+    parts = {"title": html.escape(title), "counts": html.escape(counts), "sheet": sheet_link,
+             "filters": filters, "head": head, "thumb_px": str(THUMB_PX),
+             "data": _json_in_html(data), "match": match_html}
     template = resources.files("gibatch").joinpath("report.html").read_text()
-    return (template.replace("{{title}}", html.escape(title))
-            .replace("{{counts}}", html.escape(counts))
-            .replace("{{sheet}}", sheet_link)
-            .replace("{{filters}}", filters)
-            .replace("{{head}}", head)
-            .replace("{{rows}}", "\n".join(body))
-            .replace("{{match}}", match_html))
+    # One pass: a job named "{{match}}" stays a name.
+    return re.sub(r"\{\{(\w+)\}\}", lambda m: parts[m[1]], template)
 
 
 def build_report(sweep: Sweep, status: SweepStatus, page: Path | None = None) -> Report:
@@ -258,15 +287,15 @@ def build_report(sweep: Sweep, status: SweepStatus, page: Path | None = None) ->
                 make_thumbnail(shot.still, dest)
                 thumbs[(row.name, shot.section)] = dest
     media.mkdir(parents=True, exist_ok=True)
-    has_sheet = contact_sheet(rows, sheet)
+    tiles = contact_sheet(rows, sheet)
     keys = varying_keys(r.values for r in rows if r.values)
-    text = render_page(root.resolve().name, rows, keys, page.parent, thumbs,
-                       sheet if has_sheet else None,
-                       match_section(sweep, rows, keys, media, page.parent))
+    data = page_data(rows, keys, root, page.parent, media, thumbs)
+    text = render_page(root.resolve().name, rows, keys, data, sheet if tiles else None,
+                       page.parent, tiles, match_section(sweep, rows, keys, media, page.parent))
     tmp = page.with_suffix(".tmp")
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, page)
-    return Report(page, sheet if has_sheet else None, len(rows), len(thumbs))
+    return Report(page, sheet if tiles else None, len(rows), len(thumbs))
 
 
 # -- the match section (when `gibatch match` or `gibatch search` has ranked the sweep)

@@ -12,12 +12,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from PIL import Image
 
 from gibatch import discovery, record
 from gibatch.discovery import load_sweep
 from gibatch.jobs import Job, Sweep
 from gibatch.journal import Event, Journal
-from gibatch.status import _ACTIVE, JobState, JobStatus, pid_alive, sweep_status
+from gibatch.report import Row, Shot, build_report, contact_sheet, varying_keys
+from gibatch.status import _ACTIVE, JobState, JobStatus, SweepStatus, pid_alive, sweep_status
 from gibatch.transfer import FileRecord
 from tests.conftest import tiny_job_files, write_job
 
@@ -208,3 +210,69 @@ def test_status_reads_the_journal_as_reading_every_event_would(tmp_path: Path) -
         assert sweep_status(sweep, journal, recent=0).last_events == []
     finally:
         journal.close()
+
+
+# -- the report's rows as compact JSON
+
+def test_varying_keys_keep_the_json_distinctions() -> None:
+    """As comparing each value's JSON text did (the old way, quadratic in practice)."""
+    rows: list[dict[str, Any]] = [
+        {"same": 1, "int_float": 1, "zero": 0.0, "bool": 1, "absent": 2, "text": "a"},
+        {"same": 1, "int_float": 1.0, "zero": -0.0, "bool": True, "text": "a"},
+        {"same": 1, "int_float": 1, "zero": 0.0, "bool": 1, "absent": 2, "text": "a"}]
+    old = [k for k in sorted({k for r in rows for k in r})
+           if len({json.dumps(r.get(k)) for r in rows}) > 1]
+    assert varying_keys(rows) == old == ["absent", "bool", "int_float", "zero"]
+
+
+def png(path: Path, colour: str = "red") -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (40, 30), colour).save(path)
+
+
+def test_the_page_holds_every_row_as_json_and_no_name_breaks_it(tmp_path: Path) -> None:
+    root = tmp_path / "jobs"
+    hostile = "<!--{{match}}<script>"
+    odd = os.fsdecode(b"odd\xff")
+    for k, name in enumerate(["a", hostile, odd, "pending"]):
+        write_job(root, name, tiny_job_files(**{"interact.json": {"mass_2": 1 + k}}))
+    sweep = load_sweep(root)
+    for job in sweep.jobs[:3]:
+        png(job.output / "Plot 1" / "final.png")
+        png(job.output / "Plot 1" / "animation.gif")
+        png(job.output / "Plot 2" / "final.png")
+    states = {j.name: JobState.COMPLETE for j in sweep.jobs[:3]}
+    status = SweepStatus([JobStatus(j.name, states.get(j.name, JobState.PENDING))
+                          for j in sweep.jobs], [], None, None, 0)
+    result = build_report(sweep, status)
+    page = result.page.read_text(encoding="utf-8")
+    assert hostile not in page  # escaped in the JSON, and never substituted
+    data = json.loads(page.split('id="data">')[1].split("</script>")[0])
+    rows = {row[0]: row for row in data["rows"]}
+    assert list(rows) == [j.name for j in sweep.jobs]
+    assert rows["pending"][4] == [] and data["states"][rows["pending"][1]] == "pending"
+    assert [rows[n][3] for n in ("a", hostile, odd, "pending")] \
+        == [["1.0"], ["2.0"], ["3.0"], ["4.0"]]  # interact.mass_2, the one key that varies
+    links = {tuple(t) for t in data["targets"]}
+    assert links == {("Plot 1", "output/Plot%201/animation.gif"),
+                     ("Plot 2", "output/Plot%202/final.png")}
+    assert rows[odd][5] == "odd%FF" and len(rows["a"]) == 5  # URL of the bytes
+    for name in ("a", hostile, odd):
+        for _, thumb in rows[name][4]:
+            assert (root / ".gibatch" / "report" / thumb).is_file()
+    assert result.thumbnails == 6
+
+
+def test_the_contact_sheet_shows_the_first_jobs_only(tmp_path: Path) -> None:
+    rows = []
+    for k in range(3):
+        still = tmp_path / f"{k}.png"
+        png(still, ["red", "green", "blue"][k])
+        rows.append(Row(str(k), JobState.COMPLETE, None, {},
+                        [Shot("Plot 1", still, None)]))
+    sheet = tmp_path / "sheet.png"
+    assert contact_sheet(rows, sheet, tile=50, most=2) == 2
+    with Image.open(sheet) as image:
+        assert image.getpixel((25, 25)) == (255, 0, 0)
+        assert image.getpixel((75, 25)) == (0, 128, 0)
+        assert image.size == (2 * 50, 50 + 14)  # no third tile
