@@ -443,6 +443,9 @@ def serve(
         help="restricted: test stars in two galaxies' smooth fields (seconds per job); "
              "live: self-consistent N-body tree code (minutes per job).")
     ] = Physics.RESTRICTED,
+    stream_rate: Annotated[float, typer.Option(
+        min=0.0, help="MB/s at most per file download, as one stream from a remote "
+                      "server goes (0: no limit).")] = 0.0,
 ) -> None:
     """Run the local GI Simulator site standalone (password from $GIBATCH_PASSWORD).
 
@@ -458,6 +461,7 @@ def serve(
     config = SiteConfig(
         data_dir=data_dir, accounts={user: password}, model_count=model_count,
         session_lifetime_s=session_lifetime, strict=strict, physics=physics,
+        stream_rate_mb_s=stream_rate,
         faults=Faults(error_rate=error_rate, hang_rate=hang_rate, cut_rate=cut_rate,
                       post_502_rate=post_502_rate, lost_rate=lost_rate,
                       browser_rate=browser_rate),

@@ -20,7 +20,7 @@ import anyio
 import pytest
 
 from gibatch import transfer
-from gibatch.errors import DiskFull, NetworkError, TransferError, local_io
+from gibatch.errors import DiskFull, NetworkError, RequestRejected, TransferError, local_io
 from gibatch.sim.server import ThreadedSite
 from gibatch.site import RemoteFile, RetryPolicy, SiteClient, Timeouts
 from gibatch.transfer import PART_SUFFIX, fetch
@@ -95,6 +95,25 @@ async def test_a_cut_download_resumes_with_range_and_ends_byte_identical(
     assert (tmp_path / "movie.gif").read_bytes() == data
     assert record == transfer.FileRecord("movie.gif", len(data), sha(data))
     assert not (tmp_path / ("movie.gif" + PART_SUFFIX)).exists()
+
+
+async def test_a_paced_site_serves_ranges_byte_identical(
+        make_site: Callable[..., ThreadedSite], data: bytes, tmp_path: Path) -> None:
+    """The site's per-stream pace (`stream_rate_mb_s`, for the benchmark) keeps Range:
+    a cut download resumes from its offset and ends whole; a start past the end is 416."""
+    paced = make_site(stream_rate_mb_s=100.0)
+    remote = place(paced, "snapshots.h5", data)
+    paced.running.site.faults.script("cut", "/media/")
+    async with logged_in(paced) as (client, rec):
+        record = await get(client, remote, tmp_path)
+        with pytest.raises(RequestRejected) as past_end:
+            async with client.open_file(remote.url, len(data)):
+                pass
+        assert past_end.value.status == 416
+    (_, status0), (offset, status1) = rec.calls[:2]
+    assert status0 == 200 and 0 < offset < len(data) and status1 == 206
+    assert (tmp_path / "snapshots.h5").read_bytes() == data
+    assert record == transfer.FileRecord("snapshots.h5", len(data), sha(data))
 
 
 async def test_a_part_file_left_short_is_resumed_and_its_prefix_hashed(

@@ -13,6 +13,11 @@ URLs answer 404. Media are private to their owner's session.
 section 3: view_jobs newest first with other words for waiting work (`Pending`), task
 POSTs answered 200 with an HTML page and no job id, no size cell in view_data,
 `plot_number` refused with 400, and `Range` ignored (files always whole, 200).
+
+`stream_rate_mb_s` serves each file download no faster than that many MB/s, as one
+TCP stream from a remote server across a network is limited (by the window over the
+round trip, or by the proxy), while several streams together go faster: on loopback
+a single stream is only limited by the CPU, which hides what concurrency buys.
 """
 
 from __future__ import annotations
@@ -64,6 +69,7 @@ class SiteConfig:
     faults: Faults = field(default_factory=Faults)
     strict: bool = False
     physics: Physics = Physics.RESTRICTED
+    stream_rate_mb_s: float = 0.0  # per download; 0: as fast as loopback goes
 
 
 class Site:
@@ -409,21 +415,44 @@ async def media(request: web.Request) -> web.StreamResponse:
         raise web.HTTPNotFound()
     if site.faults.draw("cut", request.path):
         return await _cut_download(request, path)
+    rate = site.config.stream_rate_mb_s * 1e6
     if site.config.strict:
-        return await _whole_file(request, path)
+        return await _streamed(request, path, 0, rate)
+    if rate > 0:
+        return await _streamed(request, path, _range_start(request), rate)
     return web.FileResponse(path)
 
 
-async def _whole_file(request: web.Request, path: Path) -> web.StreamResponse:
-    """The file from its first byte, 200, whatever Range asked (a site without Range)."""
-    resp = web.StreamResponse()
-    resp.content_length = path.stat().st_size
+def _range_start(request: web.Request) -> int:
+    """The first byte of `Range: bytes=N-` (the form a resuming client sends), else 0."""
+    rng = request.headers.get("Range", "")
+    first = rng[6:].split("-")[0] if rng.startswith("bytes=") else ""
+    return int(first) if first.isdecimal() else 0
+
+
+async def _streamed(request: web.Request, path: Path, start: int, rate: float
+                    ) -> web.StreamResponse:
+    """The file from byte `start` (206 then, 416 past its end), at most `rate` bytes a
+    second when `rate` > 0. Strict mode calls it with start 0: a site without Range."""
+    size = path.stat().st_size
+    if start and start >= size:
+        raise web.HTTPRequestRangeNotSatisfiable(headers={"Content-Range": f"bytes */{size}"})
+    resp = web.StreamResponse(status=206 if start else 200)
+    resp.content_length = size - start
     resp.content_type = "application/octet-stream"
+    if start:
+        resp.headers["Content-Range"] = f"bytes {start}-{size - 1}/{size}"
+    block = 1 << 20 if rate <= 0 else max(1 << 14, min(1 << 20, int(rate / 50)))
     try:
         await resp.prepare(request)
+        began, sent = time.monotonic(), 0
         with path.open("rb") as f:
-            while block := await asyncio.to_thread(f.read, 1 << 20):
-                await resp.write(block)
+            f.seek(start)
+            while data := await asyncio.to_thread(f.read, block):
+                await resp.write(data)
+                sent += len(data)
+                if rate > 0:  # ahead of the pace: wait until the bytes sent are due
+                    await asyncio.sleep(max(0.0, began + sent / rate - time.monotonic()))
         await resp.write_eof()
     except ConnectionResetError:  # the client went away: nothing to answer
         pass
@@ -433,10 +462,7 @@ async def _whole_file(request: web.Request, path: Path) -> web.StreamResponse:
 async def _cut_download(request: web.Request, path: Path) -> web.StreamResponse:
     """Announce the whole (ranged) body, send half of it, then drop the connection."""
     size = path.stat().st_size
-    start = 0
-    rng = request.headers.get("Range", "")
-    if rng.startswith("bytes=") and rng[6:].split("-")[0].isdecimal():  # int() takes these
-        start = min(int(rng[6:].split("-")[0]), size)
+    start = min(_range_start(request), size)
     resp = web.StreamResponse(status=206 if start else 200)
     resp.content_length = size - start
     if start:

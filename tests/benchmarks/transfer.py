@@ -3,10 +3,14 @@ figures, asserts nothing but that every file arrived whole.
 
     python -m tests.benchmarks.transfer [--sizes 1,10,100] [--total-mb 400]
                                         [--concurrency 1,4,8] [--repeats 3]
+                                        [--stream-rate MB/s]
 
 The local site runs as `gibatch serve` in a process of its own and serves result files
 of each size from its media folder, as it serves a task's results (its media route:
-session checked, then sendfile, with Content-Length and Range). For each size there are
+session checked, then sendfile, with Content-Length and Range; with `--stream-rate`,
+each download no faster than that, as a single stream from a remote server: what
+concurrency buys on a real site, which loopback on a busy 2-core machine, where one
+stream is CPU-bound, cannot show). For each size there are
 enough copies (hard links) to move about `--total-mb` per run, and at least 8.
 
 Every client runs in a fresh process of its own, so its CPU time (user + system, all
@@ -81,10 +85,10 @@ def place_files(media: Path, sizes_mb: list[int], total_mb: int
     return placed
 
 
-def start_site(data_dir: Path) -> tuple[subprocess.Popen[str], str]:
+def start_site(data_dir: Path, stream_rate: float = 0.0) -> tuple[subprocess.Popen[str], str]:
     site = subprocess.Popen(
         [sys.executable, "-m", "gibatch", "serve", "--port", "0", "--user", USER,
-         "--data-dir", str(data_dir), "--model-count", "1"],
+         "--data-dir", str(data_dir), "--model-count", "1", "--stream-rate", str(stream_rate)],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=ROOT,
         env={**os.environ, "GIBATCH_PASSWORD": PASSWORD})
     assert site.stdout is not None
@@ -249,15 +253,17 @@ def table(size: int, count: int, runs: dict[str, list[dict[str, Any]]]) -> None:
 
 
 def run_benchmark(sizes: list[int], total_mb: int, concurrencies: list[int],
-                  repeats: int) -> None:
+                  repeats: int, stream_rate: float = 0.0) -> None:
     clients = [("urllib", 1), ("urllib+sha", 1), ("aiohttp", 1),
                *(("engine", c) for c in concurrencies)]
     with tempfile.TemporaryDirectory(prefix="gibatch-transfer-") as tmp_name:
         tmp = Path(tmp_name)
         placed = place_files(tmp / "site" / "media", sizes, total_mb)
-        site, base = start_site(tmp / "site")
+        site, base = start_site(tmp / "site", stream_rate)
         try:
-            print(f"site: gibatch serve (pid {site.pid}) at {base}; {os.cpu_count()} CPUs; "
+            pace = f"at most {stream_rate:g} MB/s per stream" if stream_rate else "unpaced"
+            print(f"site: gibatch serve (pid {site.pid}) at {base}, {pace}; "
+                  f"{os.cpu_count()} CPUs; "
                   f"{repeats} repeats; SHA-256 alone here: {sha_cost():.2f} CPU s/GB")
             for size in sizes:
                 runs: dict[str, list[dict[str, Any]]] = {label(k, c): [] for k, c in clients}
@@ -282,6 +288,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="about this many MB per run (at least 8 files)")
     parser.add_argument("--concurrency", default="1,4,8")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--stream-rate", type=float, default=0.0,
+                        help="the site serves each download at most this many MB/s")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
@@ -290,7 +298,8 @@ def main(argv: list[str] | None = None) -> None:
                                spec["sha"], Path(spec["out"]), spec["concurrency"])))
         return
     run_benchmark([int(s) for s in args.sizes.split(",")], args.total_mb,
-                  [int(c) for c in args.concurrency.split(",")], args.repeats)
+                  [int(c) for c in args.concurrency.split(",")], args.repeats,
+                  args.stream_rate)
 
 
 if __name__ == "__main__":
