@@ -108,6 +108,10 @@ class Job:
     @functools.cached_property
     def payloads(self) -> dict[Step, dict[str, Any]]:
         """Validated and normalised parameters per step (never mutated)."""
+        return self.payloads_once()
+
+    def payloads_once(self) -> dict[Step, dict[str, Any]]:
+        """`payloads`, not kept (a report reads each of 100,000 jobs' once)."""
         if not isinstance(self.source, str):
             return self.source
         return dict(zip(self.lineage, json.loads(self.source), strict=True))

@@ -23,15 +23,16 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
+from typing import Any, cast
 from urllib.parse import quote
 
 import numpy as np
 from PIL import Image, ImageDraw, UnidentifiedImageError
 
 from gibatch import discovery
-from gibatch.jobs import STATE_DIR, Job, Sweep, open_regular
+from gibatch.jobs import OUTPUT_DIR, STATE_DIR, Job, Sweep, open_regular
 from gibatch.status import JobState, JobStatus, SweepStatus
-from gibatch.steps import Stage
+from gibatch.steps import Stage, Step
 from gibatch.text import printable
 
 THUMB_PX = 160
@@ -75,49 +76,114 @@ class Report:
     thumbnails: int
 
 
+def _walk(prefix: str, node: object, out: dict[str, Value]) -> None:
+    """`node`'s parameters into `out` as `prefix.dotted.key` -> scalar (lists joined;
+    null and other values left out, as absent)."""
+    if isinstance(node, dict):
+        for k, v in node.items():
+            _walk(f"{prefix}.{k}", v, out)
+    elif isinstance(node, list):
+        out[prefix] = "+".join(map(str, node))
+    elif isinstance(node, int | float | str):
+        out[prefix] = node
+
+
 def flatten(job: Job) -> dict[str, Value]:
     """Every parameter of a job as `file.dotted.key` -> scalar (lists joined)."""
     out: dict[str, Value] = {}
-
-    def walk(prefix: str, node: object) -> None:
-        if isinstance(node, dict):
-            for k, v in node.items():
-                walk(f"{prefix}.{k}", v)
-        elif isinstance(node, list):
-            out[prefix] = "+".join(map(str, node))
-        elif isinstance(node, int | float | str):
-            out[prefix] = node
-
     # The validated payloads, not the typed parameters: 100,000 jobs need no pydantic.
     for step, body in job.payloads.items():
-        walk(step.name, body)
+        _walk(step.name, body, out)
     return out
 
 
-def varying_keys(rows: Iterable[Mapping[str, Value]]) -> list[str]:
-    """Keys whose value is not the same in every job (absent counts as a value; 1 and
-    1.0 differ, as their JSON does)."""
-    rows = list(rows)
-    keys = sorted({k for r in rows for k in r})
-    return [k for k in keys if not _all_same([r.get(k) for r in rows])]
+_ABSENT = object()
 
 
-def _all_same(values: list[Value | None]) -> bool:
-    first = values[0] if values else None
-    kind = type(first)
-    # Equal and of one type is the same JSON, but for -0.0 and 0.0: their text decides.
-    return all(type(v) is kind and v == first for v in values) and (
-        kind is not float or len({repr(v) for v in values}) == 1)
+def _same(a: object, b: object) -> bool:
+    """The same JSON: 1, 1.0 and true differ, and so do 0.0 and -0.0."""
+    return type(a) is type(b) and a == b and (type(a) is not float or repr(a) == repr(b))
+
+
+class Variation:
+    """The parameters that are not the same in every job (absent counts as a value),
+    and each job's values of those.
+
+    Each job is compared with the first, descending only into what differs (a job's
+    galaxies are most often everyone's): 100,000 jobs never hold 100,000 dictionaries
+    of every parameter. A parameter that differs from the first job's in some job
+    varies; one that never does is the same in all. So a job's value of a varying
+    parameter is its own where it differs from the first job, else the first job's.
+    """
+
+    def __init__(self) -> None:
+        self._first: dict[Step, dict[str, Any]] | None = None
+        self._first_flat: dict[str, Value] = {}
+        self._varying: set[str] = set()
+        self._rows: list[tuple[Row, dict[str, object]]] = []
+
+    def add(self, row: Row, payloads: Mapping[Step, dict[str, Any]]) -> None:
+        """Take `row`'s job's payloads; its values are filled in by `finish`."""
+        differs: dict[str, object] = {}
+        if self._first is None:
+            self._first = dict(payloads)
+            for step, body in payloads.items():
+                _walk(step.name, body, self._first_flat)
+        else:
+            for step in {**self._first, **payloads}:
+                self._diff(step.name, self._first.get(step, _ABSENT),
+                           payloads.get(step, _ABSENT), differs)
+            self._varying.update(differs)
+        self._rows.append((row, differs))
+
+    def _diff(self, prefix: str, first: object, mine: object, out: dict[str, object]) -> None:
+        if type(first) is dict and type(mine) is dict:
+            if first == mine and repr(first) == repr(mine):  # C speed; repr: 1 vs 1.0
+                return
+            for key in {**first, **mine}:
+                self._diff(f"{prefix}.{key}", first.get(key, _ABSENT),
+                           mine.get(key, _ABSENT), out)
+            return
+        theirs: dict[str, Value] = {}
+        ours: dict[str, Value] = {}
+        if first is not _ABSENT:
+            _walk(prefix, first, theirs)
+        if mine is not _ABSENT:
+            _walk(prefix, mine, ours)
+        for key in {**theirs, **ours}:
+            if not _same(theirs.get(key, _ABSENT), value := ours.get(key, _ABSENT)):
+                out[key] = value
+
+    def finish(self) -> list[str]:
+        """The varying parameters, sorted; each row added gets its values of those."""
+        keys = sorted(self._varying)
+        for row, differs in self._rows:
+            values: dict[str, Value] = {}
+            for key in keys:
+                value = differs.get(key, self._first_flat.get(key, _ABSENT))
+                if value is not _ABSENT:
+                    values[key] = cast(Value, value)
+            row.values = values
+        self._rows = []
+        return keys
 
 
 def find_shot(section_dir: Path) -> Shot:
-    files = sorted(section_dir.iterdir()) if section_dir.is_dir() else []
-    animation = next((f for f in files if f.suffix.lower() in _ANIMATION_SUFFIXES), None)
-    still = next((f for f in files if f.name in _STILL_NAMES), None)
+    try:  # names, not Paths: 100,000 jobs
+        names = sorted(os.listdir(section_dir)) if section_dir.is_dir() else []
+    except OSError:
+        names = []
+
+    def first(found: Iterable[str]) -> Path | None:
+        name = next(iter(found), None)
+        return None if name is None else section_dir / name
+
+    animation = first(n for n in names if n.lower().endswith(_ANIMATION_SUFFIXES))
+    still = first(n for n in names if n in _STILL_NAMES)
     if still is None and animation is not None and animation.suffix.lower() == ".gif":
         still = animation  # its last frame is taken below
     if still is None:
-        still = next((f for f in files if f.suffix.lower() == ".png"), None)
+        still = first(n for n in names if n.lower().endswith(".png"))
     return Shot(section_dir.name, still, animation)
 
 
@@ -187,20 +253,25 @@ def contact_sheet(rows: list[Row], dest: Path, tile: int = SHEET_TILE_PX,
     return len(shots)
 
 
-def collect_rows(sweep: Sweep, status: SweepStatus) -> list[Row]:
+def collect_rows(sweep: Sweep, status: SweepStatus) -> tuple[list[Row], list[str]]:
+    """A row per job (invalid ones last), with its values of the parameters that vary
+    (returned too, sorted) and, for a complete job, its plots."""
     by_name = {j.name: j for j in status.jobs}
     rows = []
+    variation = Variation()
     for job in sweep.jobs:
         st = by_name.get(job.name, JobStatus(job.name, JobState.PENDING))
-        row = Row(job.name, st.state, st.reason, flatten(job))
+        row = Row(job.name, st.state, st.reason, {})
+        variation.add(row, job.payloads_once())
         if st.state is JobState.COMPLETE:
             row.shots = [find_shot(job.output / step.section) for step in job.steps
                          if step.stage is Stage.PLOT]
         rows.append(row)
+    keys = variation.finish()
     for st in status.jobs:
         if st.state is JobState.INVALID:
             rows.append(Row(st.name, st.state, st.reason, {}))
-    return rows
+    return rows, keys
 
 
 def _url(path: Path, start: Path) -> str:
@@ -230,8 +301,9 @@ def page_data(rows: list[Row], keys: list[str], root: Path, page_dir: Path, medi
             target = shot.animation or shot.still
             if thumb is None or target is None:
                 continue
-            link = _url(target, root / r.name)
-            index = targets.setdefault((shot.section, link), len(targets))
+            # Where it lies in its job's folder: most jobs share a handful of these.
+            where = (shot.section, f"{OUTPUT_DIR}/{shot.section}/{target.name}")
+            index = targets.setdefault(where, len(targets))
             shots.append([index, quote(thumb.name)])
         row: list[object] = [r.name, states.index(r.state.value), r.reason,
                              [None if (v := r.values.get(k)) is None else str(v)
@@ -240,7 +312,8 @@ def page_data(rows: list[Row], keys: list[str], root: Path, page_dir: Path, medi
             row.append(quote(os.fsencode(r.name), safe=""))
         out.append(row)
     return {"jobs": _url(root, page_dir) + "/", "media": _url(media, page_dir) + "/",
-            "states": states, "targets": [list(t) for t in targets], "rows": out}
+            "states": states, "rows": out,
+            "targets": [[section, quote(os.fsencode(link))] for section, link in targets]}
 
 
 def render_page(title: str, rows: list[Row], keys: list[str], data: Mapping[str, object],
@@ -278,7 +351,7 @@ def build_report(sweep: Sweep, status: SweepStatus, page: Path | None = None) ->
     # be taken for a job); beside any other page, in PAGE_files/.
     media = root / STATE_DIR / "report" if default else page.with_name(page.stem + "_files")
     sheet = page.with_name(SHEET_FILE) if default else media / SHEET_FILE
-    rows = collect_rows(sweep, status)
+    rows, keys = collect_rows(sweep, status)
     thumbs: dict[tuple[str, str], Path] = {}
     for index, row in enumerate(rows):
         for shot in row.shots:
@@ -288,7 +361,6 @@ def build_report(sweep: Sweep, status: SweepStatus, page: Path | None = None) ->
                 thumbs[(row.name, shot.section)] = dest
     media.mkdir(parents=True, exist_ok=True)
     tiles = contact_sheet(rows, sheet)
-    keys = varying_keys(r.values for r in rows if r.values)
     data = page_data(rows, keys, root, page.parent, media, thumbs)
     text = render_page(root.resolve().name, rows, keys, data, sheet if tiles else None,
                        page.parent, tiles, match_section(sweep, rows, keys, media, page.parent))

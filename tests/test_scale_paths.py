@@ -14,11 +14,11 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from gibatch import discovery, record
+from gibatch import discovery, record, steps
 from gibatch.discovery import load_sweep
 from gibatch.jobs import Job, Sweep
 from gibatch.journal import Event, Journal
-from gibatch.report import Row, Shot, build_report, contact_sheet, varying_keys
+from gibatch.report import Row, Shot, Variation, build_report, contact_sheet, flatten
 from gibatch.status import _ACTIVE, JobState, JobStatus, SweepStatus, pid_alive, sweep_status
 from gibatch.transfer import FileRecord
 from tests.conftest import tiny_job_files, write_job
@@ -214,15 +214,33 @@ def test_status_reads_the_journal_as_reading_every_event_would(tmp_path: Path) -
 
 # -- the report's rows as compact JSON
 
-def test_varying_keys_keep_the_json_distinctions() -> None:
-    """As comparing each value's JSON text did (the old way, quadratic in practice)."""
-    rows: list[dict[str, Any]] = [
-        {"same": 1, "int_float": 1, "zero": 0.0, "bool": 1, "absent": 2, "text": "a"},
-        {"same": 1, "int_float": 1.0, "zero": -0.0, "bool": True, "text": "a"},
-        {"same": 1, "int_float": 1, "zero": 0.0, "bool": 1, "absent": 2, "text": "a"}]
-    old = [k for k in sorted({k for r in rows for k in r})
-           if len({json.dumps(r.get(k)) for r in rows}) > 1]
-    assert varying_keys(rows) == old == ["absent", "bool", "int_float", "zero"]
+def test_variation_finds_what_comparing_every_jobs_json_finds() -> None:
+    """As flattening every job and comparing each value's JSON text did (the old way:
+    a dictionary of every parameter per job); 1, 1.0 and true differ, so do 0.0 and
+    -0.0; absent counts as a value, and null is absent."""
+    first = {steps.GALAXY1: {"n": 1, "c": ["disk", "halo"]},
+             steps.MERGE: {"t": 1, "p": {"x": 0.0, "y": 5}}, steps.plot(1): {"s": "a"}}
+    payloads = [
+        first,
+        {steps.GALAXY1: {"n": 1, "c": ["disk", "halo"]},
+         steps.MERGE: {"t": 1.0, "p": {"x": -0.0, "y": 5}}, steps.plot(1): {"s": "a"},
+         steps.plot(2): {"s": "b"}},
+        {steps.GALAXY1: {"n": True, "c": ["disk"]}, steps.MERGE: {"t": 1, "p": 7},
+         steps.plot(1): {"s": "a", "extra": None}},
+        first]
+    jobs = [Job(str(k), Path(str(k)), {s: "-" for s in p}, p) for k, p in enumerate(payloads)]
+    flat = [flatten(job) for job in jobs]
+    keys = [k for k in sorted({k for r in flat for k in r})
+            if len({json.dumps(r.get(k)) for r in flat}) > 1]
+    assert keys == ["galaxy1.c", "galaxy1.n", "merge.p", "merge.p.x", "merge.p.y", "merge.t",
+                    "plot2.s"]
+    variation = Variation()
+    rows = [Row(job.name, JobState.PENDING, None, {}) for job in jobs]
+    for row, job in zip(rows, jobs, strict=True):
+        variation.add(row, job.payloads_once())
+    assert variation.finish() == keys
+    for row, values in zip(rows, flat, strict=True):
+        assert json.dumps(row.values) == json.dumps({k: values[k] for k in keys if k in values})
 
 
 def png(path: Path, colour: str = "red") -> None:

@@ -1,6 +1,8 @@
-"""Sweeps of 1k to 100k jobs: discovery and validation, planning, picking, peak memory.
+"""Sweeps of 1k to 100k jobs: discovery and validation, planning, picking, `status` and
+`report`, peak memory.
 
     python -m tests.benchmarks.scale [--sizes 1000,10000,100000] [--scan-up-to 4000]
+                                     [--work DIR]
 
 Writes random sweeps (theta and mass ratio continuous, plot 1 among three windows,
 galaxies shared: the common shape of a random search) under a temporary folder, then
@@ -11,31 +13,54 @@ measures each figure in a fresh process, so that peak RSS is that figure's own:
   with the plain scan (`holdings.best_job` over every pending job; the code before the
   index) up to `--scan-up-to` jobs, as it grows with the square of the sweep;
 - `pick`: the mean and worst time of one pick inside that plan: the same call the
-  scheduler makes on its event loop when a model number is free.
-Prints a table; asserts nothing.
+  scheduler makes on its event loop when a model number is free;
+- then every job is completed as a run leaves it (`complete`: a small file per section,
+  the plots' images, a completion record, about 14 journal events per job; files are
+  hard links to one copy, so 100,000 jobs fit on any disk), and
+- `status`: what `gibatch status` does after loading (journal and completion records,
+  the printed summary), cold (no record remembered yet: the first status after the run)
+  and warm;
+- `report`: what `gibatch report` does after loading, cold (thumbnails made) and warm
+  (kept), with the page's size.
+`--work DIR` keeps the sweeps in DIR (reused by the next run; otherwise a temporary
+folder). Prints a table; asserts nothing.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import hashlib
+import io
 import json
+import os
 import resource
+import sqlite3
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
+from unittest import mock
 
+from PIL import Image
+from rich.console import Console
+
+from gibatch import discovery, record
 from gibatch import sweep as sw
+from gibatch.commands import show_status
 from gibatch.discovery import load_sweep
 from gibatch.holdings import best_job
-from gibatch.jobs import Job
+from gibatch.jobs import STATE_DIR, Job
+from gibatch.journal import Event, Journal
 from gibatch.pending import PendingJobs
 from gibatch.plan import Plan, make_plan
+from gibatch.report import build_report
+from gibatch.status import sweep_status
 from gibatch.steps import DEFAULT_STAGE_COST_S, Stage
+from gibatch.transfer import FileRecord
 
 BASE_JOB = Path(__file__).resolve().parents[2] / "examples" / "base_job"
 MODELS = 4
@@ -72,6 +97,56 @@ def write(root: Path, n: int) -> Path:
     return out
 
 
+# What each section of a finished job holds (as the local site makes them, smaller).
+_SECTION_FILES = {Stage.GALAXY: ("galaxy.h5", "preview.png", "log.txt"),
+                  Stage.MERGE: ("initial.h5", "preview.png", "log.txt"),
+                  Stage.INTERACT: ("snapshots.h5", "preview.png", "log.txt"),
+                  Stage.PLOT: ("final.png", "animation.gif", "thumbnail.png", "log.txt")}
+
+
+def complete(folder: Path) -> None:
+    """Leave every job of the sweep as a run that completed it does (module docstring)."""
+    originals = folder / STATE_DIR / "benchmark-files"
+    originals.mkdir(parents=True, exist_ok=True)
+    for name in {n for names in _SECTION_FILES.values() for n in names}:
+        path = originals / name
+        if name.endswith((".png", ".gif")):
+            Image.new("RGB", (64, 48), "navy").save(path)
+        else:
+            path.write_bytes(b"x" * 100)
+    sizes = {p.name: p.stat().st_size for p in originals.iterdir()}
+    sweep = load_sweep(folder)
+    events: list[tuple[object, ...]] = []
+    at, pid = time.time() - len(sweep.jobs), 2**22 + 1  # a run long over, its pid gone
+    # The record is still written by record.write; its fsync (one per job) is for
+    # crashes, not for a benchmark's setup.
+    with mock.patch("os.fsync"):
+        for k, job in enumerate(sweep.jobs):
+            files: dict[str, list[FileRecord]] = {}
+            events.append((at + k, pid, job.name, 1 + k % 4, None, Event.JOB_START.value))
+            for step in job.steps:
+                section = job.output / step.section
+                section.mkdir(parents=True, exist_ok=True)
+                names = _SECTION_FILES[step.stage]
+                for name in names:
+                    os.link(originals / name, section / name)
+                files[step.section] = [FileRecord(n, sizes[n], "-") for n in names]
+                events += [(at + k, pid, job.name, 1 + k % 4, step.name, e.value)
+                           for e in (Event.STEP_SUBMITTED, Event.STEP_COMPLETED)]
+            record.write(job, files, "benchmark", 1 + k % 4, at + k)
+            events.append((at + k, pid, job.name, 1 + k % 4, None, Event.JOB_COMPLETE.value))
+    Journal(folder).close()  # its tables
+    db = sqlite3.connect(folder / STATE_DIR / "journal.db")
+    with db:
+        db.execute("INSERT INTO events (at, pid, event) VALUES (?, ?, ?)",
+                   (at, pid, Event.RUN_START.value))
+        db.executemany("INSERT INTO events (at, pid, job, model, step, event) "
+                       "VALUES (?, ?, ?, ?, ?, ?)", events)
+        db.execute("INSERT INTO events (at, pid, event) VALUES (?, ?, ?)",
+                   (at + len(sweep.jobs), pid, Event.RUN_END.value))
+    db.close()
+
+
 def measure(what: str, folder: Path) -> dict[str, float]:
     """One figure, in this process (run in a child by `main`)."""
     start = time.perf_counter()
@@ -101,6 +176,20 @@ def measure(what: str, folder: Path) -> dict[str, float]:
         out["plan_s"] = time.perf_counter() - start
         out["tasks"] = plan.tasks
         out["assignments"] = _fingerprint(plan)
+    elif what == "status":
+        start = time.perf_counter()
+        show_status(Console(file=io.StringIO(), width=120), sweep, 10)
+        out["status_s"] = time.perf_counter() - start
+    elif what == "report":
+        start = time.perf_counter()
+        journal = Journal(folder)
+        try:
+            result = build_report(sweep, sweep_status(sweep, journal))
+        finally:
+            journal.close()
+        out["report_s"] = time.perf_counter() - start
+        out["page_mb"] = result.page.stat().st_size / 2**20
+        out["thumbnails"] = result.thumbnails
     out["rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return out
 
@@ -118,35 +207,76 @@ def child(what: str, folder: Path) -> dict[str, float]:
     return result
 
 
+def forget_records(folder: Path) -> None:
+    """No completion record remembered: the first `status` after the run."""
+    with contextlib.suppress(sqlite3.OperationalError):  # no such table yet
+        db = sqlite3.connect(folder / STATE_DIR / "journal.db")
+        with db:
+            db.execute("DELETE FROM completions")
+        db.close()
+
+
+@contextlib.contextmanager
+def work_folder(path: str | None) -> Iterator[Path]:
+    if path is not None:
+        Path(path).mkdir(parents=True, exist_ok=True)
+        yield Path(path)
+        return
+    with tempfile.TemporaryDirectory(prefix="gibatch-scale-") as tmp:
+        yield Path(tmp)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--sizes", default="1000,10000,100000")
     parser.add_argument("--scan-up-to", type=int, default=4000)
+    parser.add_argument("--work", help="keep the sweeps here (and reuse them)")
     parser.add_argument("--measure", nargs=2, metavar=("WHAT", "FOLDER"))
     args = parser.parse_args()
     if args.measure:
         print(json.dumps(measure(args.measure[0], Path(args.measure[1]))))
         return
+    print(f"load average {os.getloadavg()[0]:.2f} at the start", flush=True)
     header = (f"{'jobs':>7} {'write s':>8} {'load 1st s':>10} {'load 2nd s':>10} {'MB':>6} "
-              f"{'plan s':>8} {'MB':>6} {'pick ms':>8} {'max ms':>7} {'scan plan s':>11} "
-              f"{'same plan':>9}")
+              f"{'plan s':>8} {'MB':>6} {'pick ms':>8} {'max ms':>7} "
+              f"{'status cold s':>13} {'warm s':>7} {'MB':>6} "
+              f"{'report cold s':>13} {'warm s':>7} {'MB':>6} {'page MB':>7} "
+              f"{'scan plan s':>11} {'same plan':>9}")
     print(header)
-    with tempfile.TemporaryDirectory(prefix="gibatch-scale-") as tmp:
+    with work_folder(args.work) as work:
         for n in (int(s) for s in args.sizes.split(",")):
             start = time.perf_counter()
-            folder = write(Path(tmp), n)
-            written = time.perf_counter() - start
+            folder = work / f"sweep-{n}"
+            done = (folder / "sweep.json").exists()
+            if not done:
+                folder = write(work, n)
+            written = time.perf_counter() - start if not done else float("nan")
             first = child("load", folder)
             second = child("load", folder)
             plan = child("plan", folder)
             scan = child("scan", folder) if n <= args.scan_up_to else None
             same = ("-" if scan is None
                     else "yes" if scan["assignments"] == plan["assignments"] else "NO")
+            mark = folder / STATE_DIR / "benchmark-complete"
+            if not mark.exists():
+                complete(folder)
+                mark.touch()
+                # As a user's next status would find them: the newest records settled.
+                time.sleep(discovery.SETTLE_NS / 1e9)
+            forget_records(folder)
+            status = [child("status", folder) for _ in range(2)]
+            report = [child("report", folder) for _ in range(2)]
             print(f"{n:>7} {written:>8.1f} {first['load_s']:>10.2f} {second['load_s']:>10.2f} "
                   f"{second['rss_mb']:>6.0f} {plan['plan_s']:>8.2f} {plan['rss_mb']:>6.0f} "
                   f"{plan['pick_mean_ms']:>8.3f} {plan['pick_max_ms']:>7.2f} "
+                  f"{status[0]['status_s']:>13.2f} {status[1]['status_s']:>7.2f} "
+                  f"{status[1]['rss_mb']:>6.0f} {report[0]['report_s']:>13.2f} "
+                  f"{report[1]['report_s']:>7.2f} {report[1]['rss_mb']:>6.0f} "
+                  f"{report[1]['page_mb']:>7.1f} "
                   f"{'-' if scan is None else format(scan['plan_s'], '.2f'):>11} {same:>9}",
                   flush=True)
+    print(f"load average {os.getloadavg()[0]:.2f} at the end; status and report exclude "
+          "loading the sweep (load 2nd s)")
 
 
 if __name__ == "__main__":
