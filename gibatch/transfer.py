@@ -11,7 +11,8 @@ WRITE_BATCH_BYTES -> one writer thread per download, which hashes and appends ea
 chunk while the loop reads on (hashlib and the write release the GIL). A download thus
 holds at most the read-ahead and BATCHES_QUEUED + 1 batches (about 13 MiB) whatever the
 file's size; the loop never waits on the disk, and the writer wakes the loop only when
-the loop waits for room, not for every batch.
+the loop waits for room, not for every batch. A file of at most one batch skips the
+writer: it is gathered, then opened, written and hashed in a single thread hop.
 """
 
 from __future__ import annotations
@@ -225,6 +226,28 @@ async def _read(body: aiohttp.StreamReader, put: Callable[[list[bytes]], Awaitab
     return broke
 
 
+async def _small(body: aiohttp.StreamReader, part: _Part, resumed: bool, left: int
+                 ) -> Exception | None:
+    """A file of at most one batch (most of a job's files: plots, logs, parameters):
+    gathered on the loop, then opened, written and hashed in one thread hop, because a
+    writer thread and its hand-overs would cost more than the bytes. Memory stays
+    bounded: `_read` stops once past `left`. Returns what broke the connection."""
+    batches: list[list[bytes]] = []
+
+    async def keep(batch: list[bytes]) -> None:
+        batches.append(batch)
+
+    broke = await _read(body, keep, left)
+
+    def store() -> None:
+        part.open(resumed)
+        for batch in batches:
+            part.write(batch)
+
+    await anyio.to_thread.run_sync(store)
+    return broke
+
+
 def _sole(group: BaseExceptionGroup[BaseException]) -> BaseException:
     found = leaves(group)
     return found[0] if len(found) == 1 else group
@@ -237,14 +260,18 @@ async def _stream_once(client: SiteClient, remote: RemoteFile, part: _Part) -> i
         offset = 0
     async with client.open_file(remote.url, offset) as resp:
         resumed = bool(offset) and resp.status == 206  # else the site ignored Range
+        start = offset if resumed else 0
+        expected = remote.size
+        if expected is None:
+            if resp.content_length is None:
+                raise TransferError(f"{remote.name}: the site gave no size")
+            expected = start + resp.content_length
         try:
-            await anyio.to_thread.run_sync(part.open, resumed)
-            expected = remote.size
-            if expected is None:
-                if resp.content_length is None:
-                    raise TransferError(f"{remote.name}: the site gave no size")
-                expected = part.size + resp.content_length
-            broke = await _copy(resp.content, part, expected)
+            if expected - start <= WRITE_BATCH_BYTES:
+                broke = await _small(resp.content, part, resumed, expected - start)
+            else:
+                await anyio.to_thread.run_sync(part.open, resumed)
+                broke = await _copy(resp.content, part, expected)
             if broke is not None:  # the connection broke: what came is kept, for Range
                 raise translate(broke) from broke
         finally:

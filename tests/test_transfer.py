@@ -78,9 +78,11 @@ def sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-@pytest.fixture
-def data() -> bytes:
-    return os.urandom(3 * MiB + 12345)  # several write batches, not a round number
+@pytest.fixture(params=[3 * MiB + 12345, 300_007], ids=["batches", "one-hop"])
+def data(request: pytest.FixtureRequest) -> bytes:
+    """Several write batches through the writer thread, or a file small enough for the
+    one-hop path (gathered, then written at once); neither a round number."""
+    return os.urandom(request.param)
 
 
 async def test_a_cut_download_resumes_with_range_and_ends_byte_identical(
@@ -119,10 +121,11 @@ async def test_a_paced_site_serves_ranges_byte_identical(
 async def test_a_part_file_left_short_is_resumed_and_its_prefix_hashed(
         site: ThreadedSite, data: bytes, tmp_path: Path) -> None:
     remote = place(site, "a.dat", data)
-    (tmp_path / "a.dat.part").write_bytes(data[:MiB + 7])
+    kept = len(data) // 3 + 7
+    (tmp_path / "a.dat.part").write_bytes(data[:kept])
     async with logged_in(site) as (client, rec):
         record = await get(client, remote, tmp_path)
-    assert rec.calls == [(MiB + 7, 206)]
+    assert rec.calls == [(kept, 206)]
     assert (tmp_path / "a.dat").read_bytes() == data and record.sha256 == sha(data)
 
 
@@ -130,10 +133,11 @@ async def test_a_site_that_ignores_range_restarts_the_part(
         make_site: Callable[..., ThreadedSite], data: bytes, tmp_path: Path) -> None:
     site = make_site(strict=True)  # answers 200 with the whole file whatever Range asks
     remote = place(site, "a.dat", data)
-    (tmp_path / "a.dat.part").write_bytes(b"\0" * MiB)  # not the file's bytes: overwritten
+    left = len(data) // 3
+    (tmp_path / "a.dat.part").write_bytes(b"\0" * left)  # not the file's bytes: overwritten
     async with logged_in(site) as (client, rec):
         record = await get(client, remote, tmp_path)
-    assert rec.calls == [(MiB, 200)]
+    assert rec.calls == [(left, 200)]
     assert (tmp_path / "a.dat").read_bytes() == data and record.sha256 == sha(data)
 
 
@@ -189,7 +193,7 @@ async def test_a_full_disk_is_the_error_raised_not_a_group(
     def write(self: transfer._Part, chunks: list[bytes]) -> None:
         nonlocal batches
         batches += 1
-        if batches == 2:
+        if batches == (2 if len(data) > transfer.WRITE_BATCH_BYTES else 1):
             with local_io(self.path):
                 raise OSError(errno.ENOSPC, "No space left on device")
         real_write(self, chunks)

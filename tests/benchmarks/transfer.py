@@ -54,23 +54,24 @@ USER, PASSWORD = "bench", "bench-pw"
 MB = 10**6
 COPY_BYTES = 1 << 16  # shutil.copyfileobj's block on Linux
 PLAIN = ("urllib", "aiohttp", "urllib+sha")
+MAX_FILES = 2000  # small sizes: enough files to time, not a day of them
 
 
 # --- the site -----------------------------------------------------------------------------
 
-def place_files(media: Path, sizes_mb: list[int], total_mb: int
-                ) -> dict[int, tuple[list[str], str]]:
+def place_files(media: Path, sizes_mb: list[float], total_mb: int
+                ) -> dict[float, tuple[list[str], str]]:
     """One random file per size in the site's media (model 1, task 1), linked under as
     many names as a run needs; returns {size: (names, sha256)}."""
     folder = media / USER / "1" / "1"
     folder.mkdir(parents=True)
-    placed: dict[int, tuple[list[str], str]] = {}
+    placed: dict[float, tuple[list[str], str]] = {}
     for size in sizes_mb:
-        count = max(8, total_mb // size)
+        count = max(8, min(MAX_FILES, int(total_mb / size)))
         first = folder / f"size{size}mb_0.bin"
         digest = hashlib.sha256()
         with first.open("wb") as f:
-            left = size * MB
+            left = int(size * MB)
             while left:
                 block = os.urandom(min(left, 1 << 20))
                 digest.update(block)
@@ -152,7 +153,7 @@ async def _aiohttp(base: str, names: list[str], out: Path, cookie: str) -> None:
                         f.write(chunk)
 
 
-def child(kind: str, base: str, names: list[str], size: int, sha: str, out: Path,
+def child(kind: str, base: str, names: list[str], size: float, sha: str, out: Path,
           concurrency: int) -> dict[str, Any]:
     """Download every name once with one client; figures for this process only."""
     import anyio
@@ -171,7 +172,8 @@ def child(kind: str, base: str, names: list[str], size: int, sha: str, out: Path
             t0 = time.perf_counter()
 
             async def one(name: str) -> None:
-                remote = RemoteFile(name, client.url(f"media/{USER}/1/1/{name}"), size * MB)
+                remote = RemoteFile(name, client.url(f"media/{USER}/1/1/{name}"),
+                                    int(size * MB))
                 records.append(await fetch(client, remote, out, limiter))
 
             async with anyio.create_task_group() as tg:
@@ -193,16 +195,16 @@ def child(kind: str, base: str, names: list[str], size: int, sha: str, out: Path
     cpu1, rss1 = _usage()
     for name in names:
         got = (out / name).stat().st_size
-        assert got == size * MB, f"{name}: {got} bytes"
-    assert all(r.sha256 == sha and r.size == size * MB for r in records)
+        assert got == int(size * MB), f"{name}: {got} bytes"
+    assert all(r.sha256 == sha and r.size == int(size * MB) for r in records)
     assert not list(out.glob("*.part"))
-    return {"wall_s": wall, "cpu_s": cpu1 - cpu0, "bytes": len(names) * size * MB,
+    return {"wall_s": wall, "cpu_s": cpu1 - cpu0, "bytes": len(names) * int(size * MB),
             "rss_kb": rss1, "rss_growth_kb": rss1 - rss0}
 
 
 # --- the parent: runs, medians, table ------------------------------------------------------
 
-def run_client(kind: str, conc: int, base: str, size: int, placed: tuple[list[str], str],
+def run_client(kind: str, conc: int, base: str, size: float, placed: tuple[list[str], str],
                out: Path, site_pid: int) -> dict[str, Any]:
     names, sha = placed
     spec = json.dumps({"kind": kind, "base": base, "names": names, "size": size, "sha": sha,
@@ -232,9 +234,9 @@ def label(kind: str, conc: int) -> str:
     return f"plain {kind}" if kind in PLAIN else f"gibatch c={conc}"
 
 
-def table(size: int, count: int, runs: dict[str, list[dict[str, Any]]]) -> None:
+def table(size: float, count: int, runs: dict[str, list[dict[str, Any]]]) -> None:
     base = runs[label("urllib", 1)]
-    print(f"\n{size} MB files x {count} ({size * count} MB per run), medians of "
+    print(f"\n{size:g} MB files x {count} ({size * count:g} MB per run), medians of "
           f"{len(base)} runs; ratios against plain urllib in the same run")
     print(f"{'client':<16}{'MB/s':>8}{'CPU s/GB':>10}{'site CPU s/GB':>15}"
           f"{'peak RSS MB':>13}{'(+growth)':>11}{'rate / plain':>14}{'CPU / plain':>13}")
@@ -252,7 +254,7 @@ def table(size: int, count: int, runs: dict[str, list[dict[str, Any]]]) -> None:
               f"{statistics.median(r_ratio):>14.2f}{statistics.median(c_ratio):>13.2f}")
 
 
-def run_benchmark(sizes: list[int], total_mb: int, concurrencies: list[int],
+def run_benchmark(sizes: list[float], total_mb: int, concurrencies: list[int],
                   repeats: int, stream_rate: float = 0.0) -> None:
     clients = [("urllib", 1), ("urllib+sha", 1), ("aiohttp", 1),
                *(("engine", c) for c in concurrencies)]
@@ -283,7 +285,8 @@ def run_benchmark(sizes: list[int], total_mb: int, concurrencies: list[int],
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sizes", default="1,10,100", help="file sizes in MB")
+    parser.add_argument("--sizes", default="1,10,100",
+                        help="file sizes in MB (0.1 for 100 kB)")
     parser.add_argument("--total-mb", type=int, default=400,
                         help="about this many MB per run (at least 8 files)")
     parser.add_argument("--concurrency", default="1,4,8")
@@ -297,7 +300,7 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(child(spec["kind"], spec["base"], spec["names"], spec["size"],
                                spec["sha"], Path(spec["out"]), spec["concurrency"])))
         return
-    run_benchmark([int(s) for s in args.sizes.split(",")], args.total_mb,
+    run_benchmark([float(s) for s in args.sizes.split(",")], args.total_mb,
                   [int(c) for c in args.concurrency.split(",")], args.repeats,
                   args.stream_rate)
 
