@@ -12,6 +12,7 @@ result. The contact sheet shows the first `SHEET_MAX_TILES` complete jobs.
 from __future__ import annotations
 
 import csv
+import hashlib
 import html
 import json
 import logging
@@ -117,33 +118,44 @@ class Variation:
     """
 
     def __init__(self) -> None:
-        self._first: dict[Step, dict[str, Any]] | None = None
+        self._first: Job | None = None
+        self._first_payloads: dict[Step, dict[str, Any]] = {}
         self._first_flat: dict[str, Value] = {}
         self._varying: set[str] = set()
         self._rows: list[tuple[Row, dict[str, object]]] = []
 
-    def add(self, row: Row, payloads: Mapping[Step, dict[str, Any]]) -> None:
-        """Take `row`'s job's payloads; its values are filled in by `finish`."""
+    def add(self, row: Row, job: Job) -> None:
+        """Take `row`'s job; the row's values are filled in by `finish`."""
         differs: dict[str, object] = {}
-        if self._first is None:
-            self._first = dict(payloads)
-            for step, body in payloads.items():
+        first = self._first
+        if first is None:
+            self._first, self._first_payloads = job, job.payloads_once()
+            for step, body in self._first_payloads.items():
                 _walk(step.name, body, self._first_flat)
-        else:
-            for step in {**self._first, **payloads}:
-                self._diff(step.name, self._first.get(step, _ABSENT),
-                           payloads.get(step, _ABSENT), differs)
+        elif job.lineage != first.lineage:
+            payloads = job.payloads_once()
+            # An equal lineage is a hash of the same JSON: nothing to compare.
+            self._diff("", {s.name: b for s, b in self._first_payloads.items()
+                            if first.lineage[s] != job.lineage.get(s)},
+                       {s.name: b for s, b in payloads.items()
+                        if job.lineage[s] != first.lineage.get(s)}, differs)
             self._varying.update(differs)
         self._rows.append((row, differs))
 
-    def _diff(self, prefix: str, first: object, mine: object, out: dict[str, object]) -> None:
-        if type(first) is dict and type(mine) is dict:
-            if first == mine and repr(first) == repr(mine):  # C speed; repr: 1 vs 1.0
-                return
-            for key in {**first, **mine}:
-                self._diff(f"{prefix}.{key}", first.get(key, _ABSENT),
-                           mine.get(key, _ABSENT), out)
-            return
+    def _diff(self, prefix: str, first: dict[str, Any], mine: dict[str, Any],
+              out: dict[str, object]) -> None:
+        for key in {**first, **mine}:
+            a, b = first.get(key, _ABSENT), mine.get(key, _ABSENT)
+            where = f"{prefix}.{key}" if prefix else key
+            if type(a) is dict and type(b) is dict:
+                if not (a == b and repr(a) == repr(b)):  # C speed; repr: 1 vs 1.0
+                    self._diff(where, a, b, out)
+            elif type(a) is list or not _same(a, b):  # lists: as their joined text
+                self._leaves(where, a, b, out)
+
+    @staticmethod
+    def _leaves(prefix: str, first: object, mine: object, out: dict[str, object]) -> None:
+        """The parameters of `mine` under `prefix` that differ from those of `first`."""
         theirs: dict[str, Value] = {}
         ours: dict[str, Value] = {}
         if first is not _ABSENT:
@@ -170,8 +182,8 @@ class Variation:
 
 def find_shot(section_dir: Path) -> Shot:
     try:  # names, not Paths: 100,000 jobs
-        names = sorted(os.listdir(section_dir)) if section_dir.is_dir() else []
-    except OSError:
+        names = sorted(os.listdir(section_dir))
+    except OSError:  # none, or not a folder
         names = []
 
     def first(found: Iterable[str]) -> Path | None:
@@ -211,6 +223,14 @@ def last_frame(path: Path) -> Image.Image:
         log.warning("%s: cannot read the image (%s); shown as a placeholder",
                     printable(str(path)), printable(why))
         return placeholder()
+
+
+def thumbnail_name(job: str, section: str) -> str:
+    """One file name per job and plot, whatever the job's position: a thumbnail kept
+    because it is newer than its image must be of that image, also after jobs were
+    added to the sweep (named by position, another job's would be kept)."""
+    digest = hashlib.blake2b(os.fsencode(job), digest_size=10).hexdigest()
+    return f"{digest}-{section.replace(' ', '')}.png"
 
 
 def make_thumbnail(still: Path, dest: Path, size: int = THUMB_PX) -> None:
@@ -262,9 +282,10 @@ def collect_rows(sweep: Sweep, status: SweepStatus) -> tuple[list[Row], list[str
     for job in sweep.jobs:
         st = by_name.get(job.name, JobStatus(job.name, JobState.PENDING))
         row = Row(job.name, st.state, st.reason, {})
-        variation.add(row, job.payloads_once())
+        variation.add(row, job)
         if st.state is JobState.COMPLETE:
-            row.shots = [find_shot(job.output / step.section) for step in job.steps
+            output = job.output
+            row.shots = [find_shot(output / step.section) for step in job.steps
                          if step.stage is Stage.PLOT]
         rows.append(row)
     keys = variation.finish()
@@ -353,10 +374,10 @@ def build_report(sweep: Sweep, status: SweepStatus, page: Path | None = None) ->
     sheet = page.with_name(SHEET_FILE) if default else media / SHEET_FILE
     rows, keys = collect_rows(sweep, status)
     thumbs: dict[tuple[str, str], Path] = {}
-    for index, row in enumerate(rows):
+    for row in rows:
         for shot in row.shots:
             if shot.still is not None:
-                dest = media / f"{index:05d}-{shot.section.replace(' ', '')}.png"
+                dest = media / thumbnail_name(row.name, shot.section)
                 make_thumbnail(shot.still, dest)
                 thumbs[(row.name, shot.section)] = dest
     media.mkdir(parents=True, exist_ok=True)

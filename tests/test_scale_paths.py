@@ -228,7 +228,8 @@ def test_variation_finds_what_comparing_every_jobs_json_finds() -> None:
         {steps.GALAXY1: {"n": True, "c": ["disk"]}, steps.MERGE: {"t": 1, "p": 7},
          steps.plot(1): {"s": "a", "extra": None}},
         first]
-    jobs = [Job(str(k), Path(str(k)), {s: "-" for s in p}, p) for k, p in enumerate(payloads)]
+    jobs = [Job(str(k), Path(str(k)), {s: json.dumps(b) for s, b in p.items()}, p)
+            for k, p in enumerate(payloads)]
     flat = [flatten(job) for job in jobs]
     keys = [k for k in sorted({k for r in flat for k in r})
             if len({json.dumps(r.get(k)) for r in flat}) > 1]
@@ -237,7 +238,7 @@ def test_variation_finds_what_comparing_every_jobs_json_finds() -> None:
     variation = Variation()
     rows = [Row(job.name, JobState.PENDING, None, {}) for job in jobs]
     for row, job in zip(rows, jobs, strict=True):
-        variation.add(row, job.payloads_once())
+        variation.add(row, job)
     assert variation.finish() == keys
     for row, values in zip(rows, flat, strict=True):
         assert json.dumps(row.values) == json.dumps({k: values[k] for k in keys if k in values})
@@ -294,3 +295,31 @@ def test_the_contact_sheet_shows_the_first_jobs_only(tmp_path: Path) -> None:
         assert image.getpixel((25, 25)) == (255, 0, 0)
         assert image.getpixel((75, 25)) == (0, 128, 0)
         assert image.size == (2 * 50, 50 + 14)  # no third tile
+
+
+def test_a_thumbnail_stays_its_jobs_when_jobs_are_added(tmp_path: Path) -> None:
+    """Thumbnails are kept while newer than their image: named by a job's position, a
+    job added before it would have been shown with the other job's picture."""
+    root = tmp_path / "jobs"
+
+    def finished(name: str, colour: str) -> None:
+        write_job(root, name, tiny_job_files())
+        png(root / name / "output" / "Plot 1" / "final.png", colour)
+        os.utime(root / name / "output" / "Plot 1" / "final.png", ns=(10**18, 10**18))
+
+    def report() -> dict[str, tuple[int, ...]]:
+        sweep = load_sweep(root)
+        status = SweepStatus([JobStatus(j.name, JobState.COMPLETE) for j in sweep.jobs],
+                             [], None, None, 0)
+        page = build_report(sweep, status).page.read_text()
+        data = json.loads(page.split('id="data">')[1].split("</script>")[0])
+        colours = {}
+        for row in data["rows"]:
+            with Image.open(root / ".gibatch" / "report" / row[4][0][1]) as image:
+                colours[row[0]] = image.convert("RGB").getpixel((5, 5))
+        return colours
+
+    finished("b", "red")
+    assert report() == {"b": (255, 0, 0)}
+    finished("a", "lime")  # now first, its image older than b's thumbnail
+    assert report() == {"a": (0, 255, 0), "b": (255, 0, 0)}
