@@ -13,19 +13,33 @@ through the other galaxy's density,
     X = |v| / (sqrt(2) sigma(r)),
 
 with sigma the isotropic Jeans dispersion of the host's model; the host receives the
-opposite momentum, so the pair's centre of mass stays at rest.
+opposite momentum, so the pair's centre of mass stays at rest. Friction drags each
+galaxy as a whole, its stars too: every star shares each centre's velocity change by
+friction in the measure that galaxy holds it (each field's a/r over their sum, the
+comparison the Jacobi radius makes). Without that, friction pulled a centre out of its
+own stars, which flew on: the 10:1 radial satellite's stars climbed to 79 kpc while its
+centre turned at 45, and the 1:1 encounter's "tails" were partly stars left behind.
 
-Coulomb logarithm: COULOMB_LOG = 0.5, one constant for all encounters. Calibration so
-far: the 10:1 radial encounter (galaxy 2 at (100,100,0) kpc, (-100,-100,0) km/s, the
-example galaxies) turns at the first apocentre of 47 kpc that the issue's 50k-particle
-tree run found; scanning the centres alone gives 62 kpc at lnL 0.35, 38 kpc at 0.6.
-Residuals against our own 50,000-particle tree runs (`python -m tests.benchmarks.physics
---reference 50000`), restricted / live: 1:1 prograde, first pericentre 0.35 / 0.30 Gyr,
-first apocentre 25.7 / 27.4 kpc, merger 0.50 / 0.55 Gyr, tail fraction (disk stars
-beyond 50 kpc of both centres) 0.050 / 0.079 at 0.5 Gyr; 10:1 radial, first pericentre
-0.45 / 0.45 Gyr, first apocentre 78.7 / 43.5 kpc, merger none within 2 Gyr / 1.20 Gyr. The
-constant suits the equal-mass prograde encounter, not the unequal radial one (friction
-too weak there): the calibration is unfinished.
+Coulomb logarithm: COULOMB_LOG = 0.45, one constant. Scanned on both reference
+encounters below (centres alone, then with stars): lnL 0.4 / 0.45 / 0.5 give the 1:1
+apocentre 31.0 / 27.9 / 25.2 kpc and tail fraction at 0.5 Gyr 0.077 / 0.065 / 0.033,
+the 10:1 centres' apocentre 55.0 / 50.1 / 45.3 kpc. Forms with a mass-ratio- and
+velocity-dependent Lambda were tried and fit worse: lnL = k ln(1 + c r v^2 / (G M))
+(b_min = G M / v^2), fitted to the 1:1 apocentre and merger, merges the 10:1 pair at
+0.90-1.00 Gyr against 1.20; b_min = max(G M / v^2, c L) with b_max = r leaves either
+encounter far too slow to merge (Lambda near 1 at the separations that matter).
+Residuals against the 50,000-particle tree runs (`python -m tests.benchmarks.physics`,
+live figures recorded there), restricted / live, as the benchmark measures both (centres
+the median of each galaxy's bulge stars): 1:1 prograde, first pericentre 0.35 / 0.30 Gyr
+(first minimum between frames: 0.335 Gyr), first apocentre 27.9 / 27.4 kpc, merger 0.50
+/ 0.55 Gyr, tail fraction (disk stars beyond 50 kpc of both centres) 0.065 / 0.079 at
+0.5 Gyr, 0.067 / 0.056 at 0.75 Gyr; 10:1 radial, first pericentre 0.45 / 0.45 Gyr, first
+apocentre 60.2 / 43.5 kpc (the satellite's field centre: 50.2 kpc), merger none / 1.20
+Gyr (field centres: 1.35 Gyr), tail fraction 0.000 / 0.000 and 0.183 / 0.090. Left: the
+restricted satellite's bulge and disk are shredded by its passages through the host's
+centre (an exactly radial orbit, rigid softened satellite), so its bulge median trails
+its centre and more of its disk is in tails; and friction that slows the 1:1 approach
+enough to merge in time makes the first pericentre 0.03 Gyr late.
 
 Integration: kick-drift-kick leapfrog (symplectic for a static field) with block time
 steps. At every sync point (every BASE_STEP_MAX at most, frames included) each star
@@ -60,9 +74,9 @@ from gibatch.sim.units import G_KPC_KMS2_PER_1E11MSUN as G
 
 F32 = NDArray[np.float32]
 
-COULOMB_LOG = 0.5
+COULOMB_LOG = 0.45
 ETA = 0.08  # star step = ETA / Omega: per-star energy error ~1e-5 median, 5e-4 p99 per Gyr
-CENTRE_ETA = 0.01
+CENTRE_ETA = 0.02  # centre steps per orbit ~300: the orbit figures moved < 0.3 % from 0.01
 BASE_STEP_MAX = 0.01  # time units (kpc / (km/s) = 0.978 Gyr): ~10 Myr
 MAX_LEVEL = 14
 HOLD_STEPS = 10  # base steps a star keeps a finer level it no longer needs
@@ -85,9 +99,9 @@ class Field:
     mass: float
     length_kpc: float
     model: Potential
-    table: F32 = field(init=False, repr=False)
+    table: F32 = field(init=False, repr=False)  # a(r) / r
     log_r2: tuple[float, float] = field(init=False, repr=False)  # (lowest, per entry)
-    _profile: tuple[F64, F64, F64, F64] = field(init=False, repr=False)
+    _profile: tuple[F64, F64, F64, F64, F64] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         lo = math.log((self.model.grid[0] * self.length_kpc) ** 2)
@@ -100,7 +114,8 @@ class Field:
         sigma = self.model.jeans_dispersion(self.model.density, grid)
         object.__setattr__(self, "_profile", (
             grid * self.length_kpc, scale * self.model.m_enc,
-            scale / self.length_kpc**3 * self.model.density, math.sqrt(self.v2) * sigma))
+            scale / self.length_kpc**3 * self.model.density, math.sqrt(self.v2) * sigma,
+            self.accel(grid * self.length_kpc)))
 
     @property
     def core2(self) -> float:
@@ -120,19 +135,28 @@ class Field:
     def potential(self, r: F64) -> F64:
         return np.asarray(self.v2 * self.model.potential(r / self.length_kpc))
 
+    def pull(self, r: float) -> float:
+        """`accel` at one distance, for the centres (a scalar look-up)."""
+        grid, _, _, _, accel = self._profile
+        if r >= grid[-1]:
+            return G * self.mass / (r * r)
+        if r <= grid[0]:
+            return float(accel[0]) * r / float(grid[0])
+        return float(np.interp(r, grid, accel))
+
     def enclosed(self, r: float) -> float:
         """Mass (1e11 Msun) within r kpc of the centre."""
-        grid, m_enc, _, _ = self._profile
+        grid, m_enc, _, _, _ = self._profile
         return float(np.interp(r, grid, m_enc))
 
     def density(self, r: float) -> float:
         """1e11 Msun / kpc^3 at r kpc."""
-        grid, _, rho, _ = self._profile
+        grid, _, rho, _, _ = self._profile
         return float(np.interp(r, grid, rho, right=0.0))
 
     def dispersion(self, r: float) -> float:
         """Isotropic Jeans dispersion of the whole model at r kpc, km/s."""
-        grid, _, _, sigma = self._profile
+        grid, _, _, sigma, _ = self._profile
         return float(np.interp(r, grid, sigma))
 
 
@@ -157,28 +181,29 @@ def _chandrasekhar(host: Field, perturber: Field, r: float, v: F64, coulomb_log:
 
 
 def centre_accelerations(x: F64, v: F64, fields: tuple[Field, Field], coulomb_log: float
-                         ) -> F64:
-    """Accelerations (2, 3) of the two centres: attraction plus dynamical friction."""
+                         ) -> tuple[F64, F64]:
+    """Accelerations (2, 3) of the two centres, and the part of them that is dynamical
+    friction (each galaxy's own drag plus its reaction to the other's)."""
     f1, f2 = fields
     d = x[1] - x[0]
     r = math.sqrt(float(d @ d))
-    out = np.zeros((2, 3))
+    gravity = np.zeros((2, 3))
+    friction = np.zeros((2, 3))
     if r > 0:
-        rr = np.array([r])
-        force = 0.5 * (f2.mass * float(f1.accel(rr)[0]) + f1.mass * float(f2.accel(rr)[0]))
-        out[0] += force / f1.mass * d / r
-        out[1] -= force / f2.mass * d / r
+        force = 0.5 * (f2.mass * f1.pull(r) + f1.mass * f2.pull(r))
+        gravity[0] = force / f1.mass * d / r
+        gravity[1] = -force / f2.mass * d / r
     if coulomb_log > 0:
         df2 = _chandrasekhar(f1, f2, r, v[1] - v[0], coulomb_log)  # 2 through 1
         df1 = _chandrasekhar(f2, f1, r, v[0] - v[1], coulomb_log)
-        out[1] += df2 - f1.mass / f2.mass * df1
-        out[0] += df1 - f2.mass / f1.mass * df2
-    return out
+        friction[1] = df2 - f1.mass / f2.mass * df1
+        friction[0] = df1 - f2.mass / f1.mass * df2
+    return gravity + friction, friction
 
 
 def _centre_omega(x: F64, fields: tuple[Field, Field]) -> float:
-    r = np.array([max(float(np.linalg.norm(x[1] - x[0])), 1e-6)])
-    return math.sqrt(float((fields[0].accel(r) + fields[1].accel(r))[0] / r[0]))
+    r = max(float(np.linalg.norm(x[1] - x[0])), 1e-6)
+    return math.sqrt((fields[0].pull(r) + fields[1].pull(r)) / r)
 
 
 class _Pair:
@@ -231,12 +256,17 @@ class _Pair:
         d *= self._over_r(u)[:, None, :]
         np.add(d[0], d[1], out=out)
 
-    def omega2(self, x: F32, v: F32, centre_pos: F64, centre_vel: F64, within: float
-               ) -> F32:
-        """Squared inverse time scale of each star: its orbital frequency a/r in either
-        field, or its rate of passage |v - v_centre| / r by either centre if higher (an
-        eccentric orbit reaches the centre far faster than a/r at apocentre says), r the
-        closest the star comes to that centre on a straight line within `within`."""
+    def survey(self, x: F32, v: F32, centre_pos: F64, centre_vel: F64, within: float
+               ) -> tuple[F32, F32]:
+        """Each star's squared inverse time scale (n,), and the share (2, n) each galaxy
+        has in holding it.
+
+        The time scale: the orbital frequency a/r in either field, or the rate of passage
+        |v - v_centre| / r by either centre if higher (an eccentric orbit reaches the
+        centre far faster than a/r at apocentre says), r the closest the star comes to
+        that centre on a straight line within `within`. The share: each field's a/r over
+        their sum, the comparison of a galaxy's own pull with the other's tide that the
+        Jacobi radius makes (1 deep inside a galaxy, 1/2 halfway in a merged pair)."""
         d = x[None] - centre_pos.astype(np.float32)[:, :, None]
         u = v[None] - centre_vel.astype(np.float32)[:, :, None]
         r2 = np.einsum("kjn,kjn->kn", d, d)
@@ -244,8 +274,10 @@ class _Pair:
         s2 = np.einsum("kjn,kjn->kn", u, u)
         t = np.clip(-du / np.maximum(s2, 1e-30), 0.0, within)
         closest2 = np.maximum(r2 + t * (2 * du + s2 * t), 0.0)
-        rate = np.maximum(self._over_r(r2), s2 / (closest2 + self._core2))
-        return np.asarray(rate.max(axis=0))
+        over_r = self._over_r(r2)
+        share = over_r / np.maximum(over_r.sum(axis=0), 1e-30)
+        rate = np.maximum(over_r, s2 / (closest2 + self._core2))
+        return np.asarray(rate.max(axis=0)), share
 
 
 @dataclass
@@ -255,7 +287,7 @@ class State:
     Stars are float32 and component-major, (3, n): `start` takes and `positions` /
     `velocities` give the usual (n, 3) float64. `acc` keeps the stars' accelerations at
     the present positions between steps (None: not known yet); `level` and `since` what
-    `_levels` needs to hold a level.
+    `_survey` needs to hold a level.
     """
 
     time: float
@@ -281,8 +313,10 @@ class State:
         return np.ascontiguousarray(self.vel.T, np.float64)
 
 
-def _levels(pair: _Pair, state: State, base: float) -> NDArray[np.intp]:
-    """Each star's level for this base step: its step is base / 2**level.
+def _survey(pair: _Pair, state: State, base: float
+            ) -> tuple[NDArray[np.intp], F32]:
+    """Each star's level for this base step (its step is base / 2**level), and each
+    galaxy's share in holding it (`_Pair.survey`).
 
     The level wanted is the power of two nearest below ETA / Omega; a star keeps a finer
     level it had for HOLD_STEPS base steps before it drops to a coarser one. Every change
@@ -290,9 +324,10 @@ def _levels(pair: _Pair, state: State, base: float) -> NDArray[np.intp]:
     stars whose level went up and down twice an orbit (eccentric bulge orbits, disk
     stars at a threshold) had 1e-4 median energy errors against 3e-6 for the others.
     """
-    omega = np.sqrt(pair.omega2(state.pos, state.vel, state.centre_pos, state.centre_vel,
-                                base))
-    wanted = np.clip(np.ceil(np.log2(np.maximum(base / ETA * omega, 1.0))), 0, MAX_LEVEL)
+    rate2, share = pair.survey(state.pos, state.vel, state.centre_pos, state.centre_vel,
+                                base)
+    wanted = np.clip(np.ceil(np.log2(np.maximum(base / ETA * np.sqrt(rate2), 1.0))), 0,
+                     MAX_LEVEL)
     level = wanted.astype(np.intp)
     since = np.zeros(len(level), np.int16) if state.since is None else state.since
     if state.level is not None:
@@ -300,7 +335,7 @@ def _levels(pair: _Pair, state: State, base: float) -> NDArray[np.intp]:
         level[hold] = state.level[hold]
         since = np.where(hold, since + 1, 0).astype(np.int16)
     state.level, state.since = level, since
-    return level
+    return level, share
 
 
 @dataclass(frozen=True)
@@ -315,21 +350,25 @@ class Stepper:
     def __post_init__(self) -> None:
         object.__setattr__(self, "pair", _Pair(self.fields, self.n_stars))
 
-    def _centre_path(self, state: State, base: float, n_fine: int) -> F64:
-        """Centre positions at the n_fine + 1 fine times of this base step: integrated
-        with their own leapfrog step, read between steps by cubic Hermite interpolation
-        (the centres are two bodies; stepping them at the stars' finest step cost more
-        than all the stars)."""
+    def _centre_path(self, state: State, base: float, n_fine: int) -> tuple[F64, F64]:
+        """Centre positions at the n_fine + 1 fine times of this base step, and each
+        centre's velocity change by friction over the step.
+
+        Integrated with their own leapfrog step, read between steps by cubic Hermite
+        interpolation (the centres are two bodies; stepping them at the stars' finest
+        step cost more than all the stars)."""
         x, v = state.centre_pos.copy(), state.centre_vel.copy()
         n = max(1, math.ceil(base * _centre_omega(x, self.fields) / CENTRE_ETA))
         h = base / n
         xs, vs = [x], [v]
-        a = centre_accelerations(x, v, self.fields, self.coulomb_log)
-        for _ in range(n):
+        a, drag = centre_accelerations(x, v, self.fields, self.coulomb_log)
+        impulse = 0.5 * h * drag
+        for k in range(n):
             v = v + 0.5 * h * a
             x = x + h * v
-            a = centre_accelerations(x, v, self.fields, self.coulomb_log)
+            a, drag = centre_accelerations(x, v, self.fields, self.coulomb_log)
             v = v + 0.5 * h * a
+            impulse += (h if k < n - 1 else 0.5 * h) * drag
             xs.append(x)
             vs.append(v)
         state.centre_pos, state.centre_vel = x, v
@@ -338,8 +377,9 @@ class Stepper:
         s = (t - k)[:, None, None]
         x0, x1 = np.stack(xs)[k], np.stack(xs)[k + 1]
         v0, v1 = np.stack(vs)[k] * h, np.stack(vs)[k + 1] * h
-        return np.asarray((2 * s**3 - 3 * s**2 + 1) * x0 + (s**3 - 2 * s**2 + s) * v0
-                          + (-2 * s**3 + 3 * s**2) * x1 + (s**3 - s**2) * v1)
+        path = ((2 * s**3 - 3 * s**2 + 1) * x0 + (s**3 - 2 * s**2 + s) * v0
+                + (-2 * s**3 + 3 * s**2) * x1 + (s**3 - s**2) * v1)
+        return np.asarray(path), impulse
 
     def step(self, state: State, base: float) -> int:
         """Advance by `base`; return the number of star force evaluations.
@@ -353,8 +393,7 @@ class Stepper:
 
     def _step(self, state: State, base: float) -> int:
         pair = self.pair
-        n = state.pos.shape[1]
-        if n == 0:
+        if state.pos.shape[1] == 0:
             self._centre_path(state, base, 1)
             state.time += base
             return 0
@@ -362,12 +401,20 @@ class Stepper:
             state.acc = np.empty_like(state.pos)
             pair.accelerations(state.pos, state.centre_pos.astype(np.float32)[:, :, None],
                                state.acc)
-        level = _levels(pair, state, base)
+        level, share = _survey(pair, state, base)
         order = np.argsort(-level, kind="stable")
         level = level[order]
         top = int(level[0])
         due = np.searchsorted(-level, np.arange(-top, 1), side="right")  # level >= top - j
-        path = self._centre_path(state, base, 2**top).astype(np.float32)[:, :, :, None]
+        path, impulse = self._centre_path(state, base, 2**top)
+        fine = path.astype(np.float32)[:, :, :, None]
+        # Friction drags each galaxy as a whole, stars too (or it would pull a centre
+        # out of its own stars): each star shares each centre's velocity change by
+        # friction in the measure that galaxy holds it, half before the step and half
+        # after. A star far from both is held in proportion to their masses, and the two
+        # drags cancel there (the pair's momentum is conserved).
+        drag = (0.5 * impulse.T @ share).astype(np.float32)
+        state.vel += drag
         x, v, a = state.pos[:, order], state.vel[:, order], state.acc[:, order]
         h = (base / 2.0 ** level).astype(np.float32)
         work = np.empty_like(x)
@@ -378,10 +425,11 @@ class Stepper:
             xs, vs, as_, hs, ws = x[:, :m], v[:, :m], a[:, :m], h[:m], work[:, :m]
             np.multiply(vs, hs, out=ws)
             xs += ws
-            pair.accelerations(xs, path[k], as_)
+            pair.accelerations(xs, fine[k], as_)
             np.multiply(as_, hs if k < 2**top else 0.5 * hs, out=ws)
             vs += ws
         state.pos[:, order], state.vel[:, order], state.acc[:, order] = x, v, a
+        state.vel += drag
         state.time += base
         return int(np.sum(2**level))
 
@@ -406,7 +454,7 @@ def run(state: State, fields: tuple[Field, Field], times: list[float],
 def estimated_star_steps(state: State, fields: tuple[Field, Field], duration: float) -> float:
     """Star-steps a run would take if the stars kept their present orbits."""
     with np.errstate(divide="ignore"):
-        omega2 = _Pair(fields, state.pos.shape[1]).omega2(
+        omega2, _ = _Pair(fields, state.pos.shape[1]).survey(
             state.pos, state.vel, state.centre_pos, state.centre_vel, BASE_STEP_MAX)
     per_star = np.maximum(duration * np.sqrt(omega2) / ETA, duration / BASE_STEP_MAX)
     return float(per_star.sum())
