@@ -2,6 +2,7 @@
 job, the score landscape in tilt, and the time to score one job-frame-view.
 
     .venv/bin/python -m tests.benchmarks.match [--seeds 3] [--quick] [--workers 2]
+                                               [--disk 1000] [--sweep-jobs 20]
 
 The space is 2-D: interact.mass_2 (log, 0.5..4) and merge.theta_galaxy_2 (0..90). Every
 candidate is run on demand (and memoised) by the local site's own task functions in a
@@ -19,15 +20,21 @@ and the score was flat in tilt.)
 Closeness is the distance of the best-scoring job to the hidden values in normalised
 units (log mass over the range's log width, tilt over 90 degrees), median over seeds; the
 grid is the same for every seed (k x k, k = floor(sqrt(budget))); Optuna's sampler is
-seeded and asks two trials at a time (two model numbers). It prints; it asserts nothing
-(`tests/test_benchmarks.py` runs --quick).
+seeded and asks two trials at a time (two model numbers).
+
+Times: ms per job-frame-view with skimage's SSIM and with the scorer's own, side by
+side; and `match_jobs` itself on --sweep-jobs complete jobs of 40 frames and 6 views
+(pool, cache and HDF5 reads included), extrapolated to 500 jobs. It prints; it asserts
+nothing (`tests/test_benchmarks.py` runs --quick).
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import math
+import shutil
 import statistics
 import tempfile
 import time
@@ -38,10 +45,12 @@ from typing import Any
 import numpy as np
 import optuna
 
-from gibatch import match
+from gibatch import match, record
 from gibatch.children import process_pool
+from gibatch.jobs import load_sweep
 from gibatch.sim import tasks
-from tests.conftest import read_base
+from gibatch.transfer import FileRecord
+from tests.conftest import read_base, write_job
 
 Point = tuple[float, float]  # (mass_2, theta_galaxy_2)
 
@@ -55,7 +64,7 @@ TARGET_STARS_FACTOR = 4
 VIEWS = [match.axes_view("x", "y"), match.axes_view("x", "z")]  # the plots' own
 
 
-def job_files(point: Point, disk: int) -> dict[str, dict[str, Any]]:
+def job_files(point: Point, disk: int, frames: int = 11) -> dict[str, dict[str, Any]]:
     """The example base job with galaxy 2 at (100, 0, 0) kpc, (-300, 150, 0) km/s."""
     files = copy.deepcopy(read_base())
     for name in ("galaxy1.json", "galaxy2.json"):
@@ -66,22 +75,26 @@ def job_files(point: Point, disk: int) -> dict[str, dict[str, Any]]:
         theta_galaxy_2=point[1], length_scale={"galaxy_1": 1, "galaxy_2": 0.8},
         position_galaxy_2={"x": 100, "y": 0, "z": 0},
         velocity_galaxy_2={"vx": -300, "vy": 150, "vz": 0})
-    files["interact.json"].update(mass_2=point[0], duration=1.0, nFrames=11)
+    files["interact.json"].update(mass_2=point[0], duration=1.0, nFrames=frames)
     return files
 
 
 def simulate(point: Point, disk: int) -> match.Snapshots:
     """One job through the site's galaxy, merge and interaction tasks (restricted physics)."""
-    files = job_files(point, disk)
     with tempfile.TemporaryDirectory() as tmp:
-        out = {name: Path(tmp) / name for name in ("g1", "g2", "merge", "interact")}
-        for folder in out.values():
-            folder.mkdir()
-        tasks.run_galaxy(files["galaxy1.json"], out["g1"])
-        tasks.run_galaxy(files["galaxy2.json"], out["g2"])
-        tasks.run_merge(files["merge.json"], out["g1"], out["g2"], out["merge"])
-        tasks.run_interact(files["interact.json"], out["merge"], out["interact"])
-        return match.load_snapshots(out["interact"] / match.SNAPSHOT_FILE)
+        return match.load_snapshots(simulate_into(job_files(point, disk), Path(tmp)))
+
+
+def simulate_into(files: dict[str, dict[str, Any]], folder: Path) -> Path:
+    """Run the job's tasks in `folder`; the path of its snapshots."""
+    out = {name: folder / name for name in ("g1", "g2", "merge", "interact")}
+    for path in out.values():
+        path.mkdir(parents=True)
+    tasks.run_galaxy(files["galaxy1.json"], out["g1"])
+    tasks.run_galaxy(files["galaxy2.json"], out["g2"])
+    tasks.run_merge(files["merge.json"], out["g1"], out["g2"], out["merge"])
+    tasks.run_interact(files["interact.json"], out["merge"], out["interact"])
+    return out["interact"] / match.SNAPSHOT_FILE
 
 
 class Runs:
@@ -141,13 +154,13 @@ def optuna_points(budget: int, seed: int, runs: Runs, target: match.Target,
     return points
 
 
-def make_target(disk: int) -> match.Target:
+def make_target_image(disk: int) -> match.F32:
     """The hidden job, richer: rendered on the target grid by the matcher's own render."""
     hidden = simulate(HIDDEN, disk * TARGET_STARS_FACTOR)
     grid = match.Target(np.zeros(SHAPE), CENTRES, "bench", Path("bench"))
     done = match.render_one(hidden, TARGET_FRAME, VIEWS[0], False, grid)
     assert done is not None
-    return match.Target(done[0], CENTRES, "bench", Path("bench"))
+    return done[0]
 
 
 def timing(snaps: match.Snapshots, target: match.Target) -> None:
@@ -167,6 +180,39 @@ def timing(snaps: match.Snapshots, target: match.Target) -> None:
           + ", ".join(f"{name} {ms:.2f} ms" for name, ms in per.items()))
 
 
+def sweep_timing(count: int, disk: int, workers: int, frames: int = 40, views: int = 6
+                 ) -> None:
+    """`match_jobs` itself (pool, cache, HDF5 reads) on `count` complete jobs of `frames`
+    frames, `views` directions each: one real run, its snapshots copied into every job
+    folder with a completion record, as `gibatch run` leaves them."""
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        snapshots = simulate_into(job_files(HIDDEN, disk, frames), root / "run")
+        digest = hashlib.sha256(snapshots.read_bytes()).hexdigest()
+        for k in range(count):
+            write_job(root / "jobs", f"j{k}", job_files((1.0 + k / count, 30.0), disk, frames))
+        for job in load_sweep(root / "jobs").jobs:
+            section = job.output / match.SNAPSHOT_SECTION
+            section.mkdir(parents=True)
+            shutil.copyfile(snapshots, section / match.SNAPSHOT_FILE)
+            record.write(job, {match.SNAPSHOT_SECTION: [FileRecord(
+                match.SNAPSHOT_FILE, snapshots.stat().st_size, digest)]}, "bench", 1, 0.0)
+        jobs = load_sweep(root / "jobs").jobs
+        goal = match.Target(make_target_image(disk), CENTRES, "sweep", Path("sweep"))
+        seconds = []
+        for _ in ("cold", "cached"):
+            t0 = time.perf_counter()
+            results = match.match_jobs(root / "jobs", jobs, goal,
+                                       match.Settings(views=views), workers=workers)
+            seconds.append(time.perf_counter() - t0)
+        assert all(r.scored == frames * views * 2 for r in results), results[0]
+    per_job = seconds[0] / count
+    print(f"match_jobs, {count} jobs x {frames} frames x {views} views x mirror, "
+          f"{workers} workers: {seconds[0]:.1f} s ({per_job * 1000 / frames / views:.2f} ms "
+          f"per job-frame-view), {seconds[1]:.2f} s from the cache; 500 such jobs: "
+          f"~{per_job * 500 / 60:.1f} min")
+
+
 def landscape(runs: Runs, target: match.Target) -> None:
     """Score against tilt at the hidden mass, and against mass at the hidden tilt."""
     tilts = [(HIDDEN[0], t) for t in TILTS]
@@ -183,8 +229,11 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--disk", type=int, default=1000,
                         help="disk stars per galaxy (bulge: a fifth of that)")
+    parser.add_argument("--sweep-jobs", type=int, default=20,
+                        help="jobs of 40 frames and 6 views for the match_jobs timing")
     parser.add_argument("--quick", action="store_true",
-                        help="budgets 4, 8, one seed, 200 disk stars, no landscape")
+                        help="budgets 4, 8, one seed, 200 disk stars, 2 sweep jobs, "
+                        "no landscape")
     args = parser.parse_args()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     budgets = (4, 8) if args.quick else (25, 50, 100)
@@ -192,9 +241,10 @@ def main() -> None:
     disk = 200 if args.quick else args.disk
     runs = Runs(disk, args.workers)
     try:
-        target = make_target(disk)
+        target = match.Target(make_target_image(disk), CENTRES, "bench", Path("bench"))
         (hidden,) = runs.snapshots([HIDDEN])
         timing(hidden, target)
+        sweep_timing(2 if args.quick else args.sweep_jobs, disk, args.workers)
         if not args.quick:
             landscape(runs, target)
         print(f"{'jobs':>5} {'grid distance':>14} {'optuna median':>14}  (normalised; 0 = "
