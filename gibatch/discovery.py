@@ -151,10 +151,10 @@ class JobCache(Database):
 
     def load(self) -> tuple[dict[str, Known], list[str]]:
         """Every job remembered, and the job names in the natural order last found."""
-        with self._lock:
-            rows = self._db.execute("SELECT * FROM known_jobs").fetchall()
+        with self._lock:  # row by row: no list of 100,000 rows beside the dictionary
+            known = {r[0]: r[1:] for r in self._db.execute("SELECT * FROM known_jobs")}
             order = self._db.execute("SELECT names FROM job_order").fetchall()
-        return {r[0]: r[1:] for r in rows}, (order[0][0].split("/") if order else [])
+        return known, (order[0][0].split("/") if order else [])
 
     def store(self, fresh: list[tuple[str, ...]], gone: list[str],
               restated: list[tuple[str, str]], order: list[str] | None) -> None:
@@ -197,14 +197,13 @@ def iter_jobs(root: Path, cache: JobCache) -> Iterator[Job | JobInvalid]:
         order = sorted(names, key=natural_key)
     fresh: list[tuple[str, ...]] = []
     restated: list[tuple[str, str]] = []  # (folder stat, name) of folders found unchanged
-    forget = set(known)  # what is not found again, or no longer valid
+    forget: list[str] = []  # found no longer valid, or changed while read
     top = os.fspath(root)
     for name in order:
         path = f"{top}/{name}"
-        hit = known.get(name)
+        hit = known.pop(name, None)  # a row is dropped once used: less memory at the peak
         sig = current(path, hit)
         if sig is not None and hit is not None and sig.same_files(hit):
-            forget.discard(name)
             if sig.folder != hit[0]:
                 restated.append((sig.folder, name))
             yield _decode(name, root / name, hit)
@@ -212,13 +211,15 @@ def iter_jobs(root: Path, cache: JobCache) -> Iterator[Job | JobInvalid]:
         try:
             job = load_job(root / name)
         except JobInvalid as exc:
+            forget.append(name)
             yield exc
             continue
         after = signature(path)
         if sig is not None and after is not None and after.same_files(sig):
-            forget.discard(name)  # unchanged while it was read: remembered
-            folder = sig.folder if after.folder == sig.folder else ""
-            fresh.append((name, folder, sig.files, sig.stats, *_encode(job)))
+            folder = sig.folder if after.folder == sig.folder else ""  # remembered: it
+            fresh.append((name, folder, sig.files, sig.stats, *_encode(job)))  # held still
+        else:
+            forget.append(name)
         yield job
     # Names that are not text (undecodable bytes) cannot be kept in SQLite: such a job
     # is read each time, and the order sorted each time.
@@ -226,7 +227,7 @@ def iter_jobs(root: Path, cache: JobCache) -> Iterator[Job | JobInvalid]:
     keep_order = not same_names and storable("/".join(order))
     # Another process may hold the database a long time: a later command remembers.
     with contextlib.suppress(sqlite3.Error):
-        cache.store(fresh, sorted(forget), restated, order if keep_order else None)
+        cache.store(fresh, [*known, *forget], restated, order if keep_order else None)
 
 
 def storable(text: str) -> bool:
