@@ -117,10 +117,11 @@ def test_merge_places_scales_and_tilts_galaxy_2() -> None:
     spread = np.std(ic.pos_kpc[disk] - offset, axis=0)
     assert spread[1] < 0.3 * spread[2]
     assert np.allclose(ic.normal[1], [0, -1, 0], atol=1e-12)
-    # Scaled: galaxy 2 (length scale 0.4) is smaller than galaxy 1 by that factor.
+    # Scaled: each galaxy by its length scale.
     r1 = galaxy.half_mass_radius(g1.pos, g1.mass) * MODEL_LENGTH_KPC
     r2 = galaxy.half_mass_radius(ic.pos_kpc[second], ic.mass_model[second])
-    assert r2 / r1 == pytest.approx(0.4 * galaxy.half_mass_radius(g2.pos, g2.mass)
+    scale = merge.length_scale.galaxy_2 / merge.length_scale.galaxy_1
+    assert r2 / r1 == pytest.approx(scale * galaxy.half_mass_radius(g2.pos, g2.mass)
                                     / galaxy.half_mass_radius(g1.pos, g1.mass), rel=1e-6)
     # Relative velocity as given, in the pair's centre-of-mass frame.
     run = InteractParams.model_validate(example("interact.json"))
