@@ -219,7 +219,6 @@ class _Pair:
     """
 
     def __init__(self, fields: tuple[Field, Field], n: int) -> None:
-        self.fields = fields
         self._table = np.concatenate([f.table for f in fields])
         self._slope = np.concatenate([np.append(np.diff(f.table), np.float32(0))
                                       for f in fields])
