@@ -20,7 +20,7 @@ import math
 import os
 import re
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -67,6 +67,9 @@ class Row:
     reason: str | None
     values: dict[str, Value]
     shots: list[Shot] = field(default_factory=list)
+    # (section, file in the job's folder, thumbnail file) of each shot shown. The shots'
+    # paths are let go once thumbnailed, but for the contact sheet's: 100,000 jobs.
+    pictures: list[tuple[str, str, str]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -229,7 +232,7 @@ def thumbnail_name(job: str, section: str) -> str:
     """One file name per job and plot, whatever the job's position: a thumbnail kept
     because it is newer than its image must be of that image, also after jobs were
     added to the sweep (named by position, another job's would be kept)."""
-    digest = hashlib.blake2b(os.fsencode(job), digest_size=10).hexdigest()
+    digest = hashlib.blake2b(os.fsencode(job), digest_size=8).hexdigest()
     return f"{digest}-{section.replace(' ', '')}.png"
 
 
@@ -273,9 +276,11 @@ def contact_sheet(rows: list[Row], dest: Path, tile: int = SHEET_TILE_PX,
     return len(shots)
 
 
-def collect_rows(sweep: Sweep, status: SweepStatus) -> tuple[list[Row], list[str]]:
+def collect_rows(sweep: Sweep, status: SweepStatus,
+                 take: Callable[[Row], None] = lambda row: None) -> tuple[list[Row], list[str]]:
     """A row per job (invalid ones last), with its values of the parameters that vary
-    (returned too, sorted) and, for a complete job, its plots."""
+    (returned too, sorted) and, for a complete job, its plots; `take` sees each job's
+    row as soon as its plots are found."""
     by_name = {j.name: j for j in status.jobs}
     rows = []
     variation = Variation()
@@ -287,6 +292,7 @@ def collect_rows(sweep: Sweep, status: SweepStatus) -> tuple[list[Row], list[str
             output = job.output
             row.shots = [find_shot(output / step.section) for step in job.steps
                          if step.stage is Stage.PLOT]
+        take(row)
         rows.append(row)
     keys = variation.finish()
     for st in status.jobs:
@@ -305,8 +311,8 @@ def _json_in_html(data: object) -> str:
     return json.dumps(data, separators=(",", ":")).replace("<", "\\u003c")
 
 
-def page_data(rows: list[Row], keys: list[str], root: Path, page_dir: Path, media: Path,
-              thumbs: Mapping[tuple[str, str], Path]) -> dict[str, object]:
+def page_data(rows: list[Row], keys: list[str], root: Path, page_dir: Path,
+              media: Path) -> dict[str, object]:
     """The table as the page's script reads it, compact: per row its name, state (an
     index into `states`), reason, the text of each key's value (null if absent) and
     its shots as [index into `targets`, thumbnail file]. Links are relative to the
@@ -317,15 +323,8 @@ def page_data(rows: list[Row], keys: list[str], root: Path, page_dir: Path, medi
     out = []
     for r in rows:
         shots = []
-        for shot in r.shots:
-            thumb = thumbs.get((r.name, shot.section))
-            target = shot.animation or shot.still
-            if thumb is None or target is None:
-                continue
-            # Where it lies in its job's folder: most jobs share a handful of these.
-            where = (shot.section, f"{OUTPUT_DIR}/{shot.section}/{target.name}")
-            index = targets.setdefault(where, len(targets))
-            shots.append([index, quote(thumb.name)])
+        for section, link, thumb in r.pictures:  # most jobs share a handful of links
+            shots.append([targets.setdefault((section, link), len(targets)), quote(thumb)])
         row: list[object] = [r.name, states.index(r.state.value), r.reason,
                              [None if (v := r.values.get(k)) is None else str(v)
                               for k in keys], shots]
@@ -372,23 +371,33 @@ def build_report(sweep: Sweep, status: SweepStatus, page: Path | None = None) ->
     # be taken for a job); beside any other page, in PAGE_files/.
     media = root / STATE_DIR / "report" if default else page.with_name(page.stem + "_files")
     sheet = page.with_name(SHEET_FILE) if default else media / SHEET_FILE
-    rows, keys = collect_rows(sweep, status)
-    thumbs: dict[tuple[str, str], Path] = {}
-    for row in rows:
+    media.mkdir(parents=True, exist_ok=True)
+    sheet_rows = 0
+
+    def take(row: Row) -> None:
+        """Thumbnails made; the shots kept only if the contact sheet will show them."""
+        nonlocal sheet_rows
         for shot in row.shots:
             if shot.still is not None:
-                dest = media / thumbnail_name(row.name, shot.section)
-                make_thumbnail(shot.still, dest)
-                thumbs[(row.name, shot.section)] = dest
-    media.mkdir(parents=True, exist_ok=True)
+                name = thumbnail_name(row.name, shot.section)
+                make_thumbnail(shot.still, media / name)
+                target = shot.animation or shot.still
+                row.pictures.append(
+                    (shot.section, f"{OUTPUT_DIR}/{shot.section}/{target.name}", name))
+        if row.shots and row.shots[0].still and sheet_rows < SHEET_MAX_TILES:
+            sheet_rows += 1
+        else:
+            row.shots = []
+
+    rows, keys = collect_rows(sweep, status, take)
     tiles = contact_sheet(rows, sheet)
-    data = page_data(rows, keys, root, page.parent, media, thumbs)
+    data = page_data(rows, keys, root, page.parent, media)
     text = render_page(root.resolve().name, rows, keys, data, sheet if tiles else None,
                        page.parent, tiles, match_section(sweep, rows, keys, media, page.parent))
     tmp = page.with_suffix(".tmp")
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, page)
-    return Report(page, sheet if tiles else None, len(rows), len(thumbs))
+    return Report(page, sheet if tiles else None, len(rows), sum(len(r.pictures) for r in rows))
 
 
 # -- the match section (when `gibatch match` or `gibatch search` has ranked the sweep)
