@@ -224,10 +224,11 @@ def iter_jobs(root: Path, cache: JobCache) -> Iterator[Job | JobInvalid]:
     # Names that are not text (undecodable bytes) cannot be kept in SQLite: such a job
     # is read each time, and the order sorted each time.
     fresh = [row for row in fresh if storable(row[0])]
+    gone = [*known, *(name for name in forget if storable(name))]  # the rest never was
     keep_order = not same_names and storable("/".join(order))
     # Another process may hold the database a long time: a later command remembers.
     with contextlib.suppress(sqlite3.Error):
-        cache.store(fresh, [*known, *forget], restated, order if keep_order else None)
+        cache.store(fresh, gone, restated, order if keep_order else None)
 
 
 def storable(text: str) -> bool:

@@ -234,8 +234,10 @@ def test_a_job_named_by_undecodable_bytes_is_read_each_time(tmp_path: Path,
     sweep_of(root, 2)
     odd = os.fsdecode(b"odd\xff")
     write_job(root, odd, tiny_job_files())
+    os.mkdir(os.fsencode(root) + b"/bad\xff")  # invalid too: forgotten, never stored
     load_sweep(root)
     reads.clear()
     sweep = load_sweep(root)
-    assert {p.parent.name for p in reads} == {odd}
+    assert {p.parent.name for p in reads} == {odd, os.fsdecode(b"bad\xff")}
     assert [j.name for j in sweep.jobs] == ["j0", "j1", odd]
+    assert sweep.invalid_jobs == [os.fsdecode(b"bad\xff")]
