@@ -29,16 +29,24 @@ GRID = (100, 120)  # rows, columns of the rendered target
 CENTRES = ((40.0, 55.0), (80.0, 45.0))
 
 
-def small_job(theta: float) -> dict[str, Any]:
-    """Enough stars to show a disk's tilt, few enough to run in seconds; the galaxies
-    close enough (60 kpc) for both disks to span many pixels of the target."""
-    files = tiny_job_files(**{"merge.json": {
-        "theta_galaxy_2": theta, "length_scale": {"galaxy_1": 1, "galaxy_2": 0.8},
-        "position_galaxy_2": {"x": 40, "y": 40, "z": 10}},
-                              "interact.json": {"duration": 0.4, "nFrames": 5}})
+def small_job(theta: float, mass_2: float = 1.5, disk: int = 300, duration: float = 0.6,
+              frames: int = 5) -> dict[str, Any]:
+    """Galaxy 2 (tilted by `theta`) passes galaxy 1 prograde: from (100, 0, 0) kpc at
+    (-300, 150, 0) km/s, pericentre ~30 kpc at 0.25 Gyr, tails out after, centres 30 kpc
+    or more apart in both plot views at every frame. The encounter is pinned here, not
+    taken from the example base job, whose orbit changes with the examples. `disk` stars
+    (and a fifth as many bulge stars) per galaxy: enough to show a disk's tilt, few
+    enough to run in seconds."""
+    files = tiny_job_files(**{
+        "merge.json": {"theta_galaxy_2": theta,
+                       "length_scale": {"galaxy_1": 1, "galaxy_2": 0.8},
+                       "position_galaxy_2": {"x": 100, "y": 0, "z": 0},
+                       "velocity_galaxy_2": {"vx": -300, "vy": 150, "vz": 0}},
+        "interact.json": {"duration": duration, "nFrames": frames, "softening": 1,
+                          "mass_1": 15, "mass_2": mass_2}})
     for g in ("galaxy1.json", "galaxy2.json"):
-        files[g] = {**files[g], "disk": {**files[g]["disk"], "number_of_particles": 300},
-                    "bulge": {"number_of_particles": 60}}
+        files[g] = {**files[g], "disk": {**files[g]["disk"], "number_of_particles": disk},
+                    "bulge": {"number_of_particles": disk // 5}}
     return files
 
 

@@ -29,8 +29,12 @@ from tests.test_match import small_job
 HIDDEN_MASS_2, HIDDEN_THETA = 2.0, 50.0
 BUDGET = 14
 # Reached with this budget (seed 1): the best trial's mass ratio within a factor 1.6 of
-# the hidden one (measured: 2.004 for 2.0). The tilt is NOT recovered at this budget and
-# these small galaxies (measured best 0.7 deg for 50): it is not asserted; see the note.
+# the hidden one (measured: 2.16 for 2.0). The tilt is not asserted: with 360 stars a
+# galaxy, each trial's interaction draws new star velocities (its seed follows mass_2),
+# and that noise in the score is as large as a 10-20 degree tilt step (measured: best
+# 27 degrees for 50; offline, 2 of 4 seeds within 10 degrees at this budget). The
+# benchmark (tests/benchmarks/match.py: 2,400 stars, 25-100 trials) recovers the tilt
+# to about 6 degrees; see the note.
 MASS_FACTOR_TOL = 1.6
 SPACE = """
 "interact.mass_2" = {low = 0.5, high = 4.0, log = true}

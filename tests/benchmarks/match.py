@@ -31,7 +31,6 @@ nothing (`tests/test_benchmarks.py` runs --quick).
 from __future__ import annotations
 
 import argparse
-import copy
 import hashlib
 import math
 import shutil
@@ -50,7 +49,8 @@ from gibatch.children import process_pool
 from gibatch.jobs import load_sweep
 from gibatch.sim import tasks
 from gibatch.transfer import FileRecord
-from tests.conftest import read_base, write_job
+from tests.conftest import write_job
+from tests.test_match import small_job
 
 Point = tuple[float, float]  # (mass_2, theta_galaxy_2)
 
@@ -65,18 +65,8 @@ VIEWS = [match.axes_view("x", "y"), match.axes_view("x", "z")]  # the plots' own
 
 
 def job_files(point: Point, disk: int, frames: int = 11) -> dict[str, dict[str, Any]]:
-    """The example base job with galaxy 2 at (100, 0, 0) kpc, (-300, 150, 0) km/s."""
-    files = copy.deepcopy(read_base())
-    for name in ("galaxy1.json", "galaxy2.json"):
-        files[name]["disk"]["number_of_particles"] = disk
-        files[name]["bulge"]["number_of_particles"] = disk // 5
-        files[name]["halo"]["number_of_particles"] = 30  # a smooth field: count irrelevant
-    files["merge.json"].update(
-        theta_galaxy_2=point[1], length_scale={"galaxy_1": 1, "galaxy_2": 0.8},
-        position_galaxy_2={"x": 100, "y": 0, "z": 0},
-        velocity_galaxy_2={"vx": -300, "vy": 150, "vz": 0})
-    files["interact.json"].update(mass_2=point[0], duration=1.0, nFrames=frames)
-    return files
+    """The tests' passage (galaxy 2 from (100, 0, 0) kpc at (-300, 150, 0) km/s), 1 Gyr."""
+    return small_job(point[1], point[0], disk, 1.0, frames)
 
 
 def simulate(point: Point, disk: int) -> match.Snapshots:
