@@ -199,8 +199,8 @@ def sweep_timing(count: int, disk: int, workers: int, frames: int = 40, views: i
     per_job = seconds[0] / count
     print(f"match_jobs, {count} jobs x {frames} frames x {views} views x mirror, "
           f"{workers} workers: {seconds[0]:.1f} s ({per_job * 1000 / frames / views:.2f} ms "
-          f"per job-frame-view), {seconds[1]:.2f} s from the cache; 500 such jobs: "
-          f"~{per_job * 500 / 60:.1f} min")
+          f"per job-frame-view, the pool's start-up included), {seconds[1]:.2f} s from the "
+          f"cache; 500 such jobs: ~{per_job * 500 / 60:.1f} min")
 
 
 def landscape(runs: Runs, target: match.Target) -> None:
