@@ -125,10 +125,10 @@ class _Completions(Database):
 
     def load(self) -> dict[str, Row]:
         """name -> (sections, signature, lineage, model) of every record remembered."""
-        with self._lock:
-            rows = self._db.execute("SELECT * FROM completions").fetchall()
         shared: dict[str, str] = {}  # most jobs list the same sections
-        return {r[0]: (shared.setdefault(r[1], r[1]), r[2], r[3], r[4]) for r in rows}
+        with self._lock:  # row by row: no list of 100,000 rows beside the dictionary
+            return {r[0]: (shared.setdefault(r[1], r[1]), r[2], r[3], r[4])
+                    for r in self._db.execute("SELECT * FROM completions")}
 
     def store(self, fresh: list[tuple[str, str, str, str, int | None]],
               gone: list[str]) -> None:
@@ -196,7 +196,10 @@ def _examine(job: Job, seen_ns: int) -> tuple[dict[str, Any] | None, Row | None]
 def completed(root: Path, jobs: Iterable[Job]) -> dict[str, int | None]:
     """name -> model number (None if the record has none) of each of `jobs` that is
     complete, as `complete_record` says; reads only the records that are new or changed
-    since the last call (module docstring). Without a usable database, reads them all."""
+    since the last call (module docstring). Without a usable database, reads them all.
+
+    `jobs` are all the valid jobs of the sweep at `root`: what is remembered of any
+    other name is forgotten."""
     try:
         cache: _Completions | None = _Completions(root)
     except (OSError, sqlite3.Error):
