@@ -37,7 +37,7 @@ import math
 import os
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import as_completed
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -92,6 +92,9 @@ class Target:
     path: Path
     blur_px: float = DEFAULT_BLUR_PX
     given: tuple[tuple[float, float], tuple[float, float]] | None = None  # as the user gave
+    # Comparison-grid pixels to the pixels of the image as given (and its convention):
+    # x = ax * x_grid + bx, y = ay * y_grid + by.
+    grid_to_given: tuple[float, float, float, float] = (1.0, 0.0, 1.0, 0.0)
 
     # Computed once per target (and per scoring process), not per render.
     @cached_property
@@ -106,15 +109,26 @@ class Target:
     def ssim_side(self) -> SsimSide:
         return SsimSide.of(self.image)
 
+    @property
+    def given_px_per_grid_px(self) -> float:
+        ax, _, ay, _ = self.grid_to_given
+        return math.sqrt(abs(ax * ay))
+
     def on_grid(self, kpc_per_px: tuple[float, float]) -> tuple[float, float]:
         """A scale range per pixel of the image as given, per pixel of the comparison grid
         (a shrunk target's pixels span more)."""
-        if self.given is None:
-            return kpc_per_px
-        (x1, y1), (x2, y2) = self.centres
-        (u1, v1), (u2, v2) = self.given
-        shrink = math.hypot(x2 - x1, y2 - y1) / math.hypot(u2 - u1, v2 - v1)
-        return kpc_per_px[0] / shrink, kpc_per_px[1] / shrink
+        per = self.given_px_per_grid_px
+        return kpc_per_px[0] * per, kpc_per_px[1] * per
+
+    def as_given(self, score: Score) -> Score:
+        """A score's scale and offsets in pixels of the image as given (the cache keeps
+        them in comparison-grid pixels)."""
+        if score.kpc_per_px is None or score.offset_x_px is None or score.offset_y_px is None:
+            return score
+        ax, bx, ay, by = self.grid_to_given
+        return replace(score, kpc_per_px=score.kpc_per_px / self.given_px_per_grid_px,
+                       offset_x_px=ax * score.offset_x_px + bx,
+                       offset_y_px=ay * score.offset_y_px + by)
 
 
 def _grey(image: Image.Image) -> F64:
@@ -177,13 +191,15 @@ def load_target(path: Path, centres: tuple[tuple[float, float], tuple[float, flo
     sx, sy = image.size[0] / width, image.size[1] / height
     # Pixel (x, y) spans x..x+1, so its centre maps to (x + 0.5) * s - 0.5.
     on_grid = tuple(((x + 0.5) * sx - 0.5, (y + 0.5) * sy - 0.5) for x, y in on_image)
+    back = ((1 / sx, 0.5 / sx, -1 / sy, height + 1 - 0.5 / sy) if fits  # 1-based, y up
+            else (1 / sx, 0.5 / sx - 0.5, 1 / sy, 0.5 / sy - 0.5))
     key = hashlib.sha256(json.dumps([hashlib.sha256(data).hexdigest(), centres, blur_px,
                                      SCORE_VERSION, GRID_PX_MAX]).encode()).hexdigest()[:24]
     # The target gets the renders' blur too: both at one resolution, and its pixel noise
     # (which SSIM's structure term would otherwise compare) smoothed away.
     grey = ndimage.gaussian_filter(_grey(image), blur_px) if blur_px > 0 else _grey(image)
     return Target(normalise(grey), on_grid, key, path.resolve(),  # type: ignore[arg-type]
-                  blur_px, centres)
+                  blur_px, centres, back)
 
 
 def _pil_image(path: Path) -> Image.Image:
@@ -743,6 +759,11 @@ def best_of(scores: Iterable[Score], metric: Metric) -> Score | None:
     return max(found, key=lambda s: s.value(metric) or 0.0, default=None)
 
 
+def _result(job: str, scores: list[Score], metric: Metric, target: Target) -> Result:
+    best = best_of(scores, metric)
+    return Result(job, None if best is None else target.as_given(best), len(scores))
+
+
 def _score_job(job_name: str, path: Path, views: list[View], target: Target,
                skip: frozenset[tuple[int, str, bool]], kpc_per_px: tuple[float, float] | None
                ) -> tuple[str, list[Score]]:
@@ -808,8 +829,7 @@ def match_jobs(root: Path, jobs: Sequence[Job], target: Target, settings: Settin
             if len(done) < frames * len(views) * 2:
                 todo[job.name] = _Work(job, digest, views, cached, done)
             else:
-                results[job.name] = Result(job.name, best_of(cached, settings.metric),
-                                           len(cached))
+                results[job.name] = _result(job.name, cached, settings.metric, target)
         total = len(jobs)
         finished = total - len(todo)
         if progress:
@@ -817,9 +837,8 @@ def match_jobs(root: Path, jobs: Sequence[Job], target: Target, settings: Settin
         scale = None if settings.kpc_per_px is None else target.on_grid(settings.kpc_per_px)
         for work, scores in _run_pool(list(todo.values()), target, scale, workers):
             cache.put(key, work.job.name, work.digest, scores)
-            everything = [*work.cached, *scores]
-            results[work.job.name] = Result(work.job.name, best_of(everything, settings.metric),
-                                            len(everything))
+            results[work.job.name] = _result(work.job.name, [*work.cached, *scores],
+                                             settings.metric, target)
             finished += 1
             if progress:
                 progress(finished, total)
@@ -867,7 +886,10 @@ CSV_COLUMNS = ["rank", "job", "score", "ssim", "iou", "nmi", "time_gyr", "frame"
 
 def write_results(root: Path, results: Sequence[Result], target: Target, settings: Settings
                   ) -> Path:
-    """`DIR/.gibatch/match/ranking.csv` and `match.json` (the target and the settings)."""
+    """`DIR/.gibatch/match/ranking.csv` and `match.json` (the target and the settings).
+
+    Scale and offsets are in pixels of the target as given (FITS: 1-based, y up).
+    """
     folder = match_dir(root)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / RANKING_FILE

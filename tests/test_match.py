@@ -191,6 +191,7 @@ def test_a_known_scale_skips_frames_that_would_need_another(sweep: Path, tmp_pat
     results = match.match_jobs(sweep, load_sweep(sweep).jobs, goal, settings, workers=1)
     best = results[0].best
     assert results[0].job == HIDDEN and best is not None and best.frame == 3, results[0]
+    assert best.kpc_per_px == pytest.approx(true, rel=0.02)  # reported as given, too
     cache = match.ScoreCache(sweep)
     try:
         digest = match.snapshot_digest(job)
@@ -260,6 +261,11 @@ def test_fits_targets_rank_as_the_same_png(sweep: Path, tmp_path: Path) -> None:
         assert first.job == png.job == HIDDEN and first.best and png.best
         assert (first.best.frame, first.best.view, first.best.mirror) == (3, "x-z", False)
         assert first.best.ssim == pytest.approx(png.best.ssim, abs=1e-6), name
+        # the same scale; the offset in FITS pixels (1-based, y up)
+        assert first.best.kpc_per_px == pytest.approx(png.best.kpc_per_px, rel=1e-9)
+        assert png.best.offset_x_px is not None and png.best.offset_y_px is not None
+        assert (first.best.offset_x_px, first.best.offset_y_px) == pytest.approx(
+            (png.best.offset_x_px + 0.5, height + 0.5 - png.best.offset_y_px))
     (tmp_path / "cube.fits").write_bytes(fits_bytes(pixels, planes=3))
     (tmp_path / "cut.fits").write_bytes(fits_bytes(pixels)[:4000])
     for name, message in (("cube.fits", "cube"), ("cut.fits", "truncated")):
