@@ -88,8 +88,8 @@ class PendingJobs:
             return None
         return self._jobs[number]
 
-    def take_best(self, held: Mapping[str, str], cost: Mapping[Stage, float]) -> Job | None:
-        """Remove and return the job saving the most on a model holding `held`."""
+    def best(self, held: Mapping[str, str], cost: Mapping[Stage, float]) -> Job | None:
+        """The job saving the most on a model holding `held` (left pending)."""
         candidates = {self._earliest(self._all)}
         for key in self._keys_held(held):
             candidates.add(self._earliest(self._buckets.get(key, [])))
@@ -98,8 +98,12 @@ class PendingJobs:
             return None
         best = min((c for c in candidates if c is not None), key=lambda e: (
             -saving(held, self._jobs[e[1]], cost), e[0]))
-        del self._position[best[1]]
         return self._jobs[best[1]]
+
+    def take_best(self, held: Mapping[str, str], cost: Mapping[Stage, float]) -> Job | None:
+        """Remove and return the job saving the most on a model holding `held`."""
+        job = self.best(held, cost)
+        return None if job is None else self.take(job.name)
 
     # -- the index
 

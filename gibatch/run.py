@@ -119,7 +119,7 @@ class Scheduler:
         self.summary = Summary()
         self.durations = Durations(journal)
         self.pending = PendingJobs()
-        self.adopted: dict[int, Job] = {}  # model -> the job whose task it adopts
+        self.adopted: dict[int, Job] = {}  # model -> a job already its own at the start
         self.claims: dict[str, JobClaim] = {}
         self.vanished: dict[str, int] = {}
         self.finishing: set[str] = set()  # jobs whose downloads are under way
@@ -204,14 +204,19 @@ class Scheduler:
         return self.summary
 
     def _reserve_adopted(self, workers: list[ModelWorker]) -> None:
-        """Give each model the job whose task a crash left on it, before any worker picks.
-
-        The model adopts that task when it reconciles (and then holds its results); a
-        model that reconciled sooner must not take the job and run the task again.
+        """Before any worker picks, give each model the job that is already its own:
+        the one whose task a crash left on it (it adopts the task when it reconciles),
+        else one whose every step it holds (a crash cut only its downloads). A model
+        that reconciled sooner must not take such a job and run its tasks again.
         """
         for worker in workers:
             intent = self.journal.intent(self.site, worker.model)
             job = self.pending.take(intent.job) if intent is not None else None
+            if job is None:
+                best = self.pending.best(worker.memory.held, self.durations.estimates)
+                if best is not None and all(worker.memory.holds(best, step) is not None
+                                            for step in best.steps):
+                    job = self.pending.take(best.name)
             if job is not None:
                 self.adopted[worker.model] = job
 

@@ -134,34 +134,43 @@ def test_kill_9_then_resume(three_jobs: Path, tmp_path: Path,
 
 @pytest.mark.slow
 @pytest.mark.timeout(400)
-def test_a_task_adopted_after_kill_9_keeps_its_job_on_its_model(
-        three_jobs: Path, tmp_path: Path) -> None:
-    """After a crash, the job whose task is still on model 2 stays with model 2, though
-    model 1 is free at once (model 2 first waits for the adopted task to end)."""
-    for other in ("b", "c"):
-        (three_jobs / other).rename(tmp_path / other)
-    env = {"GIBATCH_LOCK_DIR": str(tmp_path / "locks")}
+@pytest.mark.parametrize("moment", [("step-submitted", "interact"),
+                                    ("step-completed", "plot2")])
+def test_after_kill_9_a_job_stays_on_the_model_that_holds_its_work(
+        three_jobs: Path, tmp_path: Path, make_site: Callable[..., ThreadedSite],
+        moment: tuple[str, str]) -> None:
+    """After a crash, the job whose task is still on model 2 (adopted when model 2
+    reconciles), or whose every result model 2 holds (killed while downloading), stays
+    with model 2, though model 1 is free at once and picks first."""
+    (three_jobs / "b").rename(tmp_path / "b")
+    (three_jobs / "a").rename(tmp_path / "a")
+    site = make_site()
+    server, env = _site_process_env(site, tmp_path)
     log = tmp_path / "gibatch.log"
-    first = gibatch(log, "run", "--jobs", str(three_jobs), "--models", "2", env=env)
+    # c on model 1: model 1 then holds a's galaxies and merge, and knows its sections,
+    # so it reconciles at once after the crash and would take a for its saving.
+    assert gibatch(log, "run", "--jobs", str(three_jobs), "--models", "1", *server,
+                   env=env).wait(timeout=240) == 0, log.read_text()
+    (tmp_path / "a").rename(three_jobs / "a")
+    site.running.site.config.stream_rate_mb_s = 0.05  # downloads take seconds: cut them
+    first = gibatch(log, "run", "--jobs", str(three_jobs), "--models", "2", *server, env=env)
     try:
-        wait_for_event(three_jobs, "step-submitted", "interact", deadline_s=90)
+        wait_for_event(three_jobs, *moment, deadline_s=90, job="a")
     finally:
         first.send_signal(signal.SIGKILL)
         first.wait(timeout=30)
-    second = gibatch(log, "run", "--jobs", str(three_jobs), "--models", "1-2", env=env)
+    site.running.site.config.stream_rate_mb_s = 0.0
+    second = gibatch(log, "run", "--jobs", str(three_jobs), "--models", "1-2", *server,
+                     env=env)
     second.wait(timeout=240)
     out = log.read_text()
     assert second.returncode == 0, out
-    site_dir = three_jobs / ".gibatch" / "site"
-    assert_jobs_match_ledger(three_jobs, site_dir)
-    import sqlite3
-
-    with sqlite3.connect(site_dir / "site.db") as db:
-        models = dict(db.execute("SELECT model, COUNT(*) FROM tasks GROUP BY model"))
-    assert models == {2: 6}, out  # the adopted interaction and the plots; nothing twice
-    events = Journal(three_jobs).events()
-    assert [(e.model, e.step) for e in events if e.event == "step-adopted"] == [
-        (2, "interact")]
+    assert_jobs_match_ledger(three_jobs, site.running.site.config.data_dir)
+    tasks = site.running.site.store.tasks("alice")
+    assert [t.model for t in tasks] == [1] * 6 + [2] * 6, out  # a's tasks once, on model 2
+    adopted = [(e.model, e.step) for e in Journal(three_jobs).events()
+               if e.event == "step-adopted"]
+    assert adopted == ([(2, "interact")] if moment[1] == "interact" else []), out
 
 
 @pytest.mark.slow
