@@ -10,7 +10,7 @@ target's resolution) and log-stretched, as the course's plots are, and compared:
 
 - SSIM: `skimage.metrics.structural_similarity` with Gaussian weights and data range 1,
   computed by `ssim_of` to within float32 rounding of skimage's value (tests check it),
-  at a third of the cost: the target's side of the formula is filtered once, not per
+  in about half the time: the target's side of the formula is filtered once, not per
   render, and the render's three filtered images go through one separable filter call,
 - IoU, the overlap of the two images' masks above MASK_LEVEL (galaxyJSPAM's measure),
 - NMI, normalised mutual information ((H(A) + H(B)) / H(A, B), 1 to 2).
@@ -19,6 +19,10 @@ Higher is better for all three. A mirror image (the sky may show the encounter f
 is tried for every view: it is the conjugate of the sky-plane coordinates. Rotation in
 the sky plane needs no trying, the transform absorbs it; so only directions matter, and
 a hemisphere of them suffices (the opposite direction sees the mirror image).
+
+Targets are any image PIL reads, or FITS (read here: see "FITS targets"). When the
+target's scale is known (`Settings.kpc_per_px`), frames whose centres would need
+another are not rendered at all.
 
 Scores are cached in SQLite (`DIR/.gibatch/match/scores.db`) per (target, job results,
 frame, view, mirror): the job's results are named by the sha256 of its snapshots in its
@@ -35,6 +39,7 @@ import io
 import json
 import math
 import os
+import zlib
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import as_completed
 from dataclasses import asdict, dataclass, field, replace
@@ -224,17 +229,22 @@ FITS_CARD = 80
 _FITS_DTYPES = {8: ">u1", 16: ">i2", 32: ">i4", 64: ">i8", -32: ">f4", -64: ">f8"}
 _GZIP_MAGIC = b"\x1f\x8b"
 FITS_PIXELS_MAX = 100_000_000  # PIL refuses images of this order as decompression bombs
+FITS_BYTES_MAX = 1 << 30  # what a .fits.gz may inflate to
 
 
 def is_fits(data: bytes) -> bool:
     """Whether the bytes (or their gzip stream) begin as every FITS file must."""
-    head = data[:9]
-    if data[:2] == _GZIP_MAGIC:
-        try:
-            head = gzip.GzipFile(fileobj=io.BytesIO(data)).read(9)
-        except (OSError, EOFError):
-            return False
-    return head == b"SIMPLE  ="
+    try:
+        return _inflated(data, 9)[:9] == b"SIMPLE  ="
+    except (OSError, EOFError, zlib.error):
+        return False
+
+
+def _inflated(data: bytes, limit: int) -> bytes:
+    """The data, or at most `limit` bytes of their gzip stream."""
+    if data[:2] != _GZIP_MAGIC:
+        return data
+    return gzip.GzipFile(fileobj=io.BytesIO(data)).read(limit)
 
 
 def _fits_header(data: bytes, start: int) -> tuple[dict[str, str], int]:
@@ -263,8 +273,9 @@ def _fits_header(data: bytes, start: int) -> tuple[dict[str, str], int]:
 def read_fits(data: bytes) -> F64:
     """The first HDU holding a 2-D image (axes beyond two must be 1), as floats with
     BSCALE, BZERO and BLANK applied, top row first (FITS stores the bottom row first)."""
-    if data[:2] == _GZIP_MAGIC:
-        data = gzip.decompress(data)
+    data = _inflated(data, FITS_BYTES_MAX + 1)
+    if len(data) > FITS_BYTES_MAX:
+        raise MatchError(f"more than {FITS_BYTES_MAX} bytes once inflated")
     pos, hdu = 0, 0
     while pos < len(data):
         header, pos = _fits_header(data, pos)
@@ -308,7 +319,7 @@ def _fits_image(data: bytes, path: Path) -> Image.Image:
         values = read_fits(data)
     except MatchError as exc:
         raise MatchError(f"--target {path}: not a FITS image gibatch can read: {exc}") from None
-    except (OSError, EOFError) as exc:
+    except (OSError, EOFError, zlib.error) as exc:
         raise MatchError(f"--target {path}: a broken gzip stream: {exc}") from None
     finite = np.isfinite(values)
     if not finite.any():

@@ -268,7 +268,9 @@ def test_fits_targets_rank_as_the_same_png(sweep: Path, tmp_path: Path) -> None:
             (png.best.offset_x_px + 0.5, height + 0.5 - png.best.offset_y_px))
     (tmp_path / "cube.fits").write_bytes(fits_bytes(pixels, planes=3))
     (tmp_path / "cut.fits").write_bytes(fits_bytes(pixels)[:4000])
-    for name, message in (("cube.fits", "cube"), ("cut.fits", "truncated")):
+    (tmp_path / "cut.fits.gz").write_bytes(gzip.compress(fits_bytes(pixels))[:-100])
+    for name, message in (("cube.fits", "cube"), ("cut.fits", "truncated"),
+                          ("cut.fits.gz", "broken gzip stream")):
         with pytest.raises(match_settings.MatchError, match=message):
             match.load_target(tmp_path / name, match_settings.parse_centres(fits_centres))
     with pytest.raises(match_settings.MatchError, match=r"FITS pixels: 1-based, y up"):
