@@ -173,6 +173,14 @@ def test_match_command_writes_the_ranking(sweep: Path, tmp_path: Path) -> None:
     first = rows[1].split(",")
     assert first[1] == HIDDEN and first[2] == first[3]  # ranked by SSIM, the default
     assert "4 jobs scored" in result.output
+    # the report shows the target beside the best renders, and score against theta
+    page = tmp_path / "r.html"
+    shown = CliRunner().invoke(app, ["report", "--jobs", str(sweep), "--out", str(page)])
+    assert shown.exit_code == 0, shown.output
+    html = page.read_text()
+    assert "Match against cli.png" in html and f"1. {HIDDEN}: score" in html
+    media = tmp_path / "r_files"
+    assert (media / "match-0.png").exists() and list(media.glob("match-score-*.png"))
 
 
 @pytest.mark.slow
