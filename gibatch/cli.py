@@ -502,12 +502,28 @@ def _progress_bar() -> Progress:
 
 
 # Options `match` and `search` share, so that both say the same.
-_Target = Annotated[Path, typer.Option(help="Image of the observed pair (PNG, JPEG, ...).")]
+_Target = Annotated[Path, typer.Option(
+    help="Image of the observed pair (PNG, JPEG, ..., or FITS).")]
 _Centres = Annotated[str, typer.Option(
-    help="Pixel centres X1,Y1,X2,Y2 of galaxy 1 and galaxy 2 (x right, y down).")]
+    help="Pixel centres X1,Y1,X2,Y2 of galaxy 1 and galaxy 2 (x right, y down; FITS: "
+         "1-based, y up, as ds9 shows them).")]
 _Views = Annotated[int, typer.Option(
     help="0: the plots' own axes; N: N directions spread over the sphere.")]
 _Blur = Annotated[float, typer.Option(help="Blur of the renders, in target pixels.")]
+_Scale = Annotated[str | None, typer.Option(
+    "--kpc-per-px", help="LOW,HIGH: kpc one target pixel may span (when the pair's "
+    "distance is known); frames that would need another scale are not scored.")]
+
+
+def _settings(views: int, metric: match_settings.Metric, kpc_per_px: str | None
+              ) -> match_settings.Settings:
+    """How `match` and `search` score, or exit 2 with the reason."""
+    try:
+        scale = None if kpc_per_px is None else match_settings.parse_scale(kpc_per_px)
+    except match_settings.MatchError as exc:
+        raise _usage_error(str(exc)) from None
+    return match_settings.Settings(views=views, metric=metric, kpc_per_px=scale)
+
 
 @app.command("match")
 def match_command(
@@ -518,6 +534,7 @@ def match_command(
     = match_settings.Metric.SSIM,
     views: _Views = 0,
     blur: _Blur = match_settings.DEFAULT_BLUR_PX,
+    kpc_per_px: _Scale = None,
     top: Annotated[int, typer.Option(min=1, help="Rows of the table shown.")] = 20,
     workers: Annotated[int | None, typer.Option(
         min=1, help="Scoring processes (default: every core).")] = None,
@@ -532,7 +549,7 @@ def match_command(
 
     sweep = _load_sweep(_require_job_folders(jobs))
     goal = _match_target(target, centres, blur, views)
-    settings = match_settings.Settings(views=views, metric=metric)
+    settings = _settings(views, metric, kpc_per_px)
     with _progress_bar() as bar:
         task = bar.add_task("scoring jobs", total=len(sweep.jobs))
         results = match.match_jobs(jobs, sweep.jobs, goal, settings, workers,
@@ -598,6 +615,7 @@ def search_command(
     = match_settings.Metric.SSIM,
     views: _Views = 0,
     blur: _Blur = match_settings.DEFAULT_BLUR_PX,
+    kpc_per_px: _Scale = None,
     seed: Annotated[int | None, typer.Option(help="Seed of Optuna's sampler.")] = None,
     server: Annotated[str | None, typer.Option(
         help="Base URL of a GI site, e.g. https://HOST/ast80011. Default: the embedded one.")
@@ -627,7 +645,7 @@ def search_command(
     except (sweep_module.SweepError, search.SearchError) as exc:
         raise _usage_error(str(exc)) from None
     goal = _match_target(target, centres, blur, views)
-    settings = match_settings.Settings(views=views, metric=metric)
+    settings = _settings(views, metric, kpc_per_px)
     jobs.mkdir(parents=True, exist_ok=True)
     _jobs_dir(jobs)
     secret = _password(password_file) if server is not None else ""

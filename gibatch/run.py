@@ -35,6 +35,7 @@ from gibatch.errors import (
     ResultVanished,
     leaves,
 )
+from gibatch.holdings import saving
 from gibatch.jobs import Job, Sweep
 from gibatch.journal import Event, Journal
 from gibatch.memory import ModelMemory
@@ -206,16 +207,19 @@ class Scheduler:
     def _reserve_adopted(self, workers: list[ModelWorker]) -> None:
         """Before any worker picks, give each model the job that is already its own:
         the one whose task a crash left on it (it adopts the task when it reconciles),
-        else one whose every step it holds (a crash cut only its downloads). A model
-        that reconciled sooner must not take such a job and run its tasks again.
+        else its best job if it holds more of it than any other model does (a crash cut
+        that job's later steps or its downloads). A model that reconciled sooner must
+        not take such a job and run its tasks again.
         """
+        cost = self.durations.estimates
         for worker in workers:
             intent = self.journal.intent(self.site, worker.model)
             job = self.pending.take(intent.job) if intent is not None else None
-            if job is None:
-                best = self.pending.best(worker.memory.held, self.durations.estimates)
-                if best is not None and all(worker.memory.holds(best, step) is not None
-                                            for step in best.steps):
+            best = None if job is not None else self.pending.best(worker.memory.held, cost)
+            if best is not None:
+                here = saving(worker.memory.held, best, cost)
+                if here > 0 and all(here > saving(other.memory.held, best, cost)
+                                    for other in workers if other is not worker):
                     job = self.pending.take(best.name)
             if job is not None:
                 self.adopted[worker.model] = job

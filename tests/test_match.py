@@ -317,6 +317,11 @@ def test_bad_targets_and_centres_are_named(one_job: Path, tmp_path: Path) -> Non
     for text in ("1", "2,1", "0,1", "1,inf"):
         with pytest.raises(match_settings.MatchError, match="--kpc-per-px"):
             match_settings.parse_scale(text)
+    pixels = np.zeros((48, 64), np.uint8)
+    pixels[10:20, 10:20] = 200
+    Image.fromarray(pixels).save(image)
+    assert "need 0 < LOW <= HIGH" in bad([*args, str(image), "--centres", "12,12,40,30",
+                                          "--kpc-per-px", "3,1"])
 
 
 def test_bad_search_inputs_are_named(tmp_path: Path) -> None:
