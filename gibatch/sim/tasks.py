@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import io
 import json
 import time
 from collections.abc import Iterator
@@ -159,12 +158,14 @@ class AsciiWriter:
         self._file.write(ASCII_HEADER + "\n")
         self._type = particle_type.astype(np.float64)[:, None]
 
+    ROW = "%d,%.3f,%.3f,%.3f,%.2f,%.2f,%.2f\n"
+
     def frame(self, time_gyr: float, pos: np.ndarray, vel: np.ndarray) -> None:
         self._file.write(f"TIMESTEP = {time_gyr:.6g}\n")
-        buf = io.StringIO()
-        np.savetxt(buf, np.hstack([self._type, pos, vel]),
-                   fmt=["%d", "%.3f", "%.3f", "%.3f", "%.2f", "%.2f", "%.2f"], delimiter=",")
-        self._file.write(buf.getvalue())
+        rows = np.hstack([self._type, pos, vel])
+        # One % over the whole frame: the same text as np.savetxt, which formats row by
+        # row in Python, in half the time (most of a large job's CSV cost).
+        self._file.write((self.ROW * len(rows)) % tuple(rows.ravel().tolist()))
 
 
 def _frame_dataset(f: h5py.File, name: str, shape: tuple[int, ...]) -> h5py.Dataset:
