@@ -348,7 +348,7 @@ def render_page(title: str, rows: list[Row], keys: list[str], data: Mapping[str,
         f'placeholder="min"> <input type="number" step="any" data-max="{i}" '
         f'placeholder="max"></label>'
         for i, k in enumerate(keys) if k in numeric)
-    complete = sum(1 for r in rows if r.shots)
+    complete = sum(1 for r in rows if r.pictures)
     sheet_link = "" if sheet is None else (
         f'<a href="{_url(sheet, page_dir)}">contact sheet</a>'
         + (f" (the first {sheet_tiles} complete jobs)" if sheet_tiles < complete else ""))
@@ -390,7 +390,7 @@ def build_report(sweep: Sweep, status: SweepStatus, page: Path | None = None) ->
             row.shots = []
 
     rows, keys = collect_rows(sweep, status, take)
-    tiles = contact_sheet(rows, sheet)
+    tiles = contact_sheet(rows, sheet, most=SHEET_MAX_TILES)
     data = page_data(rows, keys, root, page.parent, media)
     text = render_page(root.resolve().name, rows, keys, data, sheet if tiles else None,
                        page.parent, tiles, match_section(sweep, rows, keys, media, page.parent))

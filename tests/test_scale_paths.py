@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from gibatch import discovery, record, steps
+from gibatch import discovery, record, report, steps
 from gibatch.discovery import load_sweep
 from gibatch.jobs import Job, Sweep
 from gibatch.journal import Event, Journal
@@ -249,7 +249,9 @@ def png(path: Path, colour: str = "red") -> None:
     Image.new("RGB", (40, 30), colour).save(path)
 
 
-def test_the_page_holds_every_row_as_json_and_no_name_breaks_it(tmp_path: Path) -> None:
+def test_the_page_holds_every_row_as_json_and_no_name_breaks_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(report, "SHEET_MAX_TILES", 2)
     root = tmp_path / "jobs"
     hostile = "<!--{{match}}<script>"
     odd = os.fsdecode(b"odd\xff")
@@ -266,6 +268,7 @@ def test_the_page_holds_every_row_as_json_and_no_name_breaks_it(tmp_path: Path) 
     result = build_report(sweep, status)
     page = result.page.read_text(encoding="utf-8")
     assert hostile not in page  # escaped in the JSON, and never substituted
+    assert "contact sheet</a> (the first 2 complete jobs)" in page
     data = json.loads(page.split('id="data">')[1].split("</script>")[0])
     rows = {row[0]: row for row in data["rows"]}
     assert list(rows) == [j.name for j in sweep.jobs]
