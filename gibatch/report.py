@@ -20,7 +20,7 @@ import math
 import os
 import re
 import warnings
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -312,12 +312,13 @@ def _json_in_html(data: object) -> str:
 
 
 def page_data(rows: list[Row], keys: list[str], root: Path, page_dir: Path,
-              media: Path) -> dict[str, object]:
-    """The table as the page's script reads it, compact: per row its name, state (an
-    index into `states`), reason, the text of each key's value (null if absent) and
-    its shots as [index into `targets`, thumbnail file]. Links are relative to the
-    page: `jobs` + the job's name (encoded by the script, or by the row's sixth item
-    when not UTF-8) + a target's link; `media` + a thumbnail file."""
+              media: Path) -> str:
+    """The table as the page's script reads it, as JSON to sit in <script>; compact:
+    per row its name, state (an index into `states`), reason, the text of each key's
+    value (null if absent) and its shots as [index into `targets`, thumbnail file].
+    Links are relative to the page: `jobs` + the job's name (encoded by the script, or
+    by the row's sixth item when not UTF-8) + a target's link; `media` + a thumbnail
+    file. Each row becomes text at once: 100,000 rows never exist as Python lists."""
     states = [s.value for s in JobState]
     targets: dict[tuple[str, str], int] = {}
     out = []
@@ -330,13 +331,15 @@ def page_data(rows: list[Row], keys: list[str], root: Path, page_dir: Path,
                               for k in keys], shots]
         if shots and not discovery.storable(r.name):  # the script cannot encode it
             row.append(quote(os.fsencode(r.name), safe=""))
-        out.append(row)
-    return {"jobs": _url(root, page_dir) + "/", "media": _url(media, page_dir) + "/",
-            "states": states, "rows": out,
-            "targets": [[section, quote(os.fsencode(link))] for section, link in targets]}
+        out.append(_json_in_html(row))
+    head = _json_in_html({
+        "jobs": _url(root, page_dir) + "/", "media": _url(media, page_dir) + "/",
+        "states": states,
+        "targets": [[section, quote(os.fsencode(link))] for section, link in targets]})
+    return f'{head[:-1]},"rows":[{",".join(out)}]}}'
 
 
-def render_page(title: str, rows: list[Row], keys: list[str], data: Mapping[str, object],
+def render_page(title: str, rows: list[Row], keys: list[str], data: str,
                 sheet: Path | None, page_dir: Path, sheet_tiles: int = 0,
                 match_html: str = "") -> str:
     head = "".join(f'<th data-key="{html.escape(k)}" title="sort by {html.escape(k)}">'
@@ -356,7 +359,7 @@ def render_page(title: str, rows: list[Row], keys: list[str], data: Mapping[str,
                        if any(r.state is s for r in rows))
     parts = {"title": html.escape(title), "counts": html.escape(counts), "sheet": sheet_link,
              "filters": filters, "head": head, "thumb_px": str(THUMB_PX),
-             "data": _json_in_html(data), "match": match_html}
+             "data": data, "match": match_html}
     template = resources.files("gibatch").joinpath("report.html").read_text()
     # One pass: a job named "{{match}}" stays a name.
     return re.sub(r"\{\{(\w+)\}\}", lambda m: parts[m[1]], template)
