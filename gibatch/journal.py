@@ -29,6 +29,8 @@ _SCHEMA = """
 CREATE TABLE IF NOT EXISTS events (
     id INTEGER PRIMARY KEY AUTOINCREMENT, at REAL NOT NULL, pid INTEGER NOT NULL,
     job TEXT, model INTEGER, step TEXT, event TEXT NOT NULL, detail TEXT);
+-- `status` asks for each job's last event of a kind: at 100,000 jobs a scan per question
+CREATE INDEX IF NOT EXISTS events_by_job ON events (job, event);
 CREATE TABLE IF NOT EXISTS held (
     site TEXT NOT NULL, model INTEGER NOT NULL, section TEXT NOT NULL,
     lineage TEXT NOT NULL, PRIMARY KEY (site, model, section));
