@@ -22,6 +22,7 @@ import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
+from functools import partial
 from pathlib import Path
 
 import anyio
@@ -41,8 +42,9 @@ from gibatch.journal import Event, Journal
 from gibatch.memory import ModelMemory
 from gibatch.pending import PendingJobs
 from gibatch.poller import Poller
-from gibatch.site import Section, SiteClient
+from gibatch.site import Section, SiteClient, TaskState
 from gibatch.slots import JobClaim, ModelLock
+from gibatch.steps import Stage, Step
 from gibatch.transfer import FileRecord, fetch, local_names
 from gibatch.worker import Counts, Durations, Interrupted, Listed, ModelWorker
 
@@ -106,6 +108,18 @@ class Summary:
 Listener = Callable[[str, dict[str, object]], None]
 
 
+@dataclass
+class _Early:
+    """A job's interaction section downloaded while its plots run (see `_start_early`)."""
+
+    model: int
+    folder: str
+    mark: int  # foreign tasks seen on the model when it was listed
+    section: Section | None = None
+    files: list[FileRecord] | None = None  # None: not (yet) whole
+    done: anyio.Event = field(default_factory=anyio.Event)
+
+
 class Scheduler:
     def __init__(
         self, client: SiteClient, sweep: Sweep, options: Options, journal: Journal,
@@ -121,6 +135,8 @@ class Scheduler:
         self.durations = Durations(journal)
         self.pending = PendingJobs()
         self.adopted: dict[int, Job] = {}  # model -> a job already its own at the start
+        self.early: dict[str, _Early] = {}  # job -> its section downloaded ahead
+        self._tg: TaskGroup | None = None
         self.claims: dict[str, JobClaim] = {}
         self.vanished: dict[str, int] = {}
         self.finishing: set[str] = set()  # jobs whose downloads are under way
@@ -189,7 +205,9 @@ class Scheduler:
                     outer.start_soon(self.poller.run)
                     outer.start_soon(self._watch_signals, outer)
                     async with anyio.create_task_group() as tg:
+                        self._tg = tg
                         for worker in workers:
+                            worker.on_ready = partial(self._start_early, worker)
                             tg.start_soon(self._work, worker, tg)
                     outer.cancel_scope.cancel()
         finally:
@@ -382,6 +400,60 @@ class Scheduler:
         self.emit(event, job.name, model, detail=reason)
         self._release(job)
 
+    # -- downloading a job's interaction while its plots run
+
+    def _start_early(self, worker: ModelWorker, job: Job, step: Step, name: str) -> None:
+        """The model holds `job`'s interaction and plots come next: download it now,
+        so that the next interaction on this model waits for less (`_finish` reuses it
+        when the job's final listing names the very same files). Held against clearing
+        from now on; one at a time per job."""
+        if step.stage is not Stage.INTERACT or step == job.steps[-1] or self._tg is None:
+            return
+        running = self.early.get(job.name)
+        if running is not None and not running.done.is_set():
+            return
+        early = self.early[job.name] = _Early(worker.model, step.section,
+                                              len(worker.memory.foreign))
+        worker.memory.hold([name])
+        self._tg.start_soon(self._download_early, worker, job, name, early)
+
+    async def _download_early(self, worker: ModelWorker, job: Job, name: str,
+                              early: _Early) -> None:
+        try:
+            found = next((s for s in await self.client.sections(worker.model)
+                          if s.name == name), None)
+            if (found is not None and found.state is TaskState.COMPLETED
+                    and not worker.memory.disturbed(early.mark, [name])):
+                early.section = found
+                files = await self._download(job, {early.folder: found}, lambda _: None)
+                early.files = files[early.folder]
+        except Exception as exc:  # an optimisation only: the finisher fetches it anyway
+            log.info("job %s: %s not downloaded ahead (%s); it will be with the rest",
+                     job.name, name, _describe(exc))
+        finally:
+            early.done.set()
+            worker.memory.release([name])
+
+    async def _reuse_early(self, worker: ModelWorker, job: Job, chosen: dict[str, Section],
+                           read: Callable[[str], None]) -> dict[str, list[FileRecord]]:
+        """The folders of `chosen` already downloaded ahead, removed from `chosen`: only
+        if the final listing names the same files on the same model and no foreign task
+        may have touched them since they were listed. Waits for one still under way
+        (never two downloads into one folder)."""
+        early = self.early.get(job.name)
+        if early is None:
+            return {}
+        await early.done.wait()
+        section = chosen.get(early.folder)
+        if section is None:
+            return {}
+        if (early.files is None or early.model != worker.model or early.section != section
+                or worker.memory.disturbed(early.mark, [section.name])):
+            return {}
+        del chosen[early.folder]
+        read(section.name)
+        return {early.folder: early.files}
+
     async def _finish(self, worker: ModelWorker, job: Job, listed: Listed,
                       names: list[str]) -> None:
         reading = set(names)
@@ -393,7 +465,9 @@ class Scheduler:
                 worker.memory.release([section])
 
         try:
-            files = await self._download(job, listed.chosen, read)
+            chosen = dict(listed.chosen)
+            ahead = await self._reuse_early(worker, job, chosen, read)
+            files = {**await self._download(job, chosen, read), **ahead}
             await self.poller.refresh()  # files of a section replaced meanwhile are not its
             if worker.memory.disturbed(listed.foreign_mark, names):
                 for name in names:
@@ -417,6 +491,9 @@ class Scheduler:
         finally:
             worker.memory.release(reading)
             self.finishing.discard(job.name)
+            early = self.early.get(job.name)
+            if early is not None and early.done.is_set():
+                del self.early[job.name]
             self._notify()
 
     async def _download(self, job: Job, chosen: dict[str, Section],

@@ -112,6 +112,9 @@ class ModelWorker:
         self.emit = emit
         self.stopping = stopping
         self.model = memory.model
+        # Told of each step the model holds for the job (run or skipped) as soon as it
+        # does: the scheduler may start downloading that section while later steps run.
+        self.on_ready: Callable[[Job, Step, str], None] | None = None
         self._last_finish: float | None = None
         poller.observers.append(self._observe)
 
@@ -191,6 +194,8 @@ class ModelWorker:
                     self.counts.steps_skipped += 1
                     self.emit(Event.STEP_SKIPPED, job.name, self.model, step.name,
                               f"model holds it as {held!r}")
+                    if self.on_ready is not None:
+                        self.on_ready(job, step, held)
                     continue
                 if self.stopping():
                     raise Interrupted(f"stopped before submitting {step.name}; "
@@ -204,6 +209,8 @@ class ModelWorker:
                     break
                 if len(self.memory.foreign) != mark:
                     break
+                if self.on_ready is not None:
+                    self.on_ready(job, step, placed[step])
             else:
                 listed = await self._listing(job, placed, mark, started)
                 if listed is not None:

@@ -206,7 +206,9 @@ def test_a_file_that_vanishes_mid_download(
 ) -> None:
     """Half of a file arrives, then a browser task replaces its section: the resumed
     request meets 404, and the job runs what is missing again. One job, so that the
-    model is idle when the click comes and its task starts at once."""
+    model is idle when the click comes and its task starts at once; a plot's file, so
+    that the cut comes in the job's final download (the interaction's files are fetched
+    while the plots still run: see test_run)."""
     from gibatch.sim import app
 
     jobs = tmp_path / "jobs"
@@ -221,7 +223,7 @@ def test_a_file_that_vanishes_mid_download(
         return response
 
     monkeypatch.setattr(app, "_cut_download", cut_then_click)
-    faults.script("cut", "snapshots.h5")
+    faults.script("cut", "final.png")
     summary = run_sweep(site, jobs, [1], concurrency=1)
     assert_all_right(summary, jobs, site)
     assert faults.injected["cut"] == 1 and len(site.running.site.clicked) == 1

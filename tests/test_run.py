@@ -9,8 +9,9 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
@@ -171,6 +172,42 @@ def test_after_kill_9_a_job_stays_on_the_model_that_holds_its_work(
     adopted = [(e.model, e.step) for e in Journal(three_jobs).events()
                if e.event == "step-adopted"]
     assert adopted == ([(2, "interact")] if moment[1] == "interact" else []), out
+
+
+def test_the_interaction_downloads_while_the_plots_run(
+        tmp_path: Path, make_site: Callable[..., ThreadedSite]) -> None:
+    """The interaction's files are fetched while the plots run, so the next interaction
+    on the model waits for less: the last plot is not even submitted until a file of
+    the interaction has been asked for (bounded; without the early download it never
+    is, and the job fails). The job still ends byte for byte what the site made."""
+    jobs = tmp_path / "jobs"
+    write_job(jobs, "a", tiny_job_files())
+    site = make_site()
+
+    def wrap(client: SiteClient) -> None:
+        asked = anyio.Event()
+        real_open, real_submit = client.open_file, client.submit
+
+        @contextlib.asynccontextmanager
+        async def open_file(url: str, offset: int) -> AsyncIterator[Any]:
+            if url.endswith("/snapshots.h5"):
+                asked.set()
+            async with real_open(url, offset) as resp:
+                yield resp
+
+        async def submit(step: steps.Step, model: int, payload: Any) -> int | None:
+            if step == steps.plot(2):
+                with anyio.fail_after(30):
+                    await asked.wait()
+            return await real_submit(step, model, payload)
+
+        client.open_file = open_file  # type: ignore[method-assign]
+        client.submit = submit  # type: ignore[method-assign]
+
+    summary = run_sweep(site, jobs, [1], wrap=wrap)
+    assert summary.outcomes == {"a": Outcome.COMPLETE}, summary.reasons
+    assert site.running.site.store.task_count() == 6
+    assert_jobs_match_ledger(jobs, site.running.site.config.data_dir)
 
 
 @pytest.mark.slow
