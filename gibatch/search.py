@@ -328,7 +328,19 @@ class Search:
             except JobInvalid as exc:
                 raise SearchError(f"trial {trial.number}: its folder {name} is not a valid "
                                   f"job: {exc}") from None
-        return write_job(self.root, name, self.base, trial.params)
+        return write_job(self.root, name, self.base, self._all_params(trial))
+
+    def _all_params(self, trial: FrozenTrial) -> dict[str, Any]:
+        """The trial's parameters, every dimension's. `ask` stores them one by one, so a
+        kill inside it leaves a running trial with some missing: those are asked of the
+        sampler now, for that trial (its folder was never written, nothing ran)."""
+        missing = [d for d in self.dims if d.key not in trial.params]
+        if not missing:
+            return dict(trial.params)
+        live = optuna.trial.Trial(self.study, trial._trial_id)
+        for dim in missing:
+            live._suggest(dim.key, dim.distribution)  # optuna's one generic suggest
+        return dict(self.study.get_trials(deepcopy=False)[trial.number].params)
 
     async def _tell(self, name: str, outcome: Outcome, reason: str) -> None:
         number = self._in_flight.pop(name)

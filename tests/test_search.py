@@ -140,3 +140,41 @@ def test_search_resumes_after_kill_9_and_finds_the_hidden_job(tmp_path: Path) ->
     mass = best.params["interact.mass_2"]
     assert abs(math.log(mass / HIDDEN_MASS_2)) < math.log(MASS_FACTOR_TOL), (best.params, out)
     assert "trials told 14/14" in out
+
+
+def test_a_trial_killed_inside_ask_gets_its_missing_parameters(tmp_path: Path) -> None:
+    """Optuna stores an asked trial's parameters one by one: a kill in between leaves a
+    running trial with some missing. Resumed, it gets them from the sampler, and its job
+    folder holds every one (not the base job's value for the missing ones)."""
+    from gibatch import match_settings, search
+    from gibatch import sweep as sw
+    from tests.conftest import tiny_job_files
+
+    write_job(tmp_path, "base", tiny_job_files())
+    base = sw.read_base(tmp_path / "base")
+    space = tmp_path / "space.toml"
+    space.write_text('"merge.theta_galaxy_2" = {low = 0, high = 90}\n'
+                     '"interact.mass_2" = {low = 0.5, high = 3}\n')
+    dims = search.load_space(space, base)
+    pixels = np.zeros((48, 64), np.uint8)
+    pixels[10:20, 10:20] = 200
+    Image.fromarray(pixels).save(tmp_path / "t.png")
+    target = match.load_target(tmp_path / "t.png",
+                               match_settings.parse_centres("12,12,40,30"))
+    finder = search.Search(tmp_path / "found", base, dims, target, match_settings.Settings(),
+                           budget=4, seed=1)
+    try:
+        storage = finder.study._storage
+        trial_id = storage.create_new_trial(finder.study._study_id)
+        optuna.trial.Trial(finder.study, trial_id)._suggest(dims[0].key, dims[0].distribution)
+        (cut,) = finder.study.get_trials()
+        assert set(cut.params) == {dims[0].key}
+        job = finder._job_of(cut)
+        (whole,) = finder.study.get_trials()
+        assert set(whole.params) == {d.key for d in dims}
+        assert whole.params[dims[0].key] == cut.params[dims[0].key]
+        files = {p.stem: json.loads(p.read_text()) for p in job.path.glob("*.json")}
+        assert files["interact"]["mass_2"] == whole.params["interact.mass_2"]
+        assert files["merge"]["theta_galaxy_2"] == whole.params["merge.theta_galaxy_2"]
+    finally:
+        finder.close()
