@@ -134,7 +134,7 @@ class Scheduler:
         self.summary = Summary()
         self.durations = Durations(journal)
         self.pending = PendingJobs()
-        self.adopted: dict[int, Job] = {}  # model -> a job already its own at the start
+        self.reserved: dict[int, Job] = {}  # model -> a job already its own at the start
         self.early: dict[str, _Early] = {}  # job -> its section downloaded ahead
         self._tg: TaskGroup | None = None
         self.claims: dict[str, JobClaim] = {}
@@ -189,13 +189,13 @@ class Scheduler:
             else:
                 self.pending.append(job)
         workers = await self._lock_models()
-        self._reserve_adopted(workers)
+        self._reserve_own(workers)
         if not workers:
             self.summary.ended = time.monotonic()
             raise NoModelAvailable("every requested model number is held by another gibatch: "
                                    + "; ".join(f"model {m}: {why}" for m, why in
                                                self.summary.models_refused.items()))
-        to_run = len(self.pending) + len(self.adopted)
+        to_run = len(self.pending) + len(self.reserved)
         self.emit(Event.RUN_START, detail=f"{to_run} jobs to run",
                   jobs=to_run, models=[w.model for w in workers])
         try:
@@ -222,7 +222,7 @@ class Scheduler:
             self.emit(Event.RUN_END, detail=self._summary_line())
         return self.summary
 
-    def _reserve_adopted(self, workers: list[ModelWorker]) -> None:
+    def _reserve_own(self, workers: list[ModelWorker]) -> None:
         """Before any worker picks, give each model the job that is already its own:
         the one whose task a crash left on it (it adopts the task when it reconciles),
         else its best job if it holds more of it than any other model does (a crash cut
@@ -240,7 +240,7 @@ class Scheduler:
                                     for other in workers if other is not worker):
                     job = self.pending.take(best.name)
             if job is not None:
-                self.adopted[worker.model] = job
+                self.reserved[worker.model] = job
 
     def _summary_line(self) -> str:
         s = self.summary
@@ -318,20 +318,20 @@ class Scheduler:
             raise exc
         log.error("model %d cannot be used: %s", worker.model, _describe(exc))
         self.summary.models_refused[worker.model] = _describe(exc)
-        job = self.adopted.pop(worker.model, None)
+        job = self.reserved.pop(worker.model, None)
         if job is not None:  # its task stays where it is; another model runs the job
             self.pending.appendleft(job)
             self._notify()
 
     def _pick(self, worker: ModelWorker) -> Job | None:
-        """Claim the job this model adopted a task of, else the pending job with the
-        most work already done here (ties: natural order).
+        """Claim the job reserved for this model at the start (`_reserve_own`), else the
+        pending job with the most work already done here (ties: natural order).
 
         Choosing and claiming happen without an await in between, so two workers of
         this process never take one job; the claim's non-blocking flock keeps other
         processes off it.
         """
-        while (job := self.adopted.pop(worker.model, None)
+        while (job := self.reserved.pop(worker.model, None)
                or self.pending.take_best(worker.memory.held,
                                          self.durations.estimates)) is not None:
             if job.name not in self.claims:
@@ -445,9 +445,8 @@ class Scheduler:
             return {}
         await early.done.wait()
         section = chosen.get(early.folder)
-        if section is None:
-            return {}
-        if (early.files is None or early.model != worker.model or early.section != section
+        if (section is None or early.files is None or early.model != worker.model
+                or early.section != section
                 or worker.memory.disturbed(early.mark, [section.name])):
             return {}
         del chosen[early.folder]
