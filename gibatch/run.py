@@ -167,7 +167,10 @@ class Scheduler:
 
     def add(self, job: Job) -> None:
         """Queue a job while the run goes on (or before `execute`, which queues only the
-        sweep's own jobs); an idle worker takes it at once."""
+        sweep's own jobs); an idle worker takes it at once.
+
+        Only jobs added before `execute` take part in its start-of-run reservation
+        (`_reserve_own`): add a job a crash may have left on a model number first."""
         self.pending.append(job)
         self._notify()
 

@@ -375,9 +375,6 @@ class Search:
         each asked when one ends, so every answer informs the next question.
         """
         try:
-            for trial in self._asked():
-                if trial.state is TrialState.RUNNING:
-                    await self._resume(scheduler, trial)
             while not (scheduler.stopping or self._stopped):
                 await self._settle(scheduler)
                 while (len(self._asked()) < self.budget and len(self._in_flight) < slots
@@ -393,6 +390,17 @@ class Search:
                 self._changed = anyio.Event()
         finally:
             scheduler.close()
+
+    async def resume(self, scheduler: Scheduler) -> None:
+        """Before the scheduler starts: queue every trial a kill left running (its job
+        folder written if the kill came first), tell those whose job is complete.
+
+        Queued before `execute`, so its start-of-run reservation sees them: a trial whose
+        task the kill left on a model number stays with that model, instead of going to
+        whichever model is free first and running its tasks again."""
+        for trial in self._asked():
+            if trial.state is TrialState.RUNNING:
+                await self._resume(scheduler, trial)
 
     async def _resume(self, scheduler: Scheduler, trial: FrozenTrial) -> None:
         job = self._job_of(trial)
@@ -428,6 +436,7 @@ async def run_search(finder: Search, scheduler: Scheduler, slots: int) -> None:
 
     scheduler.hold_open()
     try:
+        await finder.resume(scheduler)
         async with anyio.create_task_group() as tg:
             tg.start_soon(run)
             await finder.drive(scheduler, slots)

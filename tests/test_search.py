@@ -10,7 +10,9 @@ import signal
 import sqlite3
 import time
 from pathlib import Path
+from typing import Any
 
+import anyio
 import numpy as np
 import optuna
 import pytest
@@ -178,3 +180,71 @@ def test_a_trial_killed_inside_ask_gets_its_missing_parameters(tmp_path: Path) -
         assert files["merge"]["theta_galaxy_2"] == whole.params["merge.theta_galaxy_2"]
     finally:
         finder.close()
+
+
+def test_trials_a_kill_left_running_are_queued_before_the_run_starts(
+        tmp_path: Path, make_site: Any) -> None:
+    """A resumed search queues every trial a kill left running before its scheduler
+    starts, even when an earlier one must first be scored (a thread): the start-of-run
+    reservation, which keeps a trial with the model holding its task, must see them all.
+    (Queued later, the first free model took such a trial and ran its tasks again: CI's
+    kill -9 test saw 15 interactions for 14 trials.)"""
+    from gibatch import match_settings, search
+    from gibatch import sweep as sw
+    from gibatch.jobs import Sweep
+    from gibatch.journal import Journal
+    from gibatch.run import Options, Scheduler
+    from gibatch.site import SiteClient, Timeouts
+    from tests.conftest import FAST_RETRY, tiny_job_files
+
+    write_job(tmp_path, "base", tiny_job_files())
+    base = sw.read_base(tmp_path / "base")
+    space = tmp_path / "space.toml"
+    space.write_text('"merge.theta_galaxy_2" = {low = 0, high = 90}\n')
+    dims = search.load_space(space, base)
+    pixels = np.zeros((48, 64), np.uint8)
+    pixels[10:20, 10:20] = 200
+    Image.fromarray(pixels).save(tmp_path / "t.png")
+    target = match.load_target(tmp_path / "t.png",
+                               match_settings.parse_centres("12,12,40,30"))
+    root = tmp_path / "found"
+    site = make_site()
+
+    def finder() -> search.Search:
+        return search.Search(root, base, dims, target, match_settings.Settings(), budget=2,
+                             seed=1)
+
+    first = finder()
+    try:  # the state a kill leaves: trial 0's job complete but untold, trial 1 queued
+        first._ask()
+        assert run_sweep(site, root, [1]).outcomes == {f"{JOB_PREFIX}0000": Outcome.COMPLETE}
+        first._ask()
+    finally:
+        first.close()
+
+    second = finder()
+    starts: list[dict[str, object]] = []
+
+    def listen(event: str, fields: dict[str, object]) -> None:
+        if event == "run-start":
+            starts.append(fields)
+        second.notify(event, fields)
+
+    async def main() -> None:
+        journal = Journal(root)
+        try:
+            async with SiteClient(site.running.url, "alice", "pw", retry=FAST_RETRY,
+                                  timeouts=Timeouts(read_s=2.0, page_s=5.0)) as client:
+                scheduler = Scheduler(client, Sweep(root, [], []), Options(root, [1, 2]),
+                                      journal, listen)
+                await search.run_search(second, scheduler, 2)
+        finally:
+            journal.close()
+
+    try:
+        anyio.run(main)
+        trials = second.study.get_trials()
+    finally:
+        second.close()
+    assert [s["jobs"] for s in starts] == [1]  # trial 1 queued when the run started
+    assert [t.state.is_finished() for t in trials] == [True, True]
