@@ -130,6 +130,17 @@ class Journal(Database):
             (Event.JOB_INVALID.value, *(k.value for k in kinds)))
         return {e.job: e for e in rows if e.job is not None}
 
+    def last_failures(self) -> dict[str, EventRow]:
+        """`last_job_events({Event.JOB_FAILED})`, for a journal no run is writing to:
+        a failure is rare, so each one is checked for a later event of its job (through
+        `events_by_job`) instead of finding every job's last event (a million events at
+        100,000 jobs: about half the time)."""
+        rows = self._events_where(
+            "event = ? AND job IS NOT NULL AND NOT EXISTS (SELECT 1 FROM events AS later "
+            "WHERE later.job = events.job AND later.id > events.id AND later.event != ?)",
+            (Event.JOB_FAILED.value, Event.JOB_INVALID.value))
+        return {e.job: e for e in rows if e.job is not None}
+
     def count_events(self, event: Event, since: float) -> int:
         rows = self._exec("SELECT COUNT(*) FROM events WHERE event = ? AND at >= ?",
                           (event.value, since))

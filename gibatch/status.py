@@ -40,7 +40,7 @@ class SweepStatus:
     live_pids: list[int]
     run_started: float | None
     run_ended: float | None
-    done_this_run: int
+    done_this_run: int  # jobs completed since the live run started; 0 without one (ETA)
     last_events: list[EventRow] = field(default_factory=list)
 
     def count(self, state: JobState) -> int:
@@ -101,9 +101,12 @@ def sweep_status(sweep: Sweep, journal: Journal, recent: int = 10) -> SweepStatu
     current = [runs[p] for p in live] or ([max(runs.values())] if runs else [])
     started = min((s for s, _ in current), default=None)
     ended = None if live else max((e for _, e in current if e is not None), default=None)
-    done_this_run = (0 if started is None
+    # Without a live run nothing is running and no ETA is shown: only failures are
+    # asked for, and no completion is counted (two fewer passes over the events).
+    done_this_run = (0 if started is None or not live
                      else journal.count_events(Event.JOB_COMPLETE, since=started))
-    last = journal.last_job_events(_ACTIVE | {Event.JOB_FAILED})
+    last = (journal.last_job_events(_ACTIVE | {Event.JOB_FAILED}) if live
+            else journal.last_failures())
     complete = record.completed(sweep.root, sweep.jobs)
 
     jobs: list[JobStatus] = []

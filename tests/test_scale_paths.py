@@ -208,6 +208,17 @@ def test_status_reads_the_journal_as_reading_every_event_would(tmp_path: Path) -
         assert st.done_this_run == 1
         assert [e.event for e in st.last_events] == ["job-failed", "job-start", "job-complete"]
         assert sweep_status(sweep, journal, recent=0).last_events == []
+        # The run ends: only failures are asked for (`last_failures`), the same ones.
+        journal.record(Event.JOB_FAILED, names[6], 3, detail="late")
+        journal.record(Event.JOB_INVALID, names[6])
+        journal.record(Event.RUN_END)
+        assert journal.last_failures() == journal.last_job_events({Event.JOB_FAILED})
+        assert set(journal.last_failures()) == {names[0], names[3], names[6]}
+        st = sweep_status(sweep, journal)
+        assert st.live_pids == [] and st.done_this_run == 0  # no ETA to make
+        assert [j for j in st.jobs if j.state is not JobState.INVALID] \
+            == status_from_every_event(sweep, journal)
+        assert [j.state for j in st.jobs].count(JobState.FAILED) == 3
     finally:
         journal.close()
 
