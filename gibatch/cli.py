@@ -461,7 +461,7 @@ def serve(
     config = SiteConfig(
         data_dir=data_dir, accounts={user: password}, model_count=model_count,
         session_lifetime_s=session_lifetime, strict=strict, physics=physics,
-        stream_rate_mb_s=stream_rate,
+        stream_rate_mb_s=stream_rate, warm=True,
         faults=Faults(error_rate=error_rate, hang_rate=hang_rate, cut_rate=cut_rate,
                       post_502_rate=post_502_rate, lost_rate=lost_rate,
                       browser_rate=browser_rate),
@@ -586,7 +586,8 @@ async def _site_client(stack: AsyncExitStack, jobs: Path, server: str | None, us
 
         data, key = _embedded_data(jobs)
         site = await stack.enter_async_context(running_site(
-            one_time_config(data, model_count=model_count, physics=physics)))
+            one_time_config(data, model_count=model_count, physics=physics,
+                            warm=True)))
         log.info("embedded GI site at %s", site.url)
         client = SiteClient(site.url, site.username, site.password, site_key=key)
     await stack.enter_async_context(client)

@@ -204,3 +204,26 @@ def test_run_killed_leaves_no_worker(tmp_path: Path) -> None:
         proc.kill()
         proc.wait(timeout=30)
         end_all(procs)
+
+
+def test_serve_starts_its_workers_at_once_and_they_die_with_it(tmp_path: Path) -> None:
+    """The simulator's workers start with the site (warm: the first tasks do not wait a
+    second for a spawn and the imports), and those idle workers end with it too."""
+    log = tmp_path / "serve.log"
+    proc = gibatch(log, "serve", "--port", "0", "--data-dir", str(tmp_path / "data"),
+                   env={"GIBATCH_PASSWORD": PASSWORD})
+    procs: list[Proc] = []
+    try:
+        wait_for_line(log, r"Serving http://127\.0\.0\.1:\d+", 60)
+        end = time.monotonic() + 60
+        while not any("spawn_main" in p.cmdline for p in procs) and time.monotonic() < end:
+            procs = descendants(proc.pid)  # no task was submitted: these are warm workers
+            time.sleep(0.05)
+        procs = workers_of(proc.pid)
+        proc.kill()
+        proc.wait(timeout=10)
+        assert still_alive_after(procs) == []
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+        end_all(procs)

@@ -70,6 +70,7 @@ class SiteConfig:
     strict: bool = False
     physics: Physics = Physics.RESTRICTED
     stream_rate_mb_s: float = 0.0  # per download; 0: as fast as loopback goes
+    warm: bool = False  # start the simulator's workers with the site, not on first use
 
 
 class Site:
@@ -97,6 +98,8 @@ class Site:
     async def startup(self, _app: web.Application) -> None:
         self.runner = Runner(self.store, self.media, self.config.workers, self._task_ended,
                              self.config.physics)
+        if self.config.warm:
+            self.runner.warm()
         for task in await asyncio.to_thread(self.store.unfinished):
             self.runner.start(task)  # a restarted site finishes what it had accepted
 

@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 from gibatch.children import process_pool
-from gibatch.sim import tasks
 from gibatch.sim.physics import Physics
 from gibatch.sim.store import Store, Task, TaskStatus
 
@@ -37,6 +36,8 @@ _INPUTS = {  # which sections a task reads
 def execute(step: str, payload: dict[str, Any], inputs: list[str | None], out: str,
             physics: str = Physics.RESTRICTED.value) -> str | None:
     """Run one task in a worker process; return None, or the reason it failed."""
+    from gibatch.sim import tasks  # only workers load the simulator (see `preload`)
+
     folder = Path(out)
     paths = [Path(p) if p else None for p in inputs]
     try:
@@ -53,6 +54,14 @@ def execute(step: str, payload: dict[str, Any], inputs: list[str | None], out: s
     except Exception:  # a bug in the simulator must still fail the task, not the site
         return "internal error in the simulator:\n" + traceback.format_exc()
     return None
+
+
+def preload() -> None:
+    """Load the simulator (numpy, scipy, h5py, pillow: about a second) in a worker.
+
+    The site's own process never needs it, and that process is often gibatch's client
+    (the embedded site): importing it there delayed the first submission by as much."""
+    from gibatch.sim import tasks  # noqa: F401
 
 
 WORKER_EXIT_S = 5.0  # after SIGTERM, before SIGKILL
@@ -89,6 +98,14 @@ class Runner:
         self._pool = process_pool(self.workers)
         self._slots = asyncio.Semaphore(self.workers)
         self._running: set[asyncio.Task[None]] = set()
+
+    def warm(self) -> None:
+        """Start every worker now and load the simulator in it, while the client logs
+        in, instead of on the first tasks (which then took a second longer and taught
+        the client's poller a wrong duration). The pool spawns one worker per call it
+        has no idle worker for."""
+        for _ in range(self.workers):
+            self._pool.submit(preload)
 
     def task_dir(self, username: str, model: int, job_id: int) -> Path:
         return self.media / username / str(model) / str(job_id)
