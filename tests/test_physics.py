@@ -194,6 +194,31 @@ def test_course_csv_reads_with_the_students_recipe(tmp_path: Path) -> None:
     assert f"halo particles: {halo} not followed" in log
 
 
+def test_course_csv_rows_are_printf_text_of_the_float32_values() -> None:
+    """The vectorised formatter writes what % writes of each value as float32: ties (half
+    to even), negative zeros, tiny negatives, wide numbers, and non-finite values (which
+    take % itself)."""
+    rng = np.random.default_rng(7)
+    values = np.concatenate([
+        rng.normal(0, 1, 20_000) * 10.0 ** rng.integers(-5, 9, 20_000),
+        np.arange(-4000, 4000) / 2000, np.arange(-400, 400) / 200,  # ties at 3 and 2 decimals
+        [-0.0, 0.0, -1e-9, 0.0005, -0.0005, 0.0625, 9.9995, 99999.9995, 123456789.0]])
+    kinds = rng.integers(0, 6, len(values))
+    row = "%d,%.3f,%.3f,%.3f,%.2f,%.2f,%.2f\n"
+
+    def printf(pos: np.ndarray, vel: np.ndarray) -> bytes:
+        table = np.column_stack([kinds, pos, vel]).astype(np.float32).astype(np.float64)
+        return ((row * len(table)) % tuple(table.ravel().tolist())).encode()
+
+    pos = np.stack([values, -values, values[::-1]], axis=1)
+    vel = pos[::-1] * 0.37
+    for case in (pos, np.where(np.arange(len(pos))[:, None] == 5, np.nan, pos)):
+        columns = [kinds, *case.T, *vel.T]
+        got = tasks.fixed_point_rows(list(zip(columns, tasks.AsciiWriter.DECIMALS,
+                                              strict=True)))
+        assert got == printf(case, vel)
+
+
 def test_plots_smooth_symmetrically_and_keep_the_window(tmp_path: Path) -> None:
     plot = PlotParams(x_axis="x", y_axis="y", x_min=-10, x_max=30, y_min=-20, y_max=20,
                       colour_scheme="whiteonblack", plot_size="small")
@@ -211,6 +236,14 @@ def test_plots_smooth_symmetrically_and_keep_the_window(tmp_path: Path) -> None:
                                           galaxy=np.array([0, 1], np.int8)))
     warm, cool = rgb[128, 64].astype(int), rgb[128, 192].astype(int)
     assert warm[0] > warm[2] and cool[2] > cool[0]
+    # GIF frames: the same picture in the fixed palette, each galaxy within half a step
+    # (below the time, above the scale bar: a palette draws text without anti-aliasing)
+    indexed = render.density_image(two, np.ones(2), colour, galaxy=np.array([0, 1], np.int8),
+                                   indexed=True)
+    assert indexed.mode == "P"
+    error = np.abs(np.asarray(indexed.convert("RGB"))[20:230].astype(int)
+                   - rgb[20:230].astype(int))
+    assert error.max() <= 255 / (render.COLOUR_STEPS - 1) + 1
 
 
 @pytest.mark.slow

@@ -27,6 +27,15 @@ GIF_FRAME_MS = 80
 SPLAT_PX = 1.2
 DYNAMIC_RANGE_DEX = 3.0
 GALAXY_RGB = (np.array([1.0, 0.72, 0.38]), np.array([0.42, 0.72, 1.0]))
+# Indexed colour: COLOUR_STEPS brightness levels a galaxy, palette index level_1 *
+# COLOUR_STEPS + level_2, each entry the RGB render's own sum of the two. 16 x 16 fills
+# the GIF's 256 entries; its last, both galaxies at full brightness, is white, the ink.
+COLOUR_STEPS = 16
+_STEP = np.arange(COLOUR_STEPS**2)
+COLOUR_PALETTE = (np.clip(np.outer(_STEP // COLOUR_STEPS, GALAXY_RGB[0])
+                          + np.outer(_STEP % COLOUR_STEPS, GALAXY_RGB[1]), 0,
+                          COLOUR_STEPS - 1) * (255 / (COLOUR_STEPS - 1))
+                  ).round().astype(np.uint8).ravel().tobytes()
 MOVIE_PX = 256
 MOVIE_MIN_HALF_WIDTH_KPC = 60.0
 _AXIS = {"x": 0, "y": 1, "z": 2}
@@ -41,15 +50,21 @@ def _bin(values: F64, low: float, high: float, px: int) -> NDArray[np.intp]:
     return index.astype(np.intp)
 
 
-def _smoothed(pos: F64, weights: F64, plot: PlotParams, px: int) -> F64:
+def _smoothed(pos: F64, weights: F64, plot: PlotParams, px: int,
+              group: NDArray[np.intp] | None = None, groups: int = 1) -> F64:
+    """Smoothed density maps (groups, px, px), one per value of `group` (all in map 0
+    if None): one bincount and one blur for all of them."""
     # np.histogram2d's result by index arithmetic: its bin search was most of a frame.
     i = _bin(pos[:, _AXIS[plot.x_axis]], plot.x_min, plot.x_max, px)
     j = _bin(pos[:, _AXIS[plot.y_axis]], plot.y_min, plot.y_max, px)
     inside = (i >= 0) & (j >= 0)
-    hist = np.bincount(i[inside] * px + j[inside], weights=weights[inside],
-                       minlength=px * px).reshape(px, px)
-    blurred = ndimage.gaussian_filter(hist, SPLAT_PX, mode="constant")
-    return np.asarray(blurred.T[::-1])  # rows top to bottom, y up like a plot
+    cell = i[inside] * px + j[inside]
+    if group is not None:
+        cell += group[inside] * (px * px)
+    hist = np.bincount(cell, weights=weights[inside],
+                       minlength=groups * px * px).reshape(groups, px, px)
+    blurred = ndimage.gaussian_filter(hist, (0, SPLAT_PX, SPLAT_PX), mode="constant")
+    return np.asarray(blurred.transpose(0, 2, 1)[:, ::-1])  # rows top to bottom, y up
 
 
 def _levels(density: F64, peak: float) -> F64:
@@ -70,6 +85,7 @@ def nice_length(span: float) -> float:
 
 
 def _annotate(image: Image.Image, plot: PlotParams, time_gyr: float | None, label: str) -> None:
+    # 255: white in grey and in COLOUR_PALETTE, black in blackonwhite's inverted grey
     ink: int | tuple[int, int, int] = 0 if plot.colour_scheme == "blackonwhite" else 255
     if image.mode == "RGB":
         ink = (255, 255, 255)
@@ -89,19 +105,27 @@ def _annotate(image: Image.Image, plot: PlotParams, time_gyr: float | None, labe
 
 
 def density_image(pos: F64, mass: F64, plot: PlotParams, label: str = "",
-                  galaxy: NDArray[np.int8] | None = None, time_gyr: float | None = None
-                  ) -> Image.Image:
-    """Project `pos` on the plot's axes, exactly its window, smoothed and log-scaled."""
+                  galaxy: NDArray[np.int8] | None = None, time_gyr: float | None = None,
+                  indexed: bool = False) -> Image.Image:
+    """Project `pos` on the plot's axes, exactly its window, smoothed and log-scaled.
+
+    `indexed`: the colour scheme as a palette image (COLOUR_PALETTE) instead of RGB, for
+    GIF frames: a GIF holds 256 colours, and quantising each RGB frame was most of the
+    time a movie took to save."""
     px = PLOT_SIZE_PX[plot.plot_size]
     if plot.colour_scheme == "colour":
         which = galaxy if galaxy is not None else np.zeros(len(mass), np.int8)
-        maps = [_smoothed(pos[which == g], mass[which == g], plot, px) for g in (0, 1)]
-        peak = max(float(m.max()) for m in maps)
-        rgb = sum((_levels(m, peak)[:, :, None] * GALAXY_RGB[g] for g, m in enumerate(maps)),
-                  np.zeros((px, px, 3)))
-        image = Image.fromarray((np.clip(rgb, 0, 1) * 255).astype(np.uint8), mode="RGB")
+        maps = _smoothed(pos, mass, plot, px, which.astype(np.intp), 2)
+        levels = _levels(maps, float(maps.max()))
+        if indexed:
+            steps = np.rint(levels * (COLOUR_STEPS - 1)).astype(np.uint8)
+            image = Image.fromarray(steps[0] * COLOUR_STEPS + steps[1], mode="P")
+            image.putpalette(COLOUR_PALETTE)
+        else:
+            rgb = np.einsum("gyx,gc->yxc", levels, np.stack(GALAXY_RGB))
+            image = Image.fromarray((np.clip(rgb, 0, 1) * 255).astype(np.uint8), mode="RGB")
     else:
-        total = _smoothed(pos, mass, plot, px)
+        total = _smoothed(pos, mass, plot, px)[0]
         grey = (_levels(total, float(total.max())) * 255).astype(np.uint8)
         if plot.colour_scheme == "blackonwhite":
             grey = 255 - grey
@@ -133,7 +157,7 @@ class MovieWindow:
 def movie_frame(pos: F64, galaxy: NDArray[np.int8], window: MovieWindow, time_gyr: float
                 ) -> Image.Image:
     return density_image(pos, np.ones(len(pos)), window.plot(), galaxy=galaxy,
-                         time_gyr=time_gyr)
+                         time_gyr=time_gyr, indexed=True)
 
 
 def save_png(image: Image.Image, path: Path) -> None:

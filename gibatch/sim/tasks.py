@@ -15,17 +15,18 @@ Output files (documented in README.md):
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import json
 import time
-from collections.abc import Iterator
+import zlib
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import h5py
 import numpy as np
+from PIL import Image
 
 from gibatch.params import Component, GalaxyParams, InteractParams, MergeParams, PlotParams
 from gibatch.sim import galaxy, nbody, render
@@ -41,8 +42,10 @@ PREVIEW_EXTENT_KPC = 250.0
 # The course site's CSV: two preamble lines, this header (its spaces as they are), then
 # per frame a `TIMESTEP = t` row and one row per particle.
 ASCII_HEADER = " particles type, x[kpc], y[kpc], z[kpc],vx[km/s], vy[km/s], vz[km/s]"
-ASCII_GZIP_LEVEL = 1  # level 6 took 4x longer for 10% less
-H5_GZIP_LEVEL = 4
+# Shuffled float32 frames: level 1 is 79 MiB for a 40,000-star, 100-frame job against 78
+# at level 4, in 2.2 s against 2.6 (lzf 85 MiB, 0.9 s, but h5py's own filter: other
+# HDF5 readers would need a plugin).
+H5_GZIP_LEVEL = 1
 
 
 class TaskFailed(Exception):
@@ -162,25 +165,90 @@ def _read_initial(path: Path) -> nbody.InitialCondition:
         )
 
 
+def fixed_point_rows(columns: Sequence[tuple[np.ndarray, int]]) -> bytes:
+    """Comma-separated rows, column k of them `"%.{d}f" % value` for (values, d) =
+    columns[k] (d = 0 for an integral column), the same bytes as that % formatting.
+
+    Formatting 40,000 rows with % in Python took 50 ms; digit by digit in numpy, 13 ms.
+    Each column's numbers are rounded to integers of their last decimal (np.rint: half to
+    even, as printf rounds an exact tie), written right-aligned in a fixed-width byte
+    table with blanks for leading zeros and absent signs, then the blanks are deleted
+    (the rows hold no other blank). The rounding is printf's exactly when value * 10**d
+    is exact in float64, so values are first made float32 (24-bit significands, which
+    10**d for d <= 3 multiplies without rounding): the text then shows what the float32
+    datasets of snapshots.h5 hold. A value that is not finite or too large for int64
+    sends the frame to % formatting.
+    """
+    values = [np.asarray(v, np.float32).astype(np.float64) * 10.0**d for v, d in columns]
+    decimals = [d for _, d in columns]
+    if not all(np.isfinite(v).all() and (len(v) == 0 or np.abs(v).max() < 2.0**62)
+               for v in values):
+        row = ",".join(f"%.{d}f" for d in decimals) + "\n"
+        table = np.column_stack([v / 10.0**d for v, d in zip(values, decimals, strict=True)])
+        return ((row * len(table)) % tuple(table.ravel().tolist())).encode()
+    n = len(values[0])
+    counts = [np.abs(np.rint(v)).astype(np.int64) for v in values]
+    # digits per column: the largest number's, at least one before the point
+    digits = [max(len(str(int(c.max()))) if n else 1, d + 1) for c, d in zip(counts, decimals,
+                                                                          strict=True)]
+    width = sum(1 + k + (d > 0) + 1 for k, d in zip(digits, decimals, strict=True))
+    text = np.empty((n, width), np.uint8)
+    end = -1  # the byte before this column's first
+    for v, count, k, d in zip(values, counts, digits, decimals, strict=True):
+        sign, end = end + 1, end + 1 + k + (d > 0) + 1  # sign byte, then `end` the comma
+        text[:, sign] = np.where(np.signbit(v), ord("-"), ord(" "))
+        text[:, end] = ord(",")
+        at, rest = end - 1, count
+        for place in range(k):  # units of the last decimal first
+            if place == d > 0:
+                text[:, at] = ord(".")
+                at -= 1
+            rest, digit = np.divmod(rest, 10)
+            digit += ord("0")
+            if place > d:
+                digit[count < 10**place] = ord(" ")  # a leading zero
+            text[:, at] = digit
+            at -= 1
+    text[:, -1] = ord("\n")
+    return text.tobytes().translate(None, b" ")
+
+
 class AsciiWriter:
-    """`_output_ascii.csv.gz` frame by frame, as the course site lays it out."""
+    """`_output_ascii.csv.gz` frame by frame, as the course site lays it out.
 
-    def __init__(self, text: IO[str], particle_type: np.ndarray, description: str) -> None:
-        self._file = text
-        self._file.write(f"# GI Simulator (gibatch local site): {description}\n")
-        self._file.write("# frames begin with TIMESTEP = t [Gyr]; particle type 0,1,2 = "
-                         "galaxy 1 disk,bulge,halo; 3,4,5 = galaxy 2\n")
-        self._file.write(ASCII_HEADER + "\n")
-        self._type = particle_type.astype(np.float64)[:, None]
+    The gzip stream is deflate's Huffman coding alone, no string matching: on these
+    rows of digits it is both smaller (46.6 % of the text against 47.8 % at level 1)
+    and twice as fast (12 against 23 ms a 40,000-star frame); any gzip reader reads it.
+    """
 
-    ROW = "%d,%.3f,%.3f,%.3f,%.2f,%.2f,%.2f\n"
+    DECIMALS = (0, 3, 3, 3, 2, 2, 2)  # type; x, y, z in kpc; vx, vy, vz in km/s
+
+    def __init__(self, path: Path, particle_type: np.ndarray, description: str) -> None:
+        self._file = path.open("wb")
+        # (the level means nothing without string matching; 16 + MAX_WBITS: gzip framing)
+        self._zip = zlib.compressobj(1, zlib.DEFLATED, 16 + zlib.MAX_WBITS, 8,
+                                     zlib.Z_HUFFMAN_ONLY)
+        self._type = particle_type
+        self._write(f"# GI Simulator (gibatch local site): {description}\n"
+                    "# frames begin with TIMESTEP = t [Gyr]; particle type 0,1,2 = "
+                    f"galaxy 1 disk,bulge,halo; 3,4,5 = galaxy 2\n{ASCII_HEADER}\n".encode())
+
+    def __enter__(self) -> AsciiWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            self._file.write(self._zip.flush())
+        finally:
+            self._file.close()
+
+    def _write(self, data: bytes) -> None:
+        self._file.write(self._zip.compress(data))
 
     def frame(self, time_gyr: float, pos: np.ndarray, vel: np.ndarray) -> None:
-        self._file.write(f"TIMESTEP = {time_gyr:.6g}\n")
-        rows = np.hstack([self._type, pos, vel])
-        # One % over the whole frame: the same text as np.savetxt, which formats row by
-        # row in Python, in half the time (most of a large job's CSV cost).
-        self._file.write((self.ROW * len(rows)) % tuple(rows.ravel().tolist()))
+        self._write(f"TIMESTEP = {time_gyr:.6g}\n".encode())
+        columns = [self._type, *pos.T, *vel.T]
+        self._write(fixed_point_rows(list(zip(columns, self.DECIMALS, strict=True))))
 
 
 def _frame_dataset(f: h5py.File, name: str, shape: tuple[int, ...]) -> h5py.Dataset:
@@ -201,7 +269,8 @@ def run_interact(payload: dict[str, Any], merged: Path | None, out: Path,
     particle_type = 3 * galaxy_id.astype(np.int64) + component
     with _log(out, "Galaxy Interaction", payload) as log, \
             h5py.File(out / SNAPSHOT_FILE, "w") as f, \
-            gzip.open(out / ASCII_FILE, "wt", compresslevel=ASCII_GZIP_LEVEL, newline="\n") as text:
+            AsciiWriter(out / ASCII_FILE, particle_type,
+                        f"{physics.value} physics, {n} particles") as ascii_out:
         f.attrs["units"] = "position kpc, velocity km/s, time Gyr, mass 1e11 Msun"
         f.attrs["parameters"] = json.dumps(payload)
         f.attrs["physics"] = physics.value
@@ -212,8 +281,6 @@ def run_interact(payload: dict[str, Any], merged: Path | None, out: Path,
         pos_ds = _frame_dataset(f, "position", (params.nFrames, n, 3))
         vel_ds = _frame_dataset(f, "velocity", (params.nFrames, n, 3))
         time_ds = f.create_dataset("time", (params.nFrames,), dtype="f8")
-        ascii_out = AsciiWriter(text, particle_type,
-                                f"{physics.value} physics, {n} particles")
         movie = render.MovieWindow.around(ic.centre_kpc, (params.mass_1, params.mass_2))
         movie_frames = []
 
@@ -261,14 +328,17 @@ def run_plot(payload: dict[str, Any], interaction: Path | None, out: Path) -> No
         mass = f["mass"][...][shown]
         which = f["galaxy"][...][shown]
         times = f["time"][...]
-        frames = [
-            render.density_image(f["position"][k][shown], mass, params, galaxy=which,
-                                 time_gyr=float(times[k]))
-            for k in range(len(times))
-        ]
-        render.save_png(frames[-1], out / "final.png")
+
+        def frame(k: int, indexed: bool) -> Image.Image:
+            return render.density_image(f["position"][k][shown], mass, params, galaxy=which,
+                                        time_gyr=float(times[k]), indexed=indexed)
+
+        # the animation in GIF's palette; the stills in full colour (one frame again)
+        frames = [frame(k, True) for k in range(len(times))]
+        last = frame(len(times) - 1, False)
+        render.save_png(last, out / "final.png")
         render.save_gif(frames, out / "animation.gif")
-        thumb = frames[-1].copy()
+        thumb = last.copy()
         thumb.thumbnail((render.THUMBNAIL_PX, render.THUMBNAIL_PX))
         render.save_png(thumb, out / "thumbnail.png")
         log.append(f"frames: {len(frames)}; size: {params.plot_size}")
