@@ -3,14 +3,17 @@
 The page works from `file://` with no server and no network: the jobs are one compact
 JSON array in the page, laid out 500 rows at a time by a few lines of inline JavaScript
 (sorting and filtering work on all of them), so 100,000 jobs make a page of a few MB
-that opens at once. Thumbnails are small PNGs made here and lazy-loaded, and each opens
-the plot's animation straight from the job's `output/`. Only complete jobs (completion
-record present and whole) show images: a half-downloaded file is never shown as a
-result. The contact sheet shows the first `SHEET_MAX_TILES` complete jobs.
+that opens at once; the rows stream to disk as they are made, so no list of them is
+ever held. Thumbnails are small PNGs made in a process pool (once, kept while newer
+than their image; those of jobs or plots no longer shown are deleted) and lazy-loaded,
+and each opens the plot's animation straight from the job's `output/`. Only complete
+jobs (completion record present and whole) show images: a half-downloaded file is
+never shown as a result. The contact sheet shows the first `SHEET_MAX_TILES` complete jobs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import html
@@ -19,12 +22,15 @@ import logging
 import math
 import os
 import re
+import shutil
 import warnings
-from collections.abc import Callable, Iterable
+from collections import Counter, deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, TextIO, cast
 from urllib.parse import quote
 
 import numpy as np
@@ -36,6 +42,9 @@ from gibatch.status import JobState, JobStatus, SweepStatus
 from gibatch.steps import Stage, Step
 from gibatch.text import printable
 
+if TYPE_CHECKING:
+    from gibatch.match import Target
+
 THUMB_PX = 160
 SHEET_TILE_PX = 200
 SHEET_MAX_TILES = 400  # 20 x 20 tiles: 4,000 px square, about 50 MB while it is made
@@ -43,6 +52,7 @@ REPORT_FILE = "report.html"
 SHEET_FILE = "contact-sheet.png"
 _ANIMATION_SUFFIXES = (".gif", ".mp4", ".webm")
 _STILL_NAMES = ("final.png",)
+_THUMBNAIL = re.compile(r"[0-9a-f]{16}-.*\.png")  # thumbnail_name's (a .tmp.png too)
 
 Value = int | float | str
 # What a corrupt, truncated, hostile or oversized image can make Pillow raise.
@@ -58,18 +68,6 @@ class Shot:
     section: str
     still: Path | None
     animation: Path | None
-
-
-@dataclass
-class Row:
-    name: str
-    state: JobState
-    reason: str | None
-    values: dict[str, Value]
-    shots: list[Shot] = field(default_factory=list)
-    # (section, file in the job's folder, thumbnail file) of each shot shown. The shots'
-    # paths are let go once thumbnailed, but for the contact sheet's: 100,000 jobs.
-    pictures: list[tuple[str, str, str]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -125,10 +123,11 @@ class Variation:
         self._first_payloads: dict[Step, dict[str, Any]] = {}
         self._first_flat: dict[str, Value] = {}
         self._varying: set[str] = set()
-        self._rows: list[tuple[Row, dict[str, object]]] = []
+        self._differs: list[dict[str, object] | None] = []
+        self._keys: list[str] | None = None
 
-    def add(self, row: Row, job: Job) -> None:
-        """Take `row`'s job; the row's values are filled in by `finish`."""
+    def add(self, job: Job) -> None:
+        """Take the next job; its values come from `values`, once all are added."""
         differs: dict[str, object] = {}
         first = self._first
         if first is None:
@@ -143,7 +142,7 @@ class Variation:
                        {s.name: b for s, b in payloads.items()
                         if job.lineage[s] != first.lineage.get(s)}, differs)
             self._varying.update(differs)
-        self._rows.append((row, differs))
+        self._differs.append(differs)
 
     def _diff(self, prefix: str, first: dict[str, Any], mine: dict[str, Any],
               out: dict[str, object]) -> None:
@@ -169,18 +168,26 @@ class Variation:
             if not _same(theirs.get(key, _ABSENT), value := ours.get(key, _ABSENT)):
                 out[key] = value
 
-    def finish(self) -> list[str]:
-        """The varying parameters, sorted; each row added gets its values of those."""
-        keys = sorted(self._varying)
-        for row, differs in self._rows:
+    def keys(self) -> list[str]:
+        """The varying parameters, sorted (once every job is added)."""
+        if self._keys is None:
+            self._keys = sorted(self._varying)
+        return self._keys
+
+    def values(self) -> Iterator[dict[str, Value]]:
+        """Each job's values of `keys`, in the order added; each job's differences are
+        let go once its values are made."""
+        keys = self.keys()
+        for k, differs in enumerate(self._differs):
+            assert differs is not None, "values() is read once"
+            self._differs[k] = None
             values: dict[str, Value] = {}
             for key in keys:
                 value = differs.get(key, self._first_flat.get(key, _ABSENT))
                 if value is not _ABSENT:
                     values[key] = cast(Value, value)
-            row.values = values
-        self._rows = []
-        return keys
+            yield values
+        self._differs = []
 
 
 def find_shot(section_dir: Path) -> Shot:
@@ -236,13 +243,18 @@ def thumbnail_name(job: str, section: str) -> str:
     return f"{digest}-{section.replace(' ', '')}.png"
 
 
+def thumbnail_fresh(still: Path, dest: Path) -> bool:
+    """Whether `dest` is newer than `still`: kept, not made again."""
+    try:
+        return dest.stat().st_mtime >= still.stat().st_mtime
+    except OSError:  # none yet, or a dangling link (last_frame makes the placeholder)
+        return False
+
+
 def make_thumbnail(still: Path, dest: Path, size: int = THUMB_PX) -> None:
     """A small PNG of `still`'s last frame; kept if newer than its source."""
-    try:
-        if dest.stat().st_mtime >= still.stat().st_mtime:
-            return
-    except OSError:  # none yet, or a dangling link (last_frame makes the placeholder)
-        pass
+    if thumbnail_fresh(still, dest):
+        return
     image = last_frame(still)
     image.thumbnail((size, size))
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -251,11 +263,99 @@ def make_thumbnail(still: Path, dest: Path, size: int = THUMB_PX) -> None:
     os.replace(tmp, dest)
 
 
-def contact_sheet(rows: list[Row], dest: Path, tile: int = SHEET_TILE_PX,
+class _Collected(logging.Handler):
+    """A worker's warnings, handed back to the parent (a spawned worker has no logging
+    set up: they would be lost)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+def _make_thumbnails(batch: list[tuple[Path, Path]]) -> list[str]:
+    """In a worker process: `make_thumbnail` for each (still, dest); the warnings logged."""
+    collected = _Collected()
+    log.addHandler(collected)
+    try:
+        for still, dest in batch:
+            make_thumbnail(still, dest)
+    finally:
+        log.removeHandler(collected)
+    return collected.messages
+
+
+class Thumbnails:
+    """Makes the thumbnails that are missing or older than their image, in a process
+    pool: 100,000 jobs have 200,000 to make the first time, each a decode and a PNG
+    encode of its own. The pool starts only once `BATCH` are waiting (a few are made
+    here at once, as starting workers costs more), and at most `2 x workers` batches
+    are in flight, so a sweep's worth of paths is never held."""
+
+    BATCH = 64
+
+    def __init__(self, workers: int | None = None) -> None:
+        self.workers = workers or max(1, min(4, os.cpu_count() or 1))
+        self._batch: list[tuple[Path, Path]] = []
+        self._pool: ProcessPoolExecutor | None = None
+        self._flying: deque[Future[list[str]]] = deque()
+
+    def __enter__(self) -> Thumbnails:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(cancel_futures=True)
+
+    def want(self, still: Path, dest: Path) -> None:
+        """`dest` will be a thumbnail of `still` once `finish` returns."""
+        if thumbnail_fresh(still, dest):
+            return
+        self._batch.append((still, dest))
+        if len(self._batch) >= self.BATCH:
+            if self._pool is None:
+                from gibatch.children import process_pool  # only for a pool's worth
+
+                self._pool = process_pool(self.workers)
+            self._flying.append(self._pool.submit(_make_thumbnails, self._batch))
+            self._batch = []
+            while len(self._flying) > 2 * self.workers:
+                self._done(self._flying.popleft())
+
+    def finish(self) -> None:
+        """Every thumbnail wanted is made."""
+        for still, dest in self._batch:
+            make_thumbnail(still, dest)
+        self._batch = []
+        while self._flying:
+            self._done(self._flying.popleft())
+
+    @staticmethod
+    def _done(future: Future[list[str]]) -> None:
+        for message in future.result():
+            log.warning("%s", message)
+
+
+def remove_stale(media: Path, keep: set[str]) -> int:
+    """Delete the thumbnails in `media` not in `keep` (a job removed, or no longer
+    complete, a plot gone): otherwise they pile up over a sweep's life. Returns how many."""
+    removed = 0
+    with os.scandir(media) as entries:
+        for entry in entries:
+            if _THUMBNAIL.fullmatch(entry.name) and entry.name not in keep:
+                with contextlib.suppress(FileNotFoundError):  # another report's doing
+                    os.unlink(entry.path)
+                    removed += 1
+    return removed
+
+
+def contact_sheet(tiles: list[tuple[str, Path]], dest: Path, tile: int = SHEET_TILE_PX,
                   most: int = SHEET_MAX_TILES) -> int:
-    """The first plot of the first `most` complete jobs, side by side with their names;
+    """Each (job name, still) of the first `most`, side by side with their names;
     returns how many (0: no sheet written)."""
-    shots = [(r.name, r.shots[0].still) for r in rows if r.shots and r.shots[0].still][:most]
+    shots = tiles[:most]
     if not shots:
         return 0
     cols = min(len(shots), max(4, math.ceil(math.sqrt(len(shots)))))
@@ -264,7 +364,6 @@ def contact_sheet(rows: list[Row], dest: Path, tile: int = SHEET_TILE_PX,
                       "white")
     draw = ImageDraw.Draw(sheet)
     for i, (name, still) in enumerate(shots):
-        assert still is not None
         image = last_frame(still)
         image.thumbnail((tile - 4, tile - 4))
         x, y = (i % cols) * tile, (i // cols) * (tile + label)
@@ -274,31 +373,6 @@ def contact_sheet(rows: list[Row], dest: Path, tile: int = SHEET_TILE_PX,
     sheet.save(tmp, format="PNG", optimize=True)
     os.replace(tmp, dest)
     return len(shots)
-
-
-def collect_rows(sweep: Sweep, status: SweepStatus,
-                 take: Callable[[Row], None] = lambda row: None) -> tuple[list[Row], list[str]]:
-    """A row per job (invalid ones last), with its values of the parameters that vary
-    (returned too, sorted) and, for a complete job, its plots; `take` sees each job's
-    row as soon as its plots are found."""
-    by_name = {j.name: j for j in status.jobs}
-    rows = []
-    variation = Variation()
-    for job in sweep.jobs:
-        st = by_name.get(job.name, JobStatus(job.name, JobState.PENDING))
-        row = Row(job.name, st.state, st.reason, {})
-        variation.add(row, job)
-        if st.state is JobState.COMPLETE:
-            output = job.output
-            row.shots = [find_shot(output / step.section) for step in job.steps
-                         if step.stage is Stage.PLOT]
-        take(row)
-        rows.append(row)
-    keys = variation.finish()
-    for st in status.jobs:
-        if st.state is JobState.INVALID:
-            rows.append(Row(st.name, st.state, st.reason, {}))
-    return rows, keys
 
 
 def _url(path: Path, start: Path) -> str:
@@ -311,62 +385,110 @@ def _json_in_html(data: object) -> str:
     return json.dumps(data, separators=(",", ":")).replace("<", "\\u003c")
 
 
-def page_data(rows: list[Row], keys: list[str], root: Path, page_dir: Path,
-              media: Path) -> str:
-    """The table as the page's script reads it, as JSON to sit in <script>; compact:
-    per row its name, state (an index into `states`), reason, the text of each key's
-    value (null if absent) and its shots as [index into `targets`, thumbnail file].
-    Links are relative to the page: `jobs` + the job's name (encoded by the script, or
-    by the row's sixth item when not UTF-8) + a target's link; `media` + a thumbnail
-    file. Each row becomes text at once: 100,000 rows never exist as Python lists."""
-    states = [s.value for s in JobState]
-    targets: dict[tuple[str, str], int] = {}
-    out = []
-    for r in rows:
-        shots = []
-        for section, link, thumb in r.pictures:  # most jobs share a handful of links
-            shots.append([targets.setdefault((section, link), len(targets)), quote(thumb)])
-        row: list[object] = [r.name, states.index(r.state.value), r.reason,
-                             [None if (v := r.values.get(k)) is None else str(v)
-                              for k in keys], shots]
-        if shots and not discovery.storable(r.name):  # the script cannot encode it
-            row.append(quote(os.fsencode(r.name), safe=""))
-        out.append(_json_in_html(row))
-    head = _json_in_html({
-        "jobs": _url(root, page_dir) + "/", "media": _url(media, page_dir) + "/",
-        "states": states,
-        "targets": [[section, quote(os.fsencode(link))] for section, link in targets]})
-    return f'{head[:-1]},"rows":[{",".join(out)}]}}'
+_STATES = [s.value for s in JobState]
 
 
-def render_page(title: str, rows: list[Row], keys: list[str], data: str,
-                sheet: Path | None, page_dir: Path, sheet_tiles: int = 0,
-                match_html: str = "") -> str:
+@dataclass
+class Table:
+    """What the page says beside its rows, gathered as the rows stream by (`write_rows`)."""
+
+    keys: list[str]
+    counts: Counter[JobState] = field(default_factory=Counter)
+    not_numeric: set[str] = field(default_factory=set)  # keys with a value not a number
+    with_pictures: int = 0  # rows
+    pictures: int = 0
+    targets: dict[tuple[str, str], int] = field(default_factory=dict)  # -> its index
+
+    def row_text(self, name: str, state: JobState, reason: str | None,
+                 values: dict[str, Value], pictures: list[tuple[str, str, str]]) -> str:
+        """One row as the page's script reads it (`page_data`), as JSON text; counted."""
+        self.counts[state] += 1
+        self.not_numeric.update(k for k, v in values.items() if not isinstance(v, int | float))
+        shots = [[self.targets.setdefault((section, link), len(self.targets)), quote(thumb)]
+                 for section, link, thumb in pictures]  # most jobs share a handful of links
+        self.with_pictures += bool(shots)
+        self.pictures += len(shots)
+        row: list[object] = [name, _STATES.index(state.value), reason,
+                             [None if (v := values.get(k)) is None else str(v)
+                              for k in self.keys], shots]
+        if shots and not discovery.storable(name):  # the script cannot encode it
+            row.append(quote(os.fsencode(name), safe=""))
+        return _json_in_html(row)
+
+    def head(self, root: Path, page_dir: Path, media: Path) -> str:
+        """The page data's other members, as JSON text without its braces."""
+        return _json_in_html({
+            "jobs": _url(root, page_dir) + "/", "media": _url(media, page_dir) + "/",
+            "states": _STATES,
+            "targets": [[section, quote(os.fsencode(link))]
+                        for section, link in self.targets]})[1:-1]
+
+
+def write_rows(out: TextIO, sweep: Sweep, status: SweepStatus, table: Table,
+               values: Iterable[dict[str, Value]],
+               picture: Callable[[str, Shot], str]) -> list[tuple[str, Path]]:
+    """Write the page's rows as JSON texts joined by commas (`Table.row_text`), one per
+    job, invalid ones last, as each is made: 100,000 rows are never held. A complete
+    job's plots are found and `picture` names each one's thumbnail. Returns the first
+    `SHEET_MAX_TILES` (name, still) of the contact sheet."""
+    by_name = {j.name: j for j in status.jobs}
+    tiles: list[tuple[str, Path]] = []
+    sep = ""
+    for job, vals in zip(sweep.jobs, values, strict=True):
+        st = by_name.get(job.name, JobStatus(job.name, JobState.PENDING))
+        pictures: list[tuple[str, str, str]] = []
+        if st.state is JobState.COMPLETE:
+            for step in job.steps:
+                if step.stage is not Stage.PLOT:
+                    continue
+                shot = find_shot(job.output / step.section)
+                if shot.still is None:
+                    continue
+                if not pictures and len(tiles) < SHEET_MAX_TILES:
+                    tiles.append((job.name, shot.still))
+                target = shot.animation or shot.still
+                pictures.append((shot.section, f"{OUTPUT_DIR}/{shot.section}/{target.name}",
+                                 picture(job.name, shot)))
+        out.write(sep + table.row_text(job.name, st.state, st.reason, vals, pictures))
+        sep = ","
+    for st in status.jobs:
+        if st.state is JobState.INVALID:
+            out.write(sep + table.row_text(st.name, st.state, st.reason, {}, []))
+            sep = ","
+    return tiles
+
+
+def render_page(title: str, table: Table, sheet: Path | None, page_dir: Path,
+                sheet_tiles: int = 0, match_html: str = "") -> tuple[str, str]:
+    """The page before and after its data (`{{data}}`), which is streamed between."""
+    keys = table.keys
     head = "".join(f'<th data-key="{html.escape(k)}" title="sort by {html.escape(k)}">'
                    f"{html.escape(k)}</th>" for k in keys)
-    numeric = [k for k in keys if all(isinstance(r.values.get(k, 0), int | float)
-                                      for r in rows)]
     filters = "".join(
         f'<label>{html.escape(k)} <input type="number" step="any" data-min="{i}" '
         f'placeholder="min"> <input type="number" step="any" data-max="{i}" '
         f'placeholder="max"></label>'
-        for i, k in enumerate(keys) if k in numeric)
-    complete = sum(1 for r in rows if r.pictures)
+        for i, k in enumerate(keys) if k not in table.not_numeric)
     sheet_link = "" if sheet is None else (
         f'<a href="{_url(sheet, page_dir)}">contact sheet</a>'
-        + (f" (the first {sheet_tiles} complete jobs)" if sheet_tiles < complete else ""))
-    counts = ", ".join(f"{sum(1 for r in rows if r.state is s)} {s.value}" for s in JobState
-                       if any(r.state is s for r in rows))
+        + (f" (the first {sheet_tiles} complete jobs)" if sheet_tiles < table.with_pictures
+           else ""))
+    counts = ", ".join(f"{table.counts[s]} {s.value}" for s in JobState if table.counts[s])
     parts = {"title": html.escape(title), "counts": html.escape(counts), "sheet": sheet_link,
              "filters": filters, "head": head, "thumb_px": str(THUMB_PX),
-             "data": data, "match": match_html}
+             "match": match_html}
     template = resources.files("gibatch").joinpath("report.html").read_text()
-    # One pass: a job named "{{match}}" stays a name.
-    return re.sub(r"\{\{(\w+)\}\}", lambda m: parts[m[1]], template)
+    before, after = template.split("{{data}}")
+    # One pass each: a job named "{{match}}" stays a name.
+    return (re.sub(r"\{\{(\w+)\}\}", lambda m: parts[m[1]], before),
+            re.sub(r"\{\{(\w+)\}\}", lambda m: parts[m[1]], after))
 
 
 def build_report(sweep: Sweep, status: SweepStatus, page: Path | None = None) -> Report:
-    """Write the page (default `JOBS/report.html`), its thumbnails and the contact sheet."""
+    """Write the page (default `JOBS/report.html`), its thumbnails and the contact sheet.
+
+    The rows go to a file beside the page as they are made, the page is then written
+    around them: at 100,000 jobs neither every row nor the page is ever in memory."""
     root = sweep.root
     default = page is None or page == root / REPORT_FILE
     page = root / REPORT_FILE if page is None else page
@@ -375,32 +497,48 @@ def build_report(sweep: Sweep, status: SweepStatus, page: Path | None = None) ->
     media = root / STATE_DIR / "report" if default else page.with_name(page.stem + "_files")
     sheet = page.with_name(SHEET_FILE) if default else media / SHEET_FILE
     media.mkdir(parents=True, exist_ok=True)
-    sheet_rows = 0
+    variation = Variation()
+    for job in sweep.jobs:
+        variation.add(job)
+    table = Table(variation.keys())
+    ranking = load_ranking(root)
+    ranked: dict[str, dict[str, Value]] = {}  # name -> values, of the jobs ranked
+    thumbnails: set[str] = set()
 
-    def take(row: Row) -> None:
-        """Thumbnails made; the shots kept only if the contact sheet will show them."""
-        nonlocal sheet_rows
-        for shot in row.shots:
-            if shot.still is not None:
-                name = thumbnail_name(row.name, shot.section)
-                make_thumbnail(shot.still, media / name)
-                target = shot.animation or shot.still
-                row.pictures.append(
-                    (shot.section, f"{OUTPUT_DIR}/{shot.section}/{target.name}", name))
-        if row.shots and row.shots[0].still and sheet_rows < SHEET_MAX_TILES:
-            sheet_rows += 1
-        else:
-            row.shots = []
+    def values() -> Iterator[dict[str, Value]]:
+        for job, vals in zip(sweep.jobs, variation.values(), strict=True):
+            if ranking is not None and job.name in ranking.scores:
+                ranked[job.name] = vals
+            yield vals
 
-    rows, keys = collect_rows(sweep, status, take)
-    tiles = contact_sheet(rows, sheet, most=SHEET_MAX_TILES)
-    data = page_data(rows, keys, root, page.parent, media)
-    text = render_page(root.resolve().name, rows, keys, data, sheet if tiles else None,
-                       page.parent, tiles, match_section(sweep, rows, keys, media, page.parent))
+    rows = page.with_name(page.name + ".rows.tmp")
     tmp = page.with_suffix(".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, page)
-    return Report(page, sheet if tiles else None, len(rows), sum(len(r.pictures) for r in rows))
+    try:
+        with rows.open("w", encoding="utf-8") as out, Thumbnails() as maker:
+            def picture(name: str, shot: Shot) -> str:
+                assert shot.still is not None
+                thumb = thumbnail_name(name, shot.section)
+                maker.want(shot.still, media / thumb)
+                thumbnails.add(thumb)
+                return thumb
+
+            tiles = write_rows(out, sweep, status, table, values(), picture)
+            maker.finish()
+        remove_stale(media, thumbnails)
+        shown = contact_sheet(tiles, sheet, most=SHEET_MAX_TILES)
+        match_html = "" if ranking is None else match_section(
+            sweep, ranking, ranked, table.keys, media, page.parent)
+        before, after = render_page(root.resolve().name, table, sheet if shown else None,
+                                    page.parent, shown, match_html)
+        with tmp.open("w", encoding="utf-8") as f, rows.open(encoding="utf-8") as data:
+            f.write(before + '{"rows":[')
+            shutil.copyfileobj(data, f)
+            f.write("]," + table.head(root, page.parent, media) + "}" + after)
+        os.replace(tmp, page)
+    finally:
+        rows.unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
+    return Report(page, sheet if shown else None, sum(table.counts.values()), table.pictures)
 
 
 # -- the match section (when `gibatch match` or `gibatch search` has ranked the sweep)
@@ -409,27 +547,45 @@ MATCH_TOP = 5
 PLOT_PX = (260, 170)
 
 
-def match_section(sweep: Sweep, rows: list[Row], keys: list[str], media: Path,
-                  page_dir: Path) -> str:
-    """The target beside the best render of the top jobs, and score against each varied
-    parameter; empty when no ranking exists. Renders are made again from the snapshots
-    (cheap for five jobs), so the ranking file stays small."""
+@dataclass(frozen=True)
+class Ranking:
+    meta: dict[str, Any]
+    rows: list[dict[str, str]]
+    scores: dict[str, float]  # job -> score
+    target: Target
+
+
+def load_ranking(root: Path) -> Ranking | None:
+    """What `gibatch match` or `gibatch search` ranked, if it did (None otherwise, or if
+    it cannot be read: a warning then)."""
     from gibatch import match, match_settings
 
-    folder = match.match_dir(sweep.root)
+    folder = match.match_dir(root)
     try:
         meta = json.loads((folder / match.SETTINGS_FILE).read_text())
         with (folder / match.RANKING_FILE).open(newline="") as f:
             ranking = [r for r in csv.DictReader(f) if r["rank"]]
         (c1, c2) = (tuple(c) for c in meta["centres"])
         target = match.load_target(Path(meta["target"]), (c1, c2), float(meta["blur_px"]))
+        scores = {r["job"]: float(r["score"]) for r in ranking}
     except (OSError, ValueError, KeyError, TypeError, match_settings.MatchError) as exc:
         if (folder / match.RANKING_FILE).exists():
             log.warning("report: match results not shown: %s", exc)
-        return ""
+        return None
+    return Ranking(meta, ranking, scores, target)
+
+
+def match_section(sweep: Sweep, ranking: Ranking, values: dict[str, dict[str, Value]],
+                  keys: list[str], media: Path, page_dir: Path) -> str:
+    """The target beside the best render of the top jobs, and score against each varied
+    parameter (`values`: of the ranked jobs, in the page's order). Renders are made
+    again from the snapshots (cheap for five jobs), so the ranking file stays small."""
+    from gibatch import match
+
+    meta, target = ranking.meta, ranking.target
     jobs = {j.name: j for j in sweep.jobs}
     tiles = []
-    for index, r in enumerate(ranking[:MATCH_TOP]):
+    for index, r in enumerate(ranking.rows[:MATCH_TOP]):
         job = jobs.get(r["job"])
         if job is None:
             continue
@@ -451,11 +607,10 @@ def match_section(sweep: Sweep, rows: list[Row], keys: list[str], media: Path,
                      f"{html.escape(r['score'])}, t = {html.escape(r['time_gyr'])} Gyr, "
                      f"view {html.escape(r['view'])}{' mirrored' if r['mirror'] == '1' else ''}"
                      "</figcaption></figure>")
-    scores = {r["job"]: float(r["score"]) for r in ranking}
     plots = []
     for k, key in enumerate(keys):
-        points = [(float(v), scores[row.name]) for row in rows
-                  if row.name in scores and isinstance(v := row.values.get(key), int | float)]
+        points = [(float(v), ranking.scores[name]) for name, row in values.items()
+                  if isinstance(v := row.get(key), int | float)]
         if len(points) >= 2:
             dest = media / f"match-score-{k}.png"
             scatter(points, dest)

@@ -18,7 +18,7 @@ from gibatch import discovery, record, report, steps
 from gibatch.discovery import load_sweep
 from gibatch.jobs import Job, Sweep
 from gibatch.journal import Event, Journal
-from gibatch.report import Row, Shot, Variation, build_report, contact_sheet, flatten
+from gibatch.report import Variation, build_report, contact_sheet, flatten
 from gibatch.status import _ACTIVE, JobState, JobStatus, SweepStatus, pid_alive, sweep_status
 from gibatch.transfer import FileRecord
 from tests.conftest import tiny_job_files, write_job
@@ -247,12 +247,11 @@ def test_variation_finds_what_comparing_every_jobs_json_finds() -> None:
     assert keys == ["galaxy1.c", "galaxy1.n", "merge.p", "merge.p.x", "merge.p.y", "merge.t",
                     "plot2.s"]
     variation = Variation()
-    rows = [Row(job.name, JobState.PENDING, None, {}) for job in jobs]
-    for row, job in zip(rows, jobs, strict=True):
-        variation.add(row, job)
-    assert variation.finish() == keys
-    for row, values in zip(rows, flat, strict=True):
-        assert json.dumps(row.values) == json.dumps({k: values[k] for k in keys if k in values})
+    for job in jobs:
+        variation.add(job)
+    assert variation.keys() == keys
+    for mine, values in zip(variation.values(), flat, strict=True):
+        assert json.dumps(mine) == json.dumps({k: values[k] for k in keys if k in values})
 
 
 def png(path: Path, colour: str = "red") -> None:
@@ -297,14 +296,13 @@ def test_the_page_holds_every_row_as_json_and_no_name_breaks_it(
 
 
 def test_the_contact_sheet_shows_the_first_jobs_only(tmp_path: Path) -> None:
-    rows = []
+    tiles = []
     for k in range(3):
         still = tmp_path / f"{k}.png"
         png(still, ["red", "green", "blue"][k])
-        rows.append(Row(str(k), JobState.COMPLETE, None, {},
-                        [Shot("Plot 1", still, None)]))
+        tiles.append((str(k), still))
     sheet = tmp_path / "sheet.png"
-    assert contact_sheet(rows, sheet, tile=50, most=2) == 2
+    assert contact_sheet(tiles, sheet, tile=50, most=2) == 2
     with Image.open(sheet) as image:
         assert image.getpixel((25, 25)) == (255, 0, 0)
         assert image.getpixel((75, 25)) == (0, 128, 0)
@@ -337,3 +335,65 @@ def test_a_thumbnail_stays_its_jobs_when_jobs_are_added(tmp_path: Path) -> None:
     assert report() == {"b": (255, 0, 0)}
     finished("a", "lime")  # now first, its image older than b's thumbnail
     assert report() == {"a": (0, 255, 0), "b": (255, 0, 0)}
+
+
+def complete_sweep(root: Path, n: int, colours: list[str]) -> tuple[Sweep, SweepStatus]:
+    """`n` jobs whose two plots are images of `colours[k % len(colours)]`, all complete."""
+    for k in range(n):
+        write_job(root, f"j{k}", tiny_job_files(**{"interact.json": {"mass_2": 1 + k}}))
+        for plot in ("Plot 1", "Plot 2"):
+            png(root / f"j{k}" / "output" / plot / "final.png", colours[k % len(colours)])
+    sweep = load_sweep(root)
+    return sweep, SweepStatus([JobStatus(j.name, JobState.COMPLETE) for j in sweep.jobs],
+                              [], None, None, 0)
+
+
+def thumbnail_colours(root: Path) -> dict[tuple[str, str], tuple[int, ...]]:
+    """(job, section) -> the colour of its thumbnail, as the page links them."""
+    page = (root / "report.html").read_text(encoding="utf-8")
+    data = json.loads(page.split('id="data">')[1].split("</script>")[0])
+    out = {}
+    for row in data["rows"]:
+        for target, thumb in row[4]:
+            with Image.open(root / ".gibatch" / "report" / thumb) as image:
+                out[row[0], data["targets"][target][0]] = image.convert("RGB").getpixel((5, 5))
+    return out
+
+
+def test_thumbnails_made_in_a_pool_are_those_made_here(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    root = tmp_path / "jobs"
+    sweep, status = complete_sweep(root, 5, ["red", "lime", "blue"])
+    (root / "j3" / "output" / "Plot 2" / "final.png").write_bytes(b"not a png")
+    monkeypatch.setattr(report.Thumbnails, "BATCH", 3)  # 10 thumbnails: 3 batches + 1
+    result = build_report(sweep, status)
+    assert result.thumbnails == 10
+    colours = thumbnail_colours(root)
+    rgb = {"red": (255, 0, 0), "lime": (0, 255, 0), "blue": (0, 0, 255)}
+    for k in range(5):
+        assert colours[f"j{k}", "Plot 1"] == rgb[["red", "lime", "blue"][k % 3]]
+    assert colours["j3", "Plot 2"] == (208, 208, 208)  # the placeholder's grey
+    # The worker's warning reaches this process's log.
+    assert "final.png: cannot read the image" in caplog.text
+
+
+def test_stale_thumbnails_are_removed_and_the_rest_kept(tmp_path: Path) -> None:
+    root = tmp_path / "jobs"
+    sweep, status = complete_sweep(root, 3, ["red"])
+    build_report(sweep, status)
+    media = root / ".gibatch" / "report"
+    (media / "match-0.png").write_bytes(b"the match section's")
+    kept = {p.name: p.stat().st_mtime_ns for p in media.glob("*.png")}
+    assert len(kept) == 7
+    shutil.rmtree(root / "j0")  # a job removed
+    shutil.rmtree(root / "j1" / "output" / "Plot 2")  # a plot gone
+    sweep = load_sweep(root)
+    status = SweepStatus([JobStatus(j.name, JobState.COMPLETE) for j in sweep.jobs],
+                         [], None, None, 0)
+    assert build_report(sweep, status).thumbnails == 3
+    now = {p.name: p.stat().st_mtime_ns for p in media.glob("*.png")}
+    assert set(thumbnail_colours(root)) == {("j1", "Plot 1"), ("j2", "Plot 1"),
+                                            ("j2", "Plot 2")}
+    assert len(now) == 4 and "match-0.png" in now  # 3 thumbnails, not made again
+    assert all(kept[name] == mtime for name, mtime in now.items())
