@@ -26,7 +26,7 @@ import time
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from gibatch import discovery
 from gibatch.database import Database
@@ -210,10 +210,24 @@ def _examine(job: Job, seen_ns: int) -> tuple[dict[str, Any] | None, Row | None]
                       _lineage_hash(lineage), model if isinstance(model, int) else None)
 
 
+class Completion(NamedTuple):
+    model: int | None  # None if the record has none
+    # The stat signature of the record and its section folders (None: changed just
+    # now, see `discovery.SETTLE_NS`): while it holds, so do the record and the listing
+    # of each section, which is what the report remembers a job's plots by.
+    signature: str | None
+
+
 def completed(root: Path, jobs: Iterable[Job]) -> dict[str, int | None]:
     """name -> model number (None if the record has none) of each of `jobs` that is
-    complete, as `complete_record` says; reads only the records that are new or changed
-    since the last call (module docstring). Without a usable database, reads them all.
+    complete: `completions` without the signatures."""
+    return {name: done.model for name, done in completions(root, jobs).items()}
+
+
+def completions(root: Path, jobs: Iterable[Job]) -> dict[str, Completion]:
+    """name -> completion of each of `jobs` that is complete, as `complete_record`
+    says; reads only the records that are new or changed since the last call (module
+    docstring). Without a usable database, reads them all.
 
     `jobs` are all the valid jobs of the sweep at `root`: what is remembered of any
     other name is forgotten."""
@@ -222,7 +236,7 @@ def completed(root: Path, jobs: Iterable[Job]) -> dict[str, int | None]:
     except (OSError, sqlite3.Error):
         cache = None
     known = cache.load() if cache is not None else {}
-    done: dict[str, int | None] = {}
+    done: dict[str, Completion] = {}
     fresh: list[tuple[str, str, str, str, int | None]] = []
     gone = set(known)  # rows of records no longer found whole
     seen_ns = discovery.clock_ns()
@@ -240,12 +254,13 @@ def completed(root: Path, jobs: Iterable[Job]) -> dict[str, int | None]:
             if stats is not None and _stat_key(stats) == signature:
                 gone.discard(job.name)
                 if lineage == _job_lineage_hash(job):
-                    done[job.name] = model
+                    done[job.name] = Completion(model, signature)
                 continue
         data, row = _examine(job, seen_ns)
         if data is not None:
             number = data.get("model_number")
-            done[job.name] = number if isinstance(number, int) else None
+            done[job.name] = Completion(number if isinstance(number, int) else None,
+                                        None if row is None else row[1])
         if row is not None and discovery.storable(job.name):
             gone.discard(job.name)
             fresh.append((job.name, *row))

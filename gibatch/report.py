@@ -23,6 +23,7 @@ import math
 import os
 import re
 import shutil
+import sqlite3
 import warnings
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
@@ -37,6 +38,7 @@ import numpy as np
 from PIL import Image, ImageDraw, UnidentifiedImageError
 
 from gibatch import discovery
+from gibatch.database import Database
 from gibatch.jobs import OUTPUT_DIR, STATE_DIR, Job, Sweep, open_regular
 from gibatch.status import JobState, JobStatus, SweepStatus
 from gibatch.steps import Stage, Step
@@ -309,9 +311,10 @@ class Thumbnails:
         if self._pool is not None:
             self._pool.shutdown(cancel_futures=True)
 
-    def want(self, still: Path, dest: Path) -> None:
-        """`dest` will be a thumbnail of `still` once `finish` returns."""
-        if thumbnail_fresh(still, dest):
+    def want(self, still: Path, dest: Path, made: bool = False) -> None:
+        """`dest` will be a thumbnail of `still` once `finish` returns. `made`: it was
+        made from `still` as it is now (`ShotCache`), so is good if it exists."""
+        if os.path.exists(dest) if made else thumbnail_fresh(still, dest):
             return
         self._batch.append((still, dest))
         if len(self._batch) >= self.BATCH:
@@ -426,36 +429,120 @@ class Table:
 
 def write_rows(out: TextIO, sweep: Sweep, status: SweepStatus, table: Table,
                values: Iterable[dict[str, Value]],
-               picture: Callable[[str, Shot], str]) -> list[tuple[str, Path]]:
+               pictures: Callable[[Job, JobStatus], list[tuple[Shot, str]]],
+               ) -> list[tuple[str, Path]]:
     """Write the page's rows as JSON texts joined by commas (`Table.row_text`), one per
     job, invalid ones last, as each is made: 100,000 rows are never held. A complete
-    job's plots are found and `picture` names each one's thumbnail. Returns the first
-    `SHEET_MAX_TILES` (name, still) of the contact sheet."""
+    job's plots are its `pictures` (each shot with a still, and its thumbnail's name).
+    Returns the first `SHEET_MAX_TILES` (name, still) of the contact sheet."""
     by_name = {j.name: j for j in status.jobs}
     tiles: list[tuple[str, Path]] = []
     sep = ""
     for job, vals in zip(sweep.jobs, values, strict=True):
         st = by_name.get(job.name, JobStatus(job.name, JobState.PENDING))
-        pictures: list[tuple[str, str, str]] = []
+        shown: list[tuple[str, str, str]] = []
         if st.state is JobState.COMPLETE:
-            for step in job.steps:
-                if step.stage is not Stage.PLOT:
-                    continue
-                shot = find_shot(job.output / step.section)
-                if shot.still is None:
-                    continue
-                if not pictures and len(tiles) < SHEET_MAX_TILES:
+            for shot, thumb in pictures(job, st):
+                assert shot.still is not None
+                if not shown and len(tiles) < SHEET_MAX_TILES:
                     tiles.append((job.name, shot.still))
                 target = shot.animation or shot.still
-                pictures.append((shot.section, f"{OUTPUT_DIR}/{shot.section}/{target.name}",
-                                 picture(job.name, shot)))
-        out.write(sep + table.row_text(job.name, st.state, st.reason, vals, pictures))
+                shown.append((shot.section, f"{OUTPUT_DIR}/{shot.section}/{target.name}",
+                              thumb))
+        out.write(sep + table.row_text(job.name, st.state, st.reason, vals, shown))
         sep = ","
     for st in status.jobs:
         if st.state is JobState.INVALID:
             out.write(sep + table.row_text(st.name, st.state, st.reason, {}, []))
             sep = ","
     return tiles
+
+
+_SHOTS_SCHEMA = """
+CREATE TABLE IF NOT EXISTS report_shots (
+    name TEXT PRIMARY KEY, signature TEXT NOT NULL, shots TEXT NOT NULL);
+"""
+
+
+class ShotCache(Database):
+    """Each complete job's plots as `find_shot` found them (and thumbnailed), with the
+    completion signature they were found under (`record.Completion`): while it holds,
+    no section folder has changed its listing since, and each thumbnail made then is
+    still of its image. Without it a warm report of 100,000 jobs lists 200,000 folders
+    and stats 400,000 files, all of which `status` has just vouched for."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root / STATE_DIR / discovery.CACHE_FILE, _SHOTS_SCHEMA,
+                         {"report_shots": ["name", "signature", "shots"]})
+
+    def shots(self, job: Job, signature: str) -> list[Shot] | None:
+        with self._lock:
+            found = self._db.execute("SELECT signature, shots FROM report_shots "
+                                     "WHERE name = ?", (job.name,)).fetchone()
+        if found is None or found[0] != signature:
+            return None
+        output = job.output
+        return [Shot(section, still and output / section / still,
+                     animation and output / section / animation)
+                for section, still, animation in json.loads(found[1])]
+
+    def store(self, rows: list[tuple[str, str, list[Shot]]]) -> None:
+        """Remember (name, signature, shots) of each of `rows`; names, not paths: the
+        sweep may move."""
+        with self._lock:
+            self._db.executemany(
+                "INSERT OR REPLACE INTO report_shots VALUES (?, ?, ?)",
+                [(name, signature, json.dumps(
+                    [[shot.section, shot.still and shot.still.name,
+                      shot.animation and shot.animation.name] for shot in shots]))
+                 for name, signature, shots in rows])
+
+
+class Pictures:
+    """A complete job's pictures for the page: its plots (`find_shot`, or remembered
+    by `ShotCache`) and their thumbnails (`Thumbnails`), each thumbnail's name kept to
+    tell the stale ones (`remove_stale`)."""
+
+    def __init__(self, root: Path, media: Path, maker: Thumbnails) -> None:
+        self.media, self.maker = media, maker
+        self.shown: set[str] = set()  # thumbnail names
+        self._found: list[tuple[str, str, list[Shot]]] = []  # to remember
+        try:
+            self._cache: ShotCache | None = ShotCache(root)
+        except (OSError, sqlite3.Error):
+            self._cache = None  # found anew each time: slower, never wrong
+
+    def __call__(self, job: Job, st: JobStatus) -> list[tuple[Shot, str]]:
+        proof = st.proof if self._cache is not None else None
+        shots = None if proof is None or self._cache is None else \
+            self._cache.shots(job, proof)
+        remembered = shots is not None
+        if shots is None:
+            shots = [find_shot(job.output / step.section) for step in job.steps
+                     if step.stage is Stage.PLOT]
+            if proof is not None and discovery.storable(job.name):
+                self._found.append((job.name, proof, shots))
+        out = []
+        for shot in shots:
+            if shot.still is not None:
+                thumb = thumbnail_name(job.name, shot.section)
+                self.maker.want(shot.still, self.media / thumb, made=remembered)
+                self.shown.add(thumb)
+                out.append((shot, thumb))
+        return out
+
+    def close(self, made: bool) -> None:
+        """Remember the plots found if `made`: their thumbnails are (`Thumbnails.finish`);
+        otherwise an old thumbnail would pass for a new image's."""
+        if self._cache is None:
+            return
+        try:
+            if made:
+                with contextlib.suppress(sqlite3.Error):  # a later report remembers
+                    self._cache.store(self._found)
+        finally:
+            self._found = []
+            self._cache.close()
 
 
 def render_page(title: str, table: Table, sheet: Path | None, page_dir: Path,
@@ -503,7 +590,6 @@ def build_report(sweep: Sweep, status: SweepStatus, page: Path | None = None) ->
     table = Table(variation.keys())
     ranking = load_ranking(root)
     ranked: dict[str, dict[str, Value]] = {}  # name -> values, of the jobs ranked
-    thumbnails: set[str] = set()
 
     def values() -> Iterator[dict[str, Value]]:
         for job, vals in zip(sweep.jobs, variation.values(), strict=True):
@@ -515,16 +601,15 @@ def build_report(sweep: Sweep, status: SweepStatus, page: Path | None = None) ->
     tmp = page.with_suffix(".tmp")
     try:
         with rows.open("w", encoding="utf-8") as out, Thumbnails() as maker:
-            def picture(name: str, shot: Shot) -> str:
-                assert shot.still is not None
-                thumb = thumbnail_name(name, shot.section)
-                maker.want(shot.still, media / thumb)
-                thumbnails.add(thumb)
-                return thumb
-
-            tiles = write_rows(out, sweep, status, table, values(), picture)
-            maker.finish()
-        remove_stale(media, thumbnails)
+            pictures = Pictures(root, media, maker)
+            made = False
+            try:
+                tiles = write_rows(out, sweep, status, table, values(), pictures)
+                maker.finish()
+                made = True
+            finally:
+                pictures.close(made)
+        remove_stale(media, pictures.shown)
         shown = contact_sheet(tiles, sheet, most=SHEET_MAX_TILES)
         match_html = "" if ranking is None else match_section(
             sweep, ranking, ranked, table.keys, media, page.parent)

@@ -32,6 +32,8 @@ class JobStatus:
     model: int | None = None
     step: str | None = None
     reason: str | None = None
+    # A complete job's `record.Completion.signature`: the report's plots remembered by.
+    proof: str | None = field(default=None, compare=False)
 
 
 @dataclass
@@ -89,7 +91,7 @@ def sweep_status(sweep: Sweep, journal: Journal, recent: int = 10) -> SweepStatu
 
     At 100,000 jobs the journal holds about a million events: only the runs' starts
     and ends, each job's last event when it says running or failed, and the last
-    `recent` events are read; completion records come through `record.completed`.
+    `recent` events are read; completion records come through `record.completions`.
     """
     runs: dict[int, tuple[float, float | None]] = {}  # pid -> (start, end) of its last run
     for e in journal.run_events():
@@ -107,13 +109,13 @@ def sweep_status(sweep: Sweep, journal: Journal, recent: int = 10) -> SweepStatu
                      else journal.count_events(Event.JOB_COMPLETE, since=started))
     last = (journal.last_job_events(_ACTIVE | {Event.JOB_FAILED}) if live
             else journal.last_failures())
-    complete = record.completed(sweep.root, sweep.jobs)
+    complete = record.completions(sweep.root, sweep.jobs)
 
     jobs: list[JobStatus] = []
     for job in sweep.jobs:
         ev = last.get(job.name)
-        if job.name in complete:
-            jobs.append(JobStatus(job.name, JobState.COMPLETE, complete[job.name]))
+        if (done := complete.get(job.name)) is not None:
+            jobs.append(JobStatus(job.name, JobState.COMPLETE, done.model, proof=done.signature))
         elif ev is not None and ev.event in _ACTIVE and ev.pid in live:
             jobs.append(JobStatus(job.name, JobState.RUNNING, ev.model, ev.step))
         elif ev is not None and ev.event == Event.JOB_FAILED:

@@ -397,3 +397,53 @@ def test_stale_thumbnails_are_removed_and_the_rest_kept(tmp_path: Path) -> None:
                                             ("j2", "Plot 2")}
     assert len(now) == 4 and "match-0.png" in now  # 3 thumbnails, not made again
     assert all(kept[name] == mtime for name, mtime in now.items())
+
+
+def test_a_warm_report_lists_no_section_and_sees_every_change(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, settled: None) -> None:
+    """Plots remembered by the completion signature `status` vouched for: a second
+    report lists no folder; a still replaced (a download lands by renaming) or a sweep
+    moved is seen."""
+    root = tmp_path / "jobs"
+    sweep = sweep_of(root, 3)
+    for job in sweep.jobs:
+        finish(job)
+        png(job.output / "Plot 1" / "final.png", "red")
+        png(job.output / "Plot 1" / "animation.gif", "red")
+    listed: list[str] = []
+    real = report.find_shot
+
+    def counting(section_dir: Path) -> report.Shot:
+        listed.append(section_dir.parent.parent.name)
+        return real(section_dir)
+
+    monkeypatch.setattr(report, "find_shot", counting)
+
+    def build(root: Path) -> tuple[str, dict[tuple[str, str], tuple[int, ...]]]:
+        sweep = load_sweep(root)
+        journal = Journal(root)
+        try:
+            build_report(sweep, sweep_status(sweep, journal))
+        finally:
+            journal.close()
+        return (root / "report.html").read_text(encoding="utf-8"), thumbnail_colours(root)
+
+    first, colours = build(root)
+    assert sorted(listed) == ["j0", "j0", "j1", "j1", "j2", "j2"]  # Plot 1 and 2 each
+    assert set(colours.values()) == {(255, 0, 0)}
+    listed.clear()
+    assert build(root) == (first, colours)
+    assert listed == []
+    # j1's animation replaced as a download lands: a new file renamed over it.
+    new = root / "j1" / "output" / "Plot 1" / "new.gif"
+    png(new, "blue")
+    new.replace(root / "j1" / "output" / "Plot 1" / "animation.gif")
+    (root / "j1" / "output" / "Plot 1" / "final.png").unlink()  # the GIF is the still
+    _, colours = build(root)
+    assert listed == ["j1", "j1"]
+    assert colours["j1", "Plot 1"] == (0, 0, 255) and colours["j0", "Plot 1"] == (255, 0, 0)
+    listed.clear()
+    moved = tmp_path / "moved"
+    root.rename(moved)
+    assert build(moved)[1] == colours  # from the remembered names, in their new place
+    assert listed == []
