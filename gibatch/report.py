@@ -20,6 +20,7 @@ import html
 import json
 import logging
 import math
+import operator
 import os
 import re
 import shutil
@@ -31,7 +32,7 @@ from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TextIO, cast
+from typing import TYPE_CHECKING, Any, NamedTuple, TextIO, cast
 from urllib.parse import quote
 
 import numpy as np
@@ -136,15 +137,33 @@ class Variation:
             self._first, self._first_payloads = job, job.payloads_once()
             for step, body in self._first_payloads.items():
                 _walk(step.name, body, self._first_flat)
+        elif self._same_steps(job):
+            # An equal lineage is a hash of the same JSON: nothing to compare.
+            changed = [k for k, (a, b) in enumerate(zip(first.lineage.values(),
+                                                        job.lineage.values(), strict=True))
+                       if a != b]
+            if changed:
+                firsts = list(self._first_payloads.items())
+                mine = list(job.payloads_once().values())
+                self._diff("", {firsts[k][0].name: firsts[k][1] for k in changed},
+                           {firsts[k][0].name: mine[k] for k in changed}, differs)
         elif job.lineage != first.lineage:
             payloads = job.payloads_once()
-            # An equal lineage is a hash of the same JSON: nothing to compare.
             self._diff("", {s.name: b for s, b in self._first_payloads.items()
                             if first.lineage[s] != job.lineage.get(s)},
                        {s.name: b for s, b in payloads.items()
                         if job.lineage[s] != first.lineage.get(s)}, differs)
-            self._varying.update(differs)
+        self._varying.update(differs)
         self._differs.append(differs)
+
+    def _same_steps(self, job: Job) -> bool:
+        """Whether `job` has the first job's Step objects, in order: jobs from the
+        discovery cache share them, so most do, and are compared by position without
+        hashing a Step (a dataclass's hash is Python code: 100,000 jobs x 7 steps)."""
+        first = self._first
+        assert first is not None
+        return (len(job.lineage) == len(first.lineage)
+                and all(map(operator.is_, job.lineage, first.lineage)))
 
     def _diff(self, prefix: str, first: dict[str, Any], mine: dict[str, Any],
               out: dict[str, object]) -> None:
@@ -245,10 +264,10 @@ def thumbnail_name(job: str, section: str) -> str:
     return f"{digest}-{section.replace(' ', '')}.png"
 
 
-def thumbnail_fresh(still: Path, dest: Path) -> bool:
+def thumbnail_fresh(still: Path | str, dest: Path | str) -> bool:
     """Whether `dest` is newer than `still`: kept, not made again."""
     try:
-        return dest.stat().st_mtime >= still.stat().st_mtime
+        return os.stat(dest).st_mtime >= os.stat(still).st_mtime
     except OSError:  # none yet, or a dangling link (last_frame makes the placeholder)
         return False
 
@@ -277,13 +296,13 @@ class _Collected(logging.Handler):
         self.messages.append(record.getMessage())
 
 
-def _make_thumbnails(batch: list[tuple[Path, Path]]) -> list[str]:
+def _make_thumbnails(batch: list[tuple[str, str]]) -> list[str]:
     """In a worker process: `make_thumbnail` for each (still, dest); the warnings logged."""
     collected = _Collected()
     log.addHandler(collected)
     try:
         for still, dest in batch:
-            make_thumbnail(still, dest)
+            make_thumbnail(Path(still), Path(dest))
     finally:
         log.removeHandler(collected)
     return collected.messages
@@ -300,7 +319,7 @@ class Thumbnails:
 
     def __init__(self, workers: int | None = None) -> None:
         self.workers = workers or max(1, min(4, os.cpu_count() or 1))
-        self._batch: list[tuple[Path, Path]] = []
+        self._batch: list[tuple[str, str]] = []
         self._pool: ProcessPoolExecutor | None = None
         self._flying: deque[Future[list[str]]] = deque()
 
@@ -311,7 +330,7 @@ class Thumbnails:
         if self._pool is not None:
             self._pool.shutdown(cancel_futures=True)
 
-    def want(self, still: Path, dest: Path, made: bool = False) -> None:
+    def want(self, still: str, dest: str, made: bool = False) -> None:
         """`dest` will be a thumbnail of `still` once `finish` returns. `made`: it was
         made from `still` as it is now (`ShotCache`), so is good if it exists."""
         if os.path.exists(dest) if made else thumbnail_fresh(still, dest):
@@ -330,7 +349,7 @@ class Thumbnails:
     def finish(self) -> None:
         """Every thumbnail wanted is made."""
         for still, dest in self._batch:
-            make_thumbnail(still, dest)
+            make_thumbnail(Path(still), Path(dest))
         self._batch = []
         while self._flying:
             self._done(self._flying.popleft())
@@ -429,12 +448,12 @@ class Table:
 
 def write_rows(out: TextIO, sweep: Sweep, status: SweepStatus, table: Table,
                values: Iterable[dict[str, Value]],
-               pictures: Callable[[Job, JobStatus], list[tuple[Shot, str]]],
+               pictures: Callable[[Job, JobStatus], list[Picture]],
                ) -> list[tuple[str, Path]]:
     """Write the page's rows as JSON texts joined by commas (`Table.row_text`), one per
     job, invalid ones last, as each is made: 100,000 rows are never held. A complete
-    job's plots are its `pictures` (each shot with a still, and its thumbnail's name).
-    Returns the first `SHEET_MAX_TILES` (name, still) of the contact sheet."""
+    job's plots are its `pictures`. Returns the first `SHEET_MAX_TILES` (name, still)
+    of the contact sheet."""
     by_name = {j.name: j for j in status.jobs}
     tiles: list[tuple[str, Path]] = []
     sep = ""
@@ -442,13 +461,10 @@ def write_rows(out: TextIO, sweep: Sweep, status: SweepStatus, table: Table,
         st = by_name.get(job.name, JobStatus(job.name, JobState.PENDING))
         shown: list[tuple[str, str, str]] = []
         if st.state is JobState.COMPLETE:
-            for shot, thumb in pictures(job, st):
-                assert shot.still is not None
+            for picture in pictures(job, st):
                 if not shown and len(tiles) < SHEET_MAX_TILES:
-                    tiles.append((job.name, shot.still))
-                target = shot.animation or shot.still
-                shown.append((shot.section, f"{OUTPUT_DIR}/{shot.section}/{target.name}",
-                              thumb))
+                    tiles.append((job.name, Path(picture.still)))
+                shown.append((picture.section, picture.link, picture.thumb))
         out.write(sep + table.row_text(job.name, st.state, st.reason, vals, shown))
         sep = ","
     for st in status.jobs:
@@ -475,27 +491,35 @@ class ShotCache(Database):
         super().__init__(root / STATE_DIR / discovery.CACHE_FILE, _SHOTS_SCHEMA,
                          {"report_shots": ["name", "signature", "shots"]})
 
-    def shots(self, job: Job, signature: str) -> list[Shot] | None:
+    def shots(self, name: str, signature: str) -> list[ShotNames] | None:
         with self._lock:
             found = self._db.execute("SELECT signature, shots FROM report_shots "
-                                     "WHERE name = ?", (job.name,)).fetchone()
+                                     "WHERE name = ?", (name,)).fetchone()
         if found is None or found[0] != signature:
             return None
-        output = job.output
-        return [Shot(section, still and output / section / still,
-                     animation and output / section / animation)
-                for section, still, animation in json.loads(found[1])]
+        shots: list[ShotNames] = json.loads(found[1])
+        return shots
 
-    def store(self, rows: list[tuple[str, str, list[Shot]]]) -> None:
-        """Remember (name, signature, shots) of each of `rows`; names, not paths: the
-        sweep may move."""
+    def store(self, rows: list[tuple[str, str, list[ShotNames]]]) -> None:
+        """Remember (name, signature, shots) of each of `rows`."""
         with self._lock:
-            self._db.executemany(
-                "INSERT OR REPLACE INTO report_shots VALUES (?, ?, ?)",
-                [(name, signature, json.dumps(
-                    [[shot.section, shot.still and shot.still.name,
-                      shot.animation and shot.animation.name] for shot in shots]))
-                 for name, signature, shots in rows])
+            self._db.executemany("INSERT OR REPLACE INTO report_shots VALUES (?, ?, ?)",
+                                 [(name, signature, json.dumps(shots))
+                                  for name, signature, shots in rows])
+
+
+# A shot's section, still and animation as names in the section's folder: paths would
+# break when the sweep moves, and 100,000 jobs' Paths cost more than their stats.
+ShotNames = tuple[str, str | None, str | None]
+
+
+class Picture(NamedTuple):
+    """One plot of a complete job as the page shows it."""
+
+    section: str
+    still: str  # its path
+    link: str  # what it opens, in the job's folder (output/SECTION/NAME)
+    thumb: str  # the thumbnail's file name
 
 
 class Pictures:
@@ -504,31 +528,37 @@ class Pictures:
     tell the stale ones (`remove_stale`)."""
 
     def __init__(self, root: Path, media: Path, maker: Thumbnails) -> None:
-        self.media, self.maker = media, maker
+        self.top, self.media, self.maker = os.fspath(root), os.fspath(media), maker
         self.shown: set[str] = set()  # thumbnail names
-        self._found: list[tuple[str, str, list[Shot]]] = []  # to remember
+        self._found: list[tuple[str, str, list[ShotNames]]] = []  # to remember
         try:
             self._cache: ShotCache | None = ShotCache(root)
         except (OSError, sqlite3.Error):
             self._cache = None  # found anew each time: slower, never wrong
 
-    def __call__(self, job: Job, st: JobStatus) -> list[tuple[Shot, str]]:
+    def __call__(self, job: Job, st: JobStatus) -> list[Picture]:
         proof = st.proof if self._cache is not None else None
         shots = None if proof is None or self._cache is None else \
-            self._cache.shots(job, proof)
+            self._cache.shots(job.name, proof)
         remembered = shots is not None
         if shots is None:
-            shots = [find_shot(job.output / step.section) for step in job.steps
+            found = [find_shot(job.output / step.section) for step in job.steps
                      if step.stage is Stage.PLOT]
+            shots = [(shot.section, None if shot.still is None else shot.still.name,
+                      None if shot.animation is None else shot.animation.name)
+                     for shot in found]
             if proof is not None and discovery.storable(job.name):
                 self._found.append((job.name, proof, shots))
+        output = f"{self.top}/{job.name}/{OUTPUT_DIR}"  # a sweep's job is at ROOT/NAME
         out = []
-        for shot in shots:
-            if shot.still is not None:
-                thumb = thumbnail_name(job.name, shot.section)
-                self.maker.want(shot.still, self.media / thumb, made=remembered)
+        for section, still, animation in shots:
+            if still is not None:
+                thumb = thumbnail_name(job.name, section)
+                path = f"{output}/{section}/{still}"
+                self.maker.want(path, f"{self.media}/{thumb}", made=remembered)
                 self.shown.add(thumb)
-                out.append((shot, thumb))
+                out.append(Picture(section, path, f"{OUTPUT_DIR}/{section}/{animation or still}",
+                                   thumb))
         return out
 
     def close(self, made: bool) -> None:

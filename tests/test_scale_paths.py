@@ -225,10 +225,12 @@ def test_status_reads_the_journal_as_reading_every_event_would(tmp_path: Path) -
 
 # -- the report's rows as compact JSON
 
-def test_variation_finds_what_comparing_every_jobs_json_finds() -> None:
+@pytest.mark.parametrize("shared", [False, True], ids=["own-steps", "shared-steps"])
+def test_variation_finds_what_comparing_every_jobs_json_finds(shared: bool) -> None:
     """As flattening every job and comparing each value's JSON text did (the old way:
     a dictionary of every parameter per job); 1, 1.0 and true differ, so do 0.0 and
-    -0.0; absent counts as a value, and null is absent."""
+    -0.0; absent counts as a value, and null is absent. Jobs whose Step objects are
+    the first job's (shared, as discovery makes them) are compared by position."""
     first = {steps.GALAXY1: {"n": 1, "c": ["disk", "halo"]},
              steps.MERGE: {"t": 1, "p": {"x": 0.0, "y": 5}}, steps.plot(1): {"s": "a"}}
     payloads = [
@@ -239,6 +241,9 @@ def test_variation_finds_what_comparing_every_jobs_json_finds() -> None:
         {steps.GALAXY1: {"n": True, "c": ["disk"]}, steps.MERGE: {"t": 1, "p": 7},
          steps.plot(1): {"s": "a", "extra": None}},
         first]
+    if shared:
+        one: dict[steps.Step, steps.Step] = {}
+        payloads = [{one.setdefault(s, s): b for s, b in p.items()} for p in payloads]
     jobs = [Job(str(k), Path(str(k)), {s: json.dumps(b) for s, b in p.items()}, p)
             for k, p in enumerate(payloads)]
     flat = [flatten(job) for job in jobs]
