@@ -37,6 +37,7 @@ from urllib.parse import quote
 
 import numpy as np
 from PIL import Image, ImageDraw, UnidentifiedImageError
+from PIL.PngImagePlugin import PngInfo
 
 from gibatch import discovery
 from gibatch.database import Database
@@ -376,10 +377,15 @@ def remove_stale(media: Path, keep: set[str]) -> int:
 def contact_sheet(tiles: list[tuple[str, Path]], dest: Path, tile: int = SHEET_TILE_PX,
                   most: int = SHEET_MAX_TILES) -> int:
     """Each (job name, still) of the first `most`, side by side with their names;
-    returns how many (0: no sheet written)."""
+    returns how many (0: no sheet written). A sheet of the same tiles, newer than each
+    still, is kept (`_sheet_kept`)."""
     shots = tiles[:most]
     if not shots:
         return 0
+    key = hashlib.blake2b(repr((tile, [(n, os.fspath(p)) for n, p in shots])).encode(
+        errors="surrogatepass"), digest_size=16).hexdigest()
+    if _sheet_kept(dest, key, shots):
+        return len(shots)
     cols = min(len(shots), max(4, math.ceil(math.sqrt(len(shots)))))
     label = 14
     sheet = Image.new("RGB", (cols * tile, math.ceil(len(shots) / cols) * (tile + label)),
@@ -392,9 +398,27 @@ def contact_sheet(tiles: list[tuple[str, Path]], dest: Path, tile: int = SHEET_T
         sheet.paste(image, (x + 2, y + 2))
         draw.text((x + 3, y + tile), name[: tile // 6], fill="black")
     tmp = dest.with_suffix(".tmp.png")
-    sheet.save(tmp, format="PNG", optimize=True)
+    info = PngInfo()
+    info.add_text(_SHEET_KEY, key)
+    sheet.save(tmp, format="PNG", optimize=True, pnginfo=info)
     os.replace(tmp, dest)
     return len(shots)
+
+
+_SHEET_KEY = "gibatch-tiles"  # a PNG text chunk: a digest of the tiles, their size
+
+
+def _sheet_kept(sheet: Path, key: str, shots: list[tuple[str, Path]]) -> bool:
+    """Whether `sheet` shows `key`'s tiles and is newer than each still: a warm report
+    of a large sweep then spends neither the second nor the 50 MB of making it."""
+    try:
+        with Image.open(sheet) as image:
+            if image.info.get(_SHEET_KEY) != key:
+                return False
+        made = os.stat(sheet).st_mtime
+        return all(os.stat(still).st_mtime <= made for _, still in shots)
+    except _IMAGE_ERRORS:
+        return False
 
 
 def _url(path: Path, start: Path) -> str:

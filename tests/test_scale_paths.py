@@ -312,6 +312,17 @@ def test_the_contact_sheet_shows_the_first_jobs_only(tmp_path: Path) -> None:
         assert image.getpixel((25, 25)) == (255, 0, 0)
         assert image.getpixel((75, 25)) == (0, 128, 0)
         assert image.size == (2 * 50, 50 + 14)  # no third tile
+    made = sheet.stat().st_mtime_ns
+    assert contact_sheet(tiles, sheet, tile=50, most=2) == 2
+    assert sheet.stat().st_mtime_ns == made  # the same tiles: kept
+    png(tiles[1][1], "blue")  # an image newer than the sheet
+    os.utime(tiles[1][1], ns=(made + 10**9, made + 10**9))
+    assert contact_sheet(tiles, sheet, tile=50, most=2) == 2
+    with Image.open(sheet) as image:
+        assert image.getpixel((75, 25)) == (0, 0, 255)
+    assert contact_sheet(tiles[1:], sheet, tile=50, most=2) == 2  # other tiles
+    with Image.open(sheet) as image:
+        assert image.getpixel((25, 25)) == (0, 0, 255)
 
 
 def test_a_thumbnail_stays_its_jobs_when_jobs_are_added(tmp_path: Path) -> None:
