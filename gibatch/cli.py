@@ -71,9 +71,15 @@ def parse_models(text: str) -> list[int]:
     return sorted(out)
 
 
+def _fail(message: object, code: int) -> typer.Exit:
+    """Print `error: message` and give the exit to raise. Messages carry the site's
+    and the files' text: escaped, so that no escape sequence reaches the terminal."""
+    typer.echo(f"error: {printable(str(message))}", err=True)
+    return typer.Exit(code)
+
+
 def _usage_error(message: str) -> typer.Exit:
-    typer.echo(f"error: {message}", err=True)
-    return typer.Exit(EXIT_USAGE)
+    return _fail(message, EXIT_USAGE)
 
 
 def _password(password_file: Path | None) -> str:
@@ -284,11 +290,9 @@ def run(
     try:
         summary = anyio.run(main)
     except NoModelAvailable as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(EXIT_NO_MODEL) from None
+        raise _fail(exc, EXIT_NO_MODEL) from None
     except GibatchError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(1) from None
+        raise _fail(exc, 1) from None
     _print_summary(summary)
     raise typer.Exit(summary.exit_code)
 
@@ -333,8 +337,7 @@ def plan(
     try:
         show_plan(Console(), _load_sweep(jobs), model_list, key, client)
     except GibatchError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(1) from None
+        raise _fail(exc, 1) from None
 
 
 @app.command()
@@ -386,8 +389,7 @@ def make_sweep(
                **({"seed": seed} if mode == "random" else {})}
         written = sw.write_sweep(base_job, out, points, how=how, overwrite=force)
     except sw.SweepError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(EXIT_USAGE) from None
+        raise _fail(exc, EXIT_USAGE) from None
     typer.echo(f"wrote {len(written)} jobs to {out} ({mode}); how: {out / sw.SWEEP_FILE}")
 
 
@@ -687,11 +689,9 @@ def search_command(
     try:
         anyio.run(main)
     except NoModelAvailable as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(EXIT_NO_MODEL) from None
+        raise _fail(exc, EXIT_NO_MODEL) from None
     except (GibatchError, search.SearchError) as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(1) from None
+        raise _fail(exc, 1) from None
     finally:
         finder.close()
     typer.echo(_search_line(shown, metric))

@@ -8,6 +8,7 @@ Everything above it speaks in steps, model numbers, task rows and result section
 from __future__ import annotations
 
 import asyncio
+import codecs
 import json
 import re
 from collections import Counter
@@ -52,6 +53,9 @@ _CSRF_IN_FORM = re.compile(
 )
 _LOGIN_PATH = "/accounts/login/"
 MAX_LOGIN_REDIRECTS = 5
+# A page (view_jobs grows with the account's history: ~200 bytes a task) larger than
+# this is no page of the site: refused, not read into memory until the page timeout.
+MAX_PAGE_BYTES = 64 << 20
 _GONE = (404, 410)
 _REDIRECTS = (301, 302, 303, 307, 308)
 
@@ -64,6 +68,9 @@ class Timeouts:
     read_s: float | None = 60.0  # longest silence within one answer
     page_s: float | None = 90.0  # a whole page or POST answer
     download_s: float | None = None  # a whole file: unlimited, silence is what matters
+    # ... and a trickle: a download that brings less than this many bytes a second,
+    # over each read_s, has stalled (a byte just inside read_s would hold it forever).
+    min_rate_b_s: float = 1024.0
 
 
 @dataclass(frozen=True)
@@ -242,7 +249,11 @@ def parse_sections(html: str, page_url: str) -> list[Section]:
             href, text = linked[0].links[0]
             sizes = [c.text.strip() for c in row if not c.links and c.text.strip().isdigit()]
             size = int(sizes[0]) if sizes else None
-            files.append(RemoteFile(text, urljoin(page_url, href), size))
+            try:
+                url = urljoin(page_url, href)
+            except ValueError:  # malformed: kept, so its download fails naming it
+                url = href
+            files.append(RemoteFile(text, url, size))
         out.append(Section(name, status, tuple(files)))
         heading = None
     return out
@@ -252,7 +263,10 @@ def parse_sections(html: str, page_url: str) -> list[Section]:
 
 def origin(url: str) -> tuple[str, str, int | None]:
     """Scheme, host and port: what decides where the site's cookies and token may go."""
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # malformed (an unclosed IPv6 bracket): no origin at all
+        return "", "", None
     default = {"http": 80, "https": 443}.get(parts.scheme.lower())
     try:
         port = parts.port or default
@@ -265,6 +279,8 @@ def translate(exc: BaseException) -> GibatchError:
     """Map an aiohttp/OS/timeout exception to our tree (the caller chains it)."""
     if isinstance(exc, GibatchError):
         return exc
+    if isinstance(exc, aiohttp.InvalidURL):  # no retry can make it requestable
+        return ProtocolError(f"the site links an invalid URL: {exc}")
     if isinstance(exc, aiohttp.ClientResponseError) and exc.status >= 500:
         return ServerError(exc.status)
     if isinstance(exc, aiohttp.ClientResponseError):
@@ -275,6 +291,32 @@ def translate(exc: BaseException) -> GibatchError:
 
 
 _NETWORK_EXCEPTIONS = (aiohttp.ClientError, OSError, TimeoutError)
+
+
+async def page_text(resp: aiohttp.ClientResponse) -> str:
+    """The body of a page, at most MAX_PAGE_BYTES, as text whatever its bytes are: the
+    protocol reads ASCII markers and digits, so an undecodable byte is replaced rather
+    than failing every job that waits on the listing."""
+    if (resp.content_length or 0) > MAX_PAGE_BYTES:
+        raise _too_large(resp)
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in resp.content.iter_chunked(1 << 16):
+        size += len(chunk)
+        if size > MAX_PAGE_BYTES:
+            raise _too_large(resp)
+        chunks.append(chunk)
+    encoding = resp.charset or "utf-8"
+    try:
+        codecs.lookup(encoding)
+    except LookupError:
+        encoding = "utf-8"
+    return b"".join(chunks).decode(encoding, errors="replace")
+
+
+def _too_large(resp: aiohttp.ClientResponse) -> ProtocolError:
+    return ProtocolError(f"{resp.url.path} is larger than {MAX_PAGE_BYTES >> 20} MiB: "
+                         "no page of the site is; not reading it")
 
 
 class SiteClient:
@@ -374,7 +416,7 @@ class SiteClient:
         try:
             async with self.session.get(url, allow_redirects=False) as resp:
                 self._raise_for(resp)
-                return await resp.text(), str(resp.url)
+                return await page_text(resp), str(resp.url)
         except _NETWORK_EXCEPTIONS as exc:
             raise translate(exc) from exc
 
@@ -403,10 +445,10 @@ class SiteClient:
         url = self.url("accounts/login/")
         self.requests["login"] += 1
         try:
-            async with self.session.get(url) as resp:
-                if resp.status >= 500:
-                    raise ServerError(resp.status)
-                form = await resp.text()
+            # Redirects followed by hand, on the site's origin only: the jar holds the
+            # session at a re-login, and cookies are scoped by host, not port or scheme.
+            async with self.session.get(url, allow_redirects=False) as resp:
+                form = await self._follow_same_origin(resp)
             match = _CSRF_IN_FORM.search(form)
             token = (match.group(1) or match.group(2)) if match else None
             token = token or self._cookie("csrftoken")
@@ -420,28 +462,32 @@ class SiteClient:
             async with self.session.post(
                 url, data=data, headers={"Referer": url}, allow_redirects=False
             ) as resp:
-                body = await self._after_login(resp)
+                body = await self._follow_same_origin(resp)
         except _NETWORK_EXCEPTIONS as exc:
             raise translate(exc) from exc
         # 200 alone means nothing: a wrong password also answers 200 with the form.
         if not self._cookie("sessionid") or "csrfmiddlewaretoken" in body:
             raise LoginFailed(f"the site did not accept the login of {self.username!r}")
 
-    async def _after_login(self, resp: aiohttp.ClientResponse) -> str:
-        """Follow the login's redirects by hand: same origin only, a bounded number."""
+    async def _follow_same_origin(self, resp: aiohttp.ClientResponse) -> str:
+        """Follow the login pages' redirects by hand: same origin only, a bounded number;
+        the final page's text."""
         status, location, url = resp.status, resp.headers.get("Location", ""), str(resp.url)
-        body = await resp.text()
+        body = await page_text(resp)
         for _ in range(MAX_LOGIN_REDIRECTS):
             if status not in _REDIRECTS:
                 break
-            target = urljoin(url, location)
+            try:
+                target = urljoin(url, location)
+            except ValueError:
+                raise ProtocolError("the login redirected to an invalid URL") from None
             if origin(target) != origin(self.base):
                 raise ProtocolError(f"the login redirected to another origin ({target}); "
                                     "not following it with the site's cookies")
             self.requests["login"] += 1
             async with self.session.get(target, allow_redirects=False) as page:
                 status, location, url = page.status, page.headers.get("Location", ""), target
-                body = await page.text()
+                body = await page_text(page)
         if status >= 500:
             raise ServerError(status)
         if status in _REDIRECTS:
@@ -482,8 +528,11 @@ class SiteClient:
                     self.url(_TASK_PAGE[step.stage]), json=body, allow_redirects=False,
                     headers={"X-CSRFToken": token, "Referer": self.url(_TASK_PAGE[step.stage])},
                 ) as resp:
-                    text = await resp.text()
                     status, location = resp.status, resp.headers.get("Location", "")
+                    try:
+                        text = await page_text(resp)
+                    except ProtocolError:
+                        text = ""  # the status decides acceptance; the body only helps
             except _NETWORK_EXCEPTIONS as exc:
                 raise AmbiguousSubmit(f"task POST failed: {translate(exc)}", model=model) from exc
             if status == 200:

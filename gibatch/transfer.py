@@ -20,11 +20,13 @@ from __future__ import annotations
 import hashlib
 import os
 import queue
+import shutil
 import threading
+import time
 import unicodedata
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from contextlib import suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import BinaryIO
@@ -61,17 +63,22 @@ def safe_name(name: str) -> str:
     """A site file name as a local file name: kept as given, apart from what could escape
     or hide. Path separators, NUL and other control characters become `_`; a leading
     `.` (which also covers `.` and `..`) becomes `_`; a name ending in `.part` gets a
-    prefix so it is never taken for a partial download. Spaces, colons, accents and
-    the rest stay: students' notebooks open `_output_Movie: lastmovie.gif` by name."""
+    `_` after it, so it is never taken for a partial download (and deleted as one).
+    Spaces, colons, accents and the rest stay: students' notebooks open
+    `_output_Movie: lastmovie.gif` by name."""
     cleaned = "".join(
         "_" if ch in "/\\" or unicodedata.category(ch) == "Cc" else ch for ch in name
     ).strip()
     if cleaned.startswith("."):
         cleaned = "_" + cleaned[1:]
-    if not cleaned or cleaned.endswith(PART_SUFFIX):
-        cleaned = f"file_{cleaned}"
+    # Cut to length first: a cut may leave `.part` at the end (prune would then delete
+    # the file as a partial download, and it would be another file's `.part`).
     while len(cleaned.encode()) > MAX_NAME_BYTES:
         cleaned = cleaned[:-1]
+    if not cleaned:
+        return "file_"
+    if cleaned.endswith(PART_SUFFIX):  # 1 byte: within the room MAX_NAME_BYTES leaves
+        cleaned += "_"
     return cleaned
 
 
@@ -79,7 +86,7 @@ def local_names(names: Iterable[str]) -> dict[str, str]:
     """Local names for the remote `names` of one section: safe and pairwise distinct
     (two remote names that neutralise alike get `~2`, `~3` before the extension)."""
     out: dict[str, str] = {}
-    taken: set[str] = set()
+    taken: set[str] = set()  # chosen names and their `.part`s, case-folded
     for name in names:
         if name in out:
             continue
@@ -89,7 +96,7 @@ def local_names(names: Iterable[str]) -> dict[str, str]:
             n += 1
             stem, dot, ext = base.rpartition(".")
             candidate = f"{stem}~{n}.{ext}" if dot and stem else f"{base}~{n}"
-        taken.add(candidate.casefold())
+        taken.update((candidate.casefold(), (candidate + PART_SUFFIX).casefold()))
         out[name] = candidate
     return out
 
@@ -181,7 +188,8 @@ class _Writer:
         self._queue.put(None)
 
 
-async def _copy(body: aiohttp.StreamReader, part: _Part, expected: int) -> Exception | None:
+async def _copy(body: aiohttp.StreamReader, part: _Part, expected: int, floor: _Floor
+                ) -> Exception | None:
     """Stream `body` into `part` through a writer thread of its own; return what broke
     the connection, if anything, once all that came is written."""
     body.set_read_chunk_size(READ_BUFFER_BYTES)  # aiohttp's default pauses at 128 KiB
@@ -194,7 +202,7 @@ async def _copy(body: aiohttp.StreamReader, part: _Part, expected: int) -> Excep
                                   limiter=anyio.CapacityLimiter(1)))
             try:
                 with suppress(anyio.BrokenResourceError):  # the writer failed: its error follows
-                    broke = await _read(body, writer.put, expected - part.size)
+                    broke = await _read(body, writer.put, expected - part.size, floor)
             finally:
                 writer.close()
     except BaseExceptionGroup as group:  # the writer's error (a full disk) as itself
@@ -202,9 +210,32 @@ async def _copy(body: aiohttp.StreamReader, part: _Part, expected: int) -> Excep
     return broke
 
 
+@dataclass
+class _Floor:
+    """The least a download must bring: `rate` bytes a second, over each `window` s."""
+
+    rate: float
+    window: float | None
+    began: float = field(default_factory=time.monotonic)
+    got: int = 0
+
+    def check(self, size: int) -> None:
+        """Count `size` more bytes; NetworkError if a whole window brought too few."""
+        self.got += size
+        if self.window is None:
+            return
+        now = time.monotonic()
+        if now - self.began >= self.window:
+            if self.got < self.rate * (now - self.began):
+                raise NetworkError(f"less than {self.rate:g} bytes a second for "
+                                   f"{now - self.began:.1f} s: the download has stalled")
+            self.began, self.got = now, 0
+
+
 async def _read(body: aiohttp.StreamReader, put: Callable[[list[bytes]], Awaitable[None]],
-                left: int) -> Exception | None:
-    """Hand `body` on in batches, stopping past `left` bytes; return what broke it."""
+                left: int, floor: _Floor) -> Exception | None:
+    """Hand `body` on in batches, stopping past `left` bytes; return what broke it (the
+    connection, or a trickle below `floor`)."""
     batch: list[bytes] = []
     batched = 0
     broke: Exception | None = None
@@ -212,6 +243,7 @@ async def _read(body: aiohttp.StreamReader, put: Callable[[list[bytes]], Awaitab
         async for chunk, _ in body.iter_chunks():
             batch.append(chunk)
             batched += len(chunk)
+            floor.check(len(chunk))
             if batched >= WRITE_BATCH_BYTES or batched > left:
                 await put(batch)
                 left -= batched
@@ -224,15 +256,15 @@ async def _read(body: aiohttp.StreamReader, put: Callable[[list[bytes]], Awaitab
                 await anyio.lowlevel.checkpoint_if_cancelled()
     except anyio.BrokenResourceError:
         raise
-    except Exception as exc:  # the connection broke: keep what came, for Range
+    except Exception as exc:  # the connection broke or stalled: keep what came, for Range
         broke = exc
     if batch:
         await put(batch)
     return broke
 
 
-async def _small(body: aiohttp.StreamReader, part: _Part, resumed: bool, left: int
-                 ) -> Exception | None:
+async def _small(body: aiohttp.StreamReader, part: _Part, resumed: bool, left: int,
+                 floor: _Floor) -> Exception | None:
     """A file of at most one batch (most of a job's files: plots, logs, parameters):
     gathered on the loop, then opened, written and hashed in one thread hop, because a
     writer thread and its hand-overs would cost more than the bytes. Memory stays
@@ -242,7 +274,7 @@ async def _small(body: aiohttp.StreamReader, part: _Part, resumed: bool, left: i
     async def keep(batch: list[bytes]) -> None:
         batches.append(batch)
 
-    broke = await _read(body, keep, left)
+    broke = await _read(body, keep, left, floor)
 
     def store() -> None:
         part.open(resumed)
@@ -265,18 +297,26 @@ async def _stream_once(client: SiteClient, remote: RemoteFile, part: _Part) -> i
         offset = 0
     async with client.open_file(remote.url, offset) as resp:
         resumed = bool(offset) and resp.status == 206  # else the site ignored Range
+        if resumed and _range_start(resp.headers.get("Content-Range", "")) != offset:
+            # Appended at our offset, another offset's bytes would leave a file of the
+            # right size with a hole in it: start the file over instead.
+            part.path.unlink(missing_ok=True)
+            raise NetworkError(f"{remote.name}: the site resumed from another offset than "
+                               f"{offset}; starting the file over")
         start = offset if resumed else 0
         expected = remote.size
         if expected is None:
             if resp.content_length is None:
                 raise TransferError(f"{remote.name}: the site gave no size")
             expected = start + resp.content_length
+        floor = _Floor(client.timeouts.min_rate_b_s, client.timeouts.read_s)
         try:
             if expected - start <= WRITE_BATCH_BYTES:
-                broke = await _small(resp.content, part, resumed, expected - start)
+                broke = await _small(resp.content, part, resumed, expected - start, floor)
             else:
+                _room_for(part.path, expected - start, remote.name)
                 await anyio.to_thread.run_sync(part.open, resumed)
-                broke = await _copy(resp.content, part, expected)
+                broke = await _copy(resp.content, part, expected, floor)
             if broke is not None:  # the connection broke: what came is kept, for Range
                 raise translate(broke) from broke
         finally:
@@ -326,7 +366,7 @@ async def fetch(
             finally:
                 part.close()
             return remote.size
-        expected = await client.retry.wrap(attempt)()
+        expected = await attempt()  # retried with `whole`: one budget for the file
         if part.size == expected:
             return expected
         seen = (part.size, expected)
@@ -342,6 +382,23 @@ async def fetch(
     with local_io(final):
         os.replace(part.path, final)
     return FileRecord(name, size, part.digest.hexdigest())
+
+
+def _range_start(content_range: str) -> int | None:
+    """The first byte of a 206 answer (`bytes START-END/TOTAL`), None if unreadable."""
+    unit, _, span = content_range.strip().partition(" ")
+    first = span.partition("-")[0]
+    return int(first) if unit == "bytes" and first.isdigit() else None
+
+
+def _room_for(path: Path, size: int, name: str) -> None:
+    """Refuse, for this job alone, a file the disk cannot hold (a listed size is the
+    site's word): writing it until the disk is full would stop the whole run."""
+    with local_io(path.parent):
+        free = shutil.disk_usage(path.parent).free
+    if size > free:
+        raise TransferError(f"{name}: {size / 1e9:.1f} GB to download, only "
+                            f"{free / 1e9:.1f} GB free on {path.parent}")
 
 
 def _size(path: Path) -> int | None:

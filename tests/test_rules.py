@@ -57,7 +57,7 @@ def test_sections_with_and_without_status_and_sizes() -> None:
     ("naïve (1).png", "naïve (1).png"),
     ("../../etc/passwd", "_._.._etc_passwd"),
     ("..", "_."), (".", "_"), (".hidden", "_hidden"), ("a\\b", "a_b"),
-    ("nul\x00and\nnewline", "nul_and_newline"), ("x.part", "file_x.part"), ("", "file_"),
+    ("nul\x00and\nnewline", "nul_and_newline"), ("x.part", "x.part_"), ("", "file_"),
 ])
 def test_safe_name_keeps_what_cannot_escape_or_hide(remote: str, local: str) -> None:
     assert safe_name(remote) == local
