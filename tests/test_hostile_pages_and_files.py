@@ -19,7 +19,7 @@ import anyio
 import pytest
 from aiohttp import web
 
-from gibatch.errors import GibatchError, PermanentError, TransientError
+from gibatch.errors import GibatchError, PermanentError, TransferError, TransientError
 from gibatch.site import RemoteFile, RetryPolicy, SiteClient, Timeouts, parse_sections
 from gibatch.transfer import PART_SUFFIX, fetch, local_names, safe_name
 from tests.test_hostile_server import (  # noqa: F401  (serve is a fixture)
@@ -293,3 +293,22 @@ def test_server_text_in_a_run_error_is_escaped(tmp_path: Path, anyio_backend: st
         loop.close()
     assert "PWNED" in result.output  # the error was shown ...
     assert "\x1b" not in result.output  # ... but not as escape sequences
+
+
+# 10. A listed size is the site's word: a file larger than the free disk was written
+#     until the disk was full, and that stops the whole run. It fails its job alone.
+
+async def test_a_file_larger_than_the_free_disk_fails_at_once(
+        serve: Serve, tmp_path: Path) -> None:
+    async def endless(request: web.Request) -> web.StreamResponse:
+        return web.Response(body=BODY, content_type="application/octet-stream")
+
+    site = await serve({**login_routes(), f"{PREFIX}/media/huge.bin": endless})
+    client = await logged_in(site)
+    try:
+        with pytest.raises(TransferError, match="GB free"):
+            await fetch(client, RemoteFile("huge.bin", f"{site.url}{PREFIX}/media/huge.bin",
+                                           10**18), tmp_path, anyio.Semaphore(1))
+    finally:
+        await client.__aexit__(None, None, None)
+    assert list(tmp_path.iterdir()) == []  # nothing written
