@@ -12,6 +12,10 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 DEFAULT_BLUR_PX = 1.5
+# Frames scored first, evenly spread; the best renders are then refined by halving the
+# spacing around them (gibatch.match.frame_search). A job with no more frames than this
+# has every frame scored.
+DEFAULT_COARSE_FRAMES = 10
 
 
 class MatchError(Exception):
@@ -26,13 +30,15 @@ class Metric(StrEnum):
 
 @dataclass(frozen=True)
 class Settings:
-    """How jobs are matched: views (0: the plots' axes; N: N directions), ranking, and
-    the target's scale when its distance is known (kpc per target pixel, low and high):
-    frames that would need another scale are not rendered."""
+    """How jobs are matched: views (0: the plots' axes; N: N directions), ranking, the
+    target's scale when its distance is known (kpc per target pixel, low and high):
+    frames that would need another scale are not rendered; and the frames scored before
+    refining around the best (0: every frame, no refining)."""
 
     views: int = 0
     metric: Metric = Metric.SSIM
     kpc_per_px: tuple[float, float] | None = None
+    coarse_frames: int = DEFAULT_COARSE_FRAMES
 
 
 def parse_centres(text: str) -> tuple[tuple[float, float], tuple[float, float]]:
