@@ -252,6 +252,9 @@ _FORM = b'<form><input type="hidden" name="csrfmiddlewaretoken" value="tok"></fo
 
 async def _raw_site(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     head = await reader.readuntil(b"\r\n\r\n")
+    length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                   if line.lower().startswith(b"content-length:")), 0)
+    await reader.readexactly(length)  # answered unread, the client saw a reset and retried
     if head.startswith(b"GET"):
         writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nSet-Cookie: csrftoken=tok;"
                      b" Path=/\r\nContent-Length: %d\r\nConnection: close\r\n\r\n" % len(_FORM)
