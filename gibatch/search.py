@@ -234,6 +234,21 @@ def startup_trials(budget: int) -> int:
     return max(3, min(10, budget // 3))
 
 
+def sampler_seed(seed: int | None, trials: int) -> int | None:
+    """The sampler's seed for a study that already holds `trials` trials.
+
+    A seeded sampler starts its random numbers afresh in every process: resumed with the
+    seed it began with, it would ask again the random startup points it asked before the
+    kill (CI's kill -9 test ran 4 of its first trials twice over, each a job for
+    nothing). Seeded by the seed and the trials so far, a resumed search draws new
+    points, and the same history still gives the same ones; a new study keeps `seed`.
+    """
+    if seed is None or trials == 0:
+        return seed
+    digest = hashlib.sha256(f"{seed}:{trials}".encode()).digest()
+    return int.from_bytes(digest[:4], "little")
+
+
 class Search:
     """One study over one folder; `drive` feeds a scheduler until the budget is told."""
 
@@ -255,9 +270,10 @@ class Search:
         storage = JournalStorage(JournalFileBackend(str(folder / STUDY_FILE)))
         self.study = optuna.create_study(
             study_name=f"{target.key}-{space_key(dims)}", storage=storage,
-            direction="maximize", sampler=optuna.samplers.TPESampler(
-                seed=seed, n_startup_trials=startup_trials(budget)),
-            load_if_exists=True)
+            direction="maximize", load_if_exists=True)
+        self.study.sampler = optuna.samplers.TPESampler(
+            seed=sampler_seed(seed, len(self.study.get_trials(deepcopy=False))),
+            n_startup_trials=startup_trials(budget))
         self.progress = Progress(budget=budget)
         self._on_progress = on_progress
         self._in_flight: dict[str, int] = {}  # job name -> trial number

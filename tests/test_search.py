@@ -28,15 +28,23 @@ from tests.conftest import gibatch, run_sweep, write_job
 from tests.test_match import small_job
 
 HIDDEN_MASS_2, HIDDEN_THETA = 2.0, 50.0
-BUDGET = 14
-# Reached with this budget (seed 1): the best trial's mass ratio within a factor 1.6 of
-# the hidden one (measured: 2.16 for 2.0). The tilt is not asserted: with 360 stars a
-# galaxy, each trial's interaction draws new star velocities (its seed follows mass_2),
-# and that noise in the score is as large as a 10-20 degree tilt step (measured: best
-# 27 degrees for 50; offline, 2 of 4 seeds within 10 degrees at this budget). The
-# benchmark (tests/benchmarks/match.py: 2,400 stars, 25-100 trials) recovers the tilt
-# to about 6 degrees; see the note.
-MASS_FACTOR_TOL = 1.6
+# The target is the hidden job at 0.3 Gyr (frame 2 of 5), just after pericentre, seen
+# along y: the centres are close (0.6 kpc a pixel), galaxy 2's disk spans many pixels,
+# and the tilt moves the score about as much as the mass ratio does (SSIM 0.88-0.94 over
+# 0-90 degrees, 0.86-0.94 over mass 1.4-2.8). At the last frame (0.6 Gyr) galaxy 2 is a
+# few pixels wide: the tilt moved the score 0.03 against the mass's 0.12, and 14 trials
+# found the mass but not the tilt (7 of 24 runs within 10 degrees, some 40 off).
+HIDDEN_FRAME = 2
+BUDGET = 30
+# Measured offline with this budget (the trials' own jobs and scores; seeds 1-8, asked
+# two at a time, one as each slot frees, and killed after 3 told: 24 runs; the
+# simulator's common random numbers make a trial's score follow its parameters, not
+# its stars' draws): the best trial's tilt within 9 degrees of the hidden one (median
+# 4) and its mass ratio within a factor 1.1; this test, 3 runs: 5, 8 and 5 degrees,
+# factors 1.04, 1.02 and 1.1. Asserted with room: 15 degrees, a factor 1.2. The
+# search takes 30-80 s here, with 2 busy cores.
+THETA_TOL_DEG = 15.0
+MASS_FACTOR_TOL = 1.2
 SPACE = """
 "interact.mass_2" = {low = 0.5, high = 4.0, log = true}
 
@@ -46,7 +54,7 @@ theta_galaxy_2 = {low = 0, high = 90}
 
 
 def hidden_target(tmp_path: Path) -> tuple[Path, str]:
-    """A render of the hidden job's last frame, as an observer would be given it."""
+    """A render of the hidden job at HIDDEN_FRAME, as an observer would be given it."""
     root = tmp_path / "hidden"
     files = small_job(HIDDEN_THETA)
     files["interact.json"]["mass_2"] = HIDDEN_MASS_2
@@ -61,8 +69,7 @@ def hidden_target(tmp_path: Path) -> tuple[Path, str]:
     snaps = match.load_snapshots(match.snapshot_path(job))
     centres = ((45.0, 60.0), (95.0, 40.0))
     grid = match.Target(np.zeros((110, 140)), centres, "none", Path("none"))
-    done = match.render_one(snaps, len(snaps.time_gyr) - 1, match.axes_view("x", "z"), False,
-                            grid)
+    done = match.render_one(snaps, HIDDEN_FRAME, match.axes_view("x", "z"), False, grid)
     assert done is not None
     path = tmp_path / "observed.png"
     Image.fromarray((done[0] * 255).astype(np.uint8)).save(path)
@@ -139,9 +146,10 @@ def test_search_resumes_after_kill_9_and_finds_the_hidden_job(tmp_path: Path) ->
     assert interactions == BUDGET, out
     # and the best trial lands near the hidden values
     best = max(trials, key=lambda t: t.value or 0.0)
-    mass = best.params["interact.mass_2"]
+    mass, theta = best.params["interact.mass_2"], best.params["merge.theta_galaxy_2"]
     assert abs(math.log(mass / HIDDEN_MASS_2)) < math.log(MASS_FACTOR_TOL), (best.params, out)
-    assert "trials told 14/14" in out
+    assert abs(theta - HIDDEN_THETA) < THETA_TOL_DEG, (best.params, out)
+    assert f"trials told {BUDGET}/{BUDGET}" in out
 
 
 def test_a_trial_killed_inside_ask_gets_its_missing_parameters(tmp_path: Path) -> None:
@@ -180,6 +188,43 @@ def test_a_trial_killed_inside_ask_gets_its_missing_parameters(tmp_path: Path) -
         assert files["merge"]["theta_galaxy_2"] == whole.params["merge.theta_galaxy_2"]
     finally:
         finder.close()
+
+
+def test_a_resumed_search_asks_new_points(tmp_path: Path) -> None:
+    """Resumed with the same seed, the search does not ask again the random points it
+    asked before the kill (its sampler is seeded by the seed and the trials so far), and
+    the same history gives the same points."""
+    from gibatch import match_settings, search
+    from gibatch import sweep as sw
+    from tests.conftest import tiny_job_files
+
+    write_job(tmp_path, "base", tiny_job_files())
+    base = sw.read_base(tmp_path / "base")
+    space = tmp_path / "space.toml"
+    space.write_text('"merge.theta_galaxy_2" = {low = 0, high = 90}\n')
+    dims = search.load_space(space, base)
+    pixels = np.zeros((48, 64), np.uint8)
+    pixels[10:20, 10:20] = 200
+    Image.fromarray(pixels).save(tmp_path / "t.png")
+    target = match.load_target(tmp_path / "t.png",
+                               match_settings.parse_centres("12,12,40,30"))
+
+    def asked(root: Path, count: int) -> list[float]:
+        """Start (or resume) the search in `root`, ask `count` trials, stop."""
+        finder = search.Search(root, base, dims, target, match_settings.Settings(),
+                               budget=12, seed=1)
+        try:
+            for _ in range(count):
+                finder._ask()
+            return [t.params[dims[0].key] for t in finder.study.get_trials()]
+        finally:
+            finder.close()
+
+    first = asked(tmp_path / "a", 2)
+    resumed = asked(tmp_path / "a", 2)
+    assert resumed[:2] == first and not set(resumed[2:]) & set(first), resumed
+    assert asked(tmp_path / "b", 2) == first  # a new study keeps the seed's points
+    assert asked(tmp_path / "b", 2) == resumed  # and the same history, the same ones
 
 
 def test_trials_a_kill_left_running_are_queued_before_the_run_starts(
