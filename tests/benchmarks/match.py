@@ -24,8 +24,11 @@ seeded and asks two trials at a time (two model numbers).
 
 Times: ms per job-frame-view with skimage's SSIM and with the scorer's own, side by
 side; and `match_jobs` itself on --sweep-jobs complete jobs of 40 frames and 6 views
-(pool, cache and HDF5 reads included), extrapolated to 500 jobs. It prints; it asserts
-nothing (`tests/test_benchmarks.py` runs --quick).
+(pool, cache and HDF5 reads included), extrapolated to 500 jobs, scoring every frame
+and coarse to fine (`match.frame_search`). Coarse to fine against every frame on a
+4 x 4 grid of 40-frame jobs: whether the ranking and each job's best render are the
+same, and the scoring time. It prints; it asserts nothing (`tests/test_benchmarks.py`
+runs --quick).
 """
 
 from __future__ import annotations
@@ -69,10 +72,10 @@ def job_files(point: Point, disk: int, frames: int = 11) -> dict[str, dict[str, 
     return small_job(point[1], point[0], disk, 1.0, frames)
 
 
-def simulate(point: Point, disk: int) -> match.Snapshots:
+def simulate(point: Point, disk: int, frames: int = 11) -> match.Snapshots:
     """One job through the site's galaxy, merge and interaction tasks (restricted physics)."""
     with tempfile.TemporaryDirectory() as tmp:
-        return match.load_snapshots(simulate_into(job_files(point, disk), Path(tmp)))
+        return match.load_snapshots(simulate_into(job_files(point, disk, frames), Path(tmp)))
 
 
 def simulate_into(files: dict[str, dict[str, Any]], folder: Path) -> Path:
@@ -90,8 +93,8 @@ def simulate_into(files: dict[str, dict[str, Any]], folder: Path) -> Path:
 class Runs:
     """Candidates run on demand in a process pool, each (mass, theta) once."""
 
-    def __init__(self, disk: int, workers: int) -> None:
-        self.disk = disk
+    def __init__(self, disk: int, workers: int, frames: int = 11) -> None:
+        self.disk, self.frames = disk, frames
         self.pool = process_pool(workers)
         self.done: dict[Point, match.Snapshots] = {}
         self.seconds = 0.0
@@ -99,8 +102,8 @@ class Runs:
     def snapshots(self, points: Sequence[Point]) -> list[match.Snapshots]:
         todo = sorted({p for p in points if p not in self.done})
         t0 = time.perf_counter()
-        for p, snaps in zip(todo, self.pool.map(simulate, todo, [self.disk] * len(todo)),
-                            strict=True):
+        for p, snaps in zip(todo, self.pool.map(simulate, todo, [self.disk] * len(todo),
+                                                [self.frames] * len(todo)), strict=True):
             self.done[p] = snaps
         self.seconds += time.perf_counter() - t0
         return [self.done[p] for p in points]
@@ -189,18 +192,66 @@ def sweep_timing(count: int, disk: int, workers: int, frames: int = 40, views: i
                 match.SNAPSHOT_FILE, snapshots.stat().st_size, digest)]}, "bench", 1, 0.0)
         jobs = load_sweep(root / "jobs").jobs
         goal = match.Target(make_target_image(disk), CENTRES, "sweep", Path("sweep"))
-        seconds = []
-        for _ in ("cold", "cached"):
+        for coarse in (0, match.Settings().coarse_frames):
+            shutil.rmtree(match.match_dir(root / "jobs"), ignore_errors=True)
+            seconds = []
+            for _ in ("cold", "cached"):
+                t0 = time.perf_counter()
+                results = match.match_jobs(root / "jobs", jobs, goal, match.Settings(
+                    views=views, coarse_frames=coarse), workers=workers)
+                seconds.append(time.perf_counter() - t0)
+            renders = statistics.mean(r.scored for r in results)
+            assert coarse or renders == frames * views * 2, results[0]
+            per_job = seconds[0] / count
+            print(f"match_jobs, {count} jobs x {frames} frames x {views} views x mirror, "
+                  f"{workers} workers, {_frames_scored(coarse)}: {seconds[0]:.1f} s "
+                  f"({renders:.0f} renders a job, {per_job * 1000 / frames / views:.2f} ms "
+                  f"per job-frame-view, the pool's start-up included), {seconds[1]:.2f} s "
+                  f"from the cache; 500 such jobs: ~{per_job * 500 / 60:.1f} min")
+
+
+def _frames_scored(coarse: int) -> str:
+    return f"coarse-to-fine from {coarse} frames" if coarse else "every frame"
+
+
+def coarse_to_fine(runs: Runs, target: match.Target, k: int = 4) -> None:
+    """Every frame against coarse to fine (the default coarse frames) on a k x k grid of
+    jobs of `runs.frames` frames, seen from the plots' two views and 4 more: the ranking
+    of the jobs, each job's best render, and the time to score them."""
+    views = [*VIEWS, *match.sphere_views(4)]
+    settings = match.Settings()
+    points = grid_points(k * k)
+    best: dict[int, list[match.Score | None]] = {0: [], settings.coarse_frames: []}
+    seconds = dict.fromkeys(best, 0.0)
+    renders = dict.fromkeys(best, 0)
+    for snaps in runs.snapshots(points):
+        for coarse in best:
             t0 = time.perf_counter()
-            results = match.match_jobs(root / "jobs", jobs, goal,
-                                       match.Settings(views=views), workers=workers)
-            seconds.append(time.perf_counter() - t0)
-        assert all(r.scored == frames * views * 2 for r in results), results[0]
-    per_job = seconds[0] / count
-    print(f"match_jobs, {count} jobs x {frames} frames x {views} views x mirror, "
-          f"{workers} workers: {seconds[0]:.1f} s ({per_job * 1000 / frames / views:.2f} ms "
-          f"per job-frame-view, the pool's start-up included), {seconds[1]:.2f} s from the "
-          f"cache; 500 such jobs: ~{per_job * 500 / 60:.1f} min")
+            found = match.frame_search(
+                len(snaps.time_gyr), views, settings.metric, coarse,
+                lambda keys, s=snaps: match.score_keys(s, views, target, keys))
+            seconds[coarse] += time.perf_counter() - t0
+            renders[coarse] += len(found)
+            best[coarse].append(match.best_of(found.values(), settings.metric))
+    full, fast = best[0], best[settings.coarse_frames]
+
+    def order(found: list[match.Score | None]) -> list[int]:
+        return sorted(range(len(found)), key=lambda i: -(found[i].ssim or 0.0)
+                      if found[i] is not None else 0.0)
+
+    def where(s: match.Score | None) -> tuple[int, str, bool] | None:
+        return None if s is None else (s.frame, s.view, s.mirror)
+
+    moved = sum(where(a) != where(b) for a, b in zip(full, fast, strict=True))
+    lost = max((a.ssim or 0.0) - (b.ssim or 0.0) for a, b in zip(full, fast, strict=True)
+               if a is not None and b is not None)
+    print(f"coarse to fine, {len(points)} jobs x {runs.frames} frames x {len(views)} views x "
+          f"mirror (target drawn at {TARGET_FRAME / 10:g} Gyr): "
+          + ", ".join(f"{_frames_scored(c)} {seconds[c]:.1f} s ({renders[c] / len(points):.0f}"
+                      " renders a job)" for c in best)
+          + f"; the same ranking: {order(full) == order(fast)}, the same best job: "
+          f"{order(full)[0] == order(fast)[0]}, jobs whose best render differs: {moved}, "
+          f"largest SSIM lost by a job: {lost:.4f}")
 
 
 def landscape(runs: Runs, target: match.Target) -> None:
@@ -235,6 +286,11 @@ def main() -> None:
         (hidden,) = runs.snapshots([HIDDEN])
         timing(hidden, target)
         sweep_timing(2 if args.quick else args.sweep_jobs, disk, args.workers)
+        frames40 = Runs(disk, args.workers, frames=40)
+        try:
+            coarse_to_fine(frames40, target, k=2 if args.quick else 4)
+        finally:
+            frames40.pool.shutdown(cancel_futures=True)
         if not args.quick:
             landscape(runs, target)
         print(f"{'jobs':>5} {'grid distance':>14} {'optuna median':>14}  (normalised; 0 = "
