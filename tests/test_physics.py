@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from gibatch.params import GalaxyParams, InteractParams, MergeParams, PlotParams
-from gibatch.sim import galaxy, nbody, render, tasks
+from gibatch.sim import galaxy, nbody, render, restricted, tasks
 from gibatch.sim.physics import Physics
 from gibatch.sim.units import MODEL_LENGTH_KPC
 from tests.benchmarks import physics as reference
@@ -264,3 +264,29 @@ def test_full_chain_writes_readable_outputs(tmp_path: Path) -> None:
 def test_merge_without_galaxies_fails_with_reason(tmp_path: Path) -> None:
     with pytest.raises(tasks.TaskFailed, match="Galaxy 1 has no completed result"):
         tasks.run_merge(example("merge.json"), None, None, tmp_path)
+
+
+def test_tides_strip_the_radial_satellite_for_good() -> None:
+    """The friction mass of the 10:1 radial satellite falls at its passage through the
+    host and never grows back on the way out; the host keeps more of its own."""
+    ic, run = reference.encounter("10:1 radial", 40, duration_gyr=0.75, n_frames=16)
+    bound: list[np.ndarray] = []
+    state = nbody.prepare(ic, run, Physics.RESTRICTED, seed=5)
+    frames: list[nbody.Frame] = []
+    original = restricted.strip
+
+    def spy(mass: np.ndarray, x: np.ndarray, fields: tuple[restricted.Field, restricted.Field],
+            h: float) -> None:
+        original(mass, x, fields, h)
+        bound.append(mass.copy())
+
+    restricted.strip = spy
+    try:
+        nbody.interact(ic, run, frames.append, Physics.RESTRICTED, seed=5)
+    finally:
+        restricted.strip = original
+    history = np.array(bound)
+    assert np.all(np.diff(history, axis=0) <= 0)
+    host, satellite = (f.mass for f in state.fields)
+    assert history[-1, 1] < 0.5 * satellite
+    assert history[-1, 0] / host > history[-1, 1] / satellite
