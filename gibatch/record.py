@@ -23,7 +23,7 @@ import os
 import shutil
 import sqlite3
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -38,10 +38,12 @@ RECORD_VERSION = 1
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS completions (
     name TEXT PRIMARY KEY, sections TEXT NOT NULL, signature TEXT NOT NULL,
-    lineage TEXT NOT NULL, model INTEGER);
+    chain TEXT NOT NULL, model INTEGER);
 """
-_COLUMNS = {"completions": ["name", "sections", "signature", "lineage", "model"]}
-Row = tuple[str, str, str, int | None]  # a completions row: sections, signature, lineage, model
+# `chain`: the record's lineage hashed as `_chain_hash` (a column renamed when that
+# changed, so that rows hashed otherwise are dropped, not misread)
+_COLUMNS = {"completions": ["name", "sections", "signature", "chain", "model"]}
+Row = tuple[str, str, str, int | None]  # a completions row: sections, signature, chain, model
 
 
 def record_path(job: Job) -> Path:
@@ -124,7 +126,7 @@ class _Completions(Database):
         super().__init__(folder / discovery.CACHE_FILE, _SCHEMA, _COLUMNS)
 
     def load(self) -> dict[str, Row]:
-        """name -> (sections, signature, lineage, model) of every record remembered."""
+        """name -> (sections, signature, chain, model) of every record remembered."""
         shared: dict[str, str] = {}  # most jobs list the same sections
         with self._lock:  # row by row: no list of 100,000 rows beside the dictionary
             return {r[0]: (shared.setdefault(r[1], r[1]), r[2], r[3], r[4])
@@ -152,14 +154,19 @@ def _hash(text: str) -> str:
     return hashlib.blake2b(text.encode(errors="surrogatepass"), digest_size=12).hexdigest()
 
 
-def _lineage_hash(lineage: Mapping[str, str]) -> str:
+def _chain_hash(job: Job) -> str:
+    """The job's lineage in chain order, hashed: asked of each of 100,000 jobs by a warm
+    `status`, so neither a dictionary nor a sort."""
+    return _hash(";".join([f"{s.name}={h}" for s, h in job.lineage.items()]))
+
+
+def _record_chain_hash(job: Job, lineage: dict[str, str]) -> str:
+    """What `_chain_hash(job)` is while the record's `lineage` is the job's, and never
+    is otherwise: another lineage is hashed sorted, so its text can equal the job's
+    only if it holds the same pairs."""
+    if lineage == _lineage(job):
+        return _chain_hash(job)
     return _hash(";".join(f"{k}={v}" for k, v in sorted(lineage.items())))
-
-
-def _job_lineage_hash(job: Job) -> str:
-    """`_lineage_hash(_lineage(job))` without the dictionary: asked once per job."""
-    return _hash(";".join(f"{k}={v}" for k, v in
-                          sorted([(s.name, h) for s, h in job.lineage.items()])))
 
 
 def _stat_key(stats: list[os.stat_result]) -> str:
@@ -207,7 +214,8 @@ def _examine(job: Job, seen_ns: int) -> tuple[dict[str, Any] | None, Row | None]
             or not discovery.settled(seen_ns, *stats)):
         return complete, None
     return complete, ("/".join(names), _stat_key(stats),
-                      _lineage_hash(lineage), model if isinstance(model, int) else None)
+                      _record_chain_hash(job, lineage),
+                      model if isinstance(model, int) else None)
 
 
 class Completion(NamedTuple):
@@ -245,7 +253,7 @@ def completions(root: Path, jobs: Iterable[Job]) -> dict[str, Completion]:
     for job in jobs:
         hit = known.get(job.name)
         if hit is not None:
-            sections, signature, lineage, model = hit
+            sections, signature, chain, model = hit
             names = split.get(sections)
             if names is None:
                 names = split[sections] = sections.split("/") if sections else []
@@ -253,7 +261,7 @@ def completions(root: Path, jobs: Iterable[Job]) -> dict[str, Completion]:
             stats = _stats(f"{top}/{job.name}/{OUTPUT_DIR}", names)
             if stats is not None and _stat_key(stats) == signature:
                 gone.discard(job.name)
-                if lineage == _job_lineage_hash(job):
+                if chain == _chain_hash(job):
                     done[job.name] = Completion(model, signature)
                 continue
         data, row = _examine(job, seen_ns)

@@ -463,3 +463,22 @@ def test_a_warm_report_lists_no_section_and_sees_every_change(
     root.rename(moved)
     assert build(moved)[1] == colours  # from the remembered names, in their new place
     assert listed == []
+
+
+def test_a_record_is_judged_by_its_lineage_in_any_order(tmp_path: Path, reads: list[str],
+                                                        settled: None) -> None:
+    """Remembered, a record's lineage is hashed in the job's chain order: one written in
+    another order is the same lineage; one with a step more is not."""
+    root = tmp_path / "jobs"
+    sweep = sweep_of(root, 2)
+    for job in sweep.jobs:
+        finish(job)
+    for job, extra in zip(sweep.jobs, [{}, {"plot9": "x"}], strict=True):
+        data = json.loads(record.record_path(job).read_text())
+        data["lineage"] = dict(reversed([*data["lineage"].items(), *extra.items()]))
+        record.record_path(job).write_text(json.dumps(data))
+    assert plain(sweep) == {"j0": 1}
+    assert record.completed(root, sweep.jobs) == {"j0": 1}  # read
+    reads.clear()
+    assert record.completed(root, sweep.jobs) == {"j0": 1}
+    assert reads == []  # both remembered
