@@ -441,6 +441,8 @@ def serve(
         help="Only what the real site is known to do, and the worst it may: view_jobs "
              "newest first, HTML answers to task POSTs, no sizes, no plot_number, no Range."
     )] = False,
+    one_row: Annotated[bool, typer.Option(
+        help="view_jobs lists only each model number's newest task.")] = False,
     physics: Annotated[Physics, typer.Option(
         help="restricted: test stars in two galaxies' smooth fields (seconds per job); "
              "live: self-consistent N-body tree code (minutes per job).")
@@ -463,7 +465,7 @@ def serve(
     config = SiteConfig(
         data_dir=data_dir, accounts={user: password}, model_count=model_count,
         session_lifetime_s=session_lifetime, strict=strict, physics=physics,
-        stream_rate_mb_s=stream_rate, warm=True,
+        stream_rate_mb_s=stream_rate, warm=True, one_row=one_row,
         faults=Faults(error_rate=error_rate, hang_rate=hang_rate, cut_rate=cut_rate,
                       post_502_rate=post_502_rate, lost_rate=lost_rate,
                       browser_rate=browser_rate),

@@ -6,7 +6,9 @@
   produced it, kept in the journal so that a later run skips what is already there.
 - **Know your own task**: after a POST, gibatch's task is the first new row of the
   right job type on this model after the last task it accounted for (or the job id the
-  POST answer gave, when the site gives one). Every other new row, before, between or
+  POST answer gave, when the site gives one). When the listing cannot tell (two new
+  rows of that type and no id; its row no longer listed while a newer one is), its
+  result is not taken and the step runs again. Every other new row, before, between or
   after gibatch's own, in any listing order, is *foreign*: its effect on the sections
   is applied by the site's rules (a foreign plot appends, a foreign galaxy clears
   merge, interaction and plots) with an unknown lineage, so nothing it touched is ever
@@ -80,6 +82,7 @@ class Expected:
     row: TaskRow | None = None  # its row once it has finished
     section: str | None = None  # where the site put its result
     intact: bool = True  # whether it ran on the job's own inputs
+    unknown: str | None = None  # why its result cannot be told (then not intact)
 
 
 @dataclass
@@ -157,6 +160,8 @@ class ModelMemory:
         foreign: list[TaskRow] = []
         for row in new:
             own = self.expected
+            if own is not None and own.row is None and own.posting is Posting.ACCEPTED:
+                self._unattributable(own, row, new)
             if (own is not None and own.row is None and own.posting is not Posting.UNSENT
                     and self._is_expected(own, row)):
                 own.job_id, own.listed = row.job_id, True
@@ -175,6 +180,39 @@ class ModelMemory:
         if own.job_id is not None:
             return row.job_id == own.job_id
         return row.job_id > own.after_task_id and row.job_type.strip() == own.step.job_type
+
+    def _unattributable(self, own: Expected, row: TaskRow, new: list[TaskRow]) -> None:
+        """Close `own` with an unknown result when the listing cannot show which task is
+        gibatch's (`row` is the next new row, `new` all of them):
+
+        - its id is known, yet a newer task of this model is listed and its own row is
+          not: a listing of one row per model number, whose row moved on when a task
+          started elsewhere the moment gibatch's ended. Its row will never show again.
+        - its id is unknown (an HTML answer) and two new rows of its type are listed: a
+          task of that type started elsewhere just before or after gibatch's POST, and
+          either may be gibatch's. (Taking the first took a browser's plot for the job's.)
+
+        Either way its task ran on this model: what it replaced stays replaced, but no
+        section is taken for the job's result; the job goes on from the first step the
+        model still holds for sure, so the step runs again."""
+        if own.job_id is not None:
+            if row.job_id <= own.job_id:
+                return
+            own.unknown = (f"task {own.job_id} is no longer listed; task {row.job_id} "
+                           "is newer")
+            apply = True
+        else:
+            alike = [r.job_id for r in new if self._is_expected(own, r)]
+            if len(alike) < 2 or row.job_id != alike[0]:
+                return
+            own.unknown = (f"tasks {alike[0]} and {alike[1]} are both new "
+                           f"{own.step.job_type} tasks; the site did not say which is ours")
+            apply = False  # both rows are accounted for as foreign
+        own.intact, own.section = False, new_section(self.held, own.step)
+        if apply:
+            self.held = after_task(self.held, own.step, own.section, UNKNOWN, True)
+        own.row = TaskRow(own.job_id or row.job_id, own.step.job_type, self.model,
+                          "unknown")
 
     def _apply_own(self, own: Expected, row: TaskRow) -> None:
         if own.inputs is None:

@@ -276,6 +276,9 @@ class ModelWorker:
         self.durations.learn(step, finished - submitted)
         assert own.section is not None
         if not own.intact:  # a foreign task changed its inputs: not the job's result
+            if own.unknown is not None:
+                self.emit(Event.MEMORY_VOID, job.name, self.model, step.name,
+                          f"{own.unknown}: its result is not taken; running it again")
             raise _ForeignRestart()
         if row.state is not TaskState.COMPLETED:
             self.emit(Event.STEP_FAILED, job.name, self.model, step.name, row.status)

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 
 from gibatch import transfer
@@ -233,3 +234,103 @@ def test_a_file_that_vanishes_mid_download(
     assert own_tasks(site) == minimum + 5
     events = [e.event for e in Journal(jobs).events()]
     assert events.count("job-requeued") == 1
+
+
+def _on_submit(site: ThreadedSite, before: Callable[[Any, int], Any] | None = None,
+               after: Callable[[Any, int], Any] | None = None) -> Callable[[Any], None]:
+    """A `run_sweep` wrap: `before(step, model)` / `after(step, model)` around each task
+    POST (they run in the client's event loop; the site's state is reached through
+    `site.call`)."""
+    def wrap(client: Any) -> None:
+        real = client.submit
+
+        async def submit(step: Any, model: int, payload: Any) -> Any:
+            if before is not None:
+                await before(step, model)
+            job_id = await real(step, model, payload)
+            if after is not None:
+                await after(step, model)
+            return job_id
+
+        client.submit = submit
+    return wrap
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_one_row_listings_and_a_click_the_moment_own_task_ends(
+    tmp_path: Path, make_site: Callable[..., ThreadedSite]
+) -> None:
+    """view_jobs lists each model's newest task only. gibatch sees its interaction
+    running, and someone clicks then: the click waits for the model and starts the
+    moment the interaction ends, so gibatch's row is never listed again. Its result
+    cannot be told, so it is not taken; the step runs again. (gibatch polled for that
+    row forever.)"""
+    from gibatch.site import TaskState
+
+    jobs = tmp_path / "jobs"
+    minimum = shared_sweep(jobs, 2)
+    site = make_site(one_row=True)
+    web = site.running.site
+    clicks: list[int] = []
+
+    def wrap(client: Any) -> None:
+        real = client.tasks
+
+        async def tasks() -> Any:
+            rows = await real()
+            if not clicks and any(r.job_type == "Galaxy Interaction" and
+                                  r.state is TaskState.ACTIVE for r in rows):
+                clicks.append(1)
+                site.call(lambda: web.click("alice", 1, "galaxy2"))  # queued: model busy
+            return rows
+
+        client.tasks = tasks
+
+    summary = run_sweep(site, jobs, [1], concurrency=1, wrap=wrap)
+    assert_all_right(summary, jobs, site)
+    assert len(web.clicked) == 1
+    # The click's galaxy 2 cleared merge and interaction: the three run again.
+    assert own_tasks(site) == minimum + 3
+    assert any("is no longer listed" in (e.detail or "") for e in Journal(jobs).events())
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_a_plot_run_elsewhere_just_before_own_plot_post_is_not_taken_for_it(
+    tmp_path: Path, make_site: Callable[..., ThreadedSite]
+) -> None:
+    """HTML answers (no job id), and someone's plot ran to its end on the model just
+    before gibatch's plot POST: two new plot rows, either of which may be gibatch's. A
+    plot appends a section, so nothing forced a redo: the job's Plot 1 was the browser's
+    (found by an independent implementation of the site). Now neither is taken."""
+    import threading
+
+    from gibatch.steps import Stage
+
+    jobs = tmp_path / "jobs"
+    minimum = shared_sweep(jobs, 1)
+    site = make_site(strict=True)
+    web = site.running.site
+    ended = threading.Event()
+    real_end = web._task_ended
+
+    def task_ended(task: Any, status: Any) -> None:
+        real_end(task, status)
+        if task.job_id in web.clicked:
+            ended.set()
+
+    web._task_ended = task_ended  # type: ignore[method-assign]
+    web.runner._on_end = task_ended  # type: ignore[union-attr]
+
+    async def plot_elsewhere_first(step: Any, model: int) -> None:
+        if step.stage is not Stage.PLOT or web.clicked:
+            return
+        site.call(lambda: web.click("alice", model, "plot"))
+        assert await anyio.to_thread.run_sync(ended.wait, 30)  # until the plot has ended
+
+    summary = run_sweep(site, jobs, [1], concurrency=1,
+                        wrap=_on_submit(site, before=plot_elsewhere_first))
+    assert_all_right(summary, jobs, site)
+    assert own_tasks(site) == minimum + 1  # the plot whose row could not be told, again
+    assert any("did not say which is ours" in (e.detail or "") for e in Journal(jobs).events())

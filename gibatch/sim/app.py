@@ -14,6 +14,10 @@ section 3: view_jobs newest first with other words for waiting work (`Pending`),
 POSTs answered 200 with an HTML page and no job id, no size cell in view_data,
 `plot_number` refused with 400, and `Range` ignored (files always whole, 200).
 
+`one_row=True` lists only each model number's newest task in view_jobs (a variation
+of section 3): a task that another replaced as the newest is never listed again, so a
+client must tell that its own task ended without seeing its row finish.
+
 `stream_rate_mb_s` serves each file download no faster than that many MB/s, as one
 TCP stream from a remote server across a network is limited (by the window over the
 round trip, or by the proxy), while several streams together go faster: on loopback
@@ -71,6 +75,7 @@ class SiteConfig:
     physics: Physics = Physics.RESTRICTED
     stream_rate_mb_s: float = 0.0  # per download; 0: as fast as loopback goes
     warm: bool = False  # start the simulator's workers with the site, not on first use
+    one_row: bool = False  # view_jobs: only each model number's newest task
 
 
 class Site:
@@ -368,6 +373,9 @@ async def view_jobs(request: web.Request) -> web.Response:
     site = _site(request)
     user = site.require_user(request)
     tasks = await asyncio.to_thread(site.store.tasks, user)
+    if site.config.one_row:
+        newest = {t.model: t for t in tasks}  # in id order: the last one stays
+        tasks = [t for t in tasks if newest[t.model] is t]
     if site.config.strict:
         return _html(pages.view_jobs(reversed(tasks), pages.STRICT_WORDS))
     return _html(pages.view_jobs(tasks))
