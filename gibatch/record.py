@@ -12,6 +12,10 @@ download lands by renaming its `.part`; `prune` and `invalidate` remove), so the
 judged from the database. Not seen that way: a listed file whose size changes in place;
 `run` still checks every size (`is_complete`) before it skips a job. Signatures younger
 than `discovery.SETTLE_NS` are not kept (coarse timestamps, as in `discovery`).
+`completions` hands each signature on: the report remembers a job's plots by it.
+
+The signature costs a stat of the record and of each section folder (7 for a job of 6
+steps): about 3 s of a warm `status` of 100,000 jobs here, most of what is left.
 """
 
 from __future__ import annotations
