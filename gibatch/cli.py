@@ -517,16 +517,20 @@ _Blur = Annotated[float, typer.Option(help="Blur of the renders, in target pixel
 _Scale = Annotated[str | None, typer.Option(
     "--kpc-per-px", help="LOW,HIGH: kpc one target pixel may span (when the pair's "
     "distance is known); frames that would need another scale are not scored.")]
+_Coarse = Annotated[int, typer.Option(
+    min=0, help="Frames scored first, spread over each run, before refining around "
+    "the best (0: score every frame).")]
 
 
-def _settings(views: int, metric: match_settings.Metric, kpc_per_px: str | None
-              ) -> match_settings.Settings:
+def _settings(views: int, metric: match_settings.Metric, kpc_per_px: str | None,
+              coarse_frames: int) -> match_settings.Settings:
     """How `match` and `search` score, or exit 2 with the reason."""
     try:
         scale = None if kpc_per_px is None else match_settings.parse_scale(kpc_per_px)
     except match_settings.MatchError as exc:
         raise _usage_error(str(exc)) from None
-    return match_settings.Settings(views=views, metric=metric, kpc_per_px=scale)
+    return match_settings.Settings(views=views, metric=metric, kpc_per_px=scale,
+                                   coarse_frames=coarse_frames)
 
 
 @app.command("match")
@@ -539,6 +543,7 @@ def match_command(
     views: _Views = 0,
     blur: _Blur = match_settings.DEFAULT_BLUR_PX,
     kpc_per_px: _Scale = None,
+    coarse_frames: _Coarse = match_settings.DEFAULT_COARSE_FRAMES,
     top: Annotated[int, typer.Option(min=1, help="Rows of the table shown.")] = 20,
     workers: Annotated[int | None, typer.Option(
         min=1, help="Scoring processes (default: every core).")] = None,
@@ -553,7 +558,7 @@ def match_command(
 
     sweep = _load_sweep(_require_job_folders(jobs))
     goal = _match_target(target, centres, blur, views)
-    settings = _settings(views, metric, kpc_per_px)
+    settings = _settings(views, metric, kpc_per_px, coarse_frames)
     with _progress_bar() as bar:
         task = bar.add_task("scoring jobs", total=len(sweep.jobs))
         results = match.match_jobs(jobs, sweep.jobs, goal, settings, workers,
@@ -621,6 +626,7 @@ def search_command(
     views: _Views = 0,
     blur: _Blur = match_settings.DEFAULT_BLUR_PX,
     kpc_per_px: _Scale = None,
+    coarse_frames: _Coarse = match_settings.DEFAULT_COARSE_FRAMES,
     seed: Annotated[int | None, typer.Option(help="Seed of Optuna's sampler.")] = None,
     server: Annotated[str | None, typer.Option(
         help="Base URL of a GI site, e.g. https://HOST/ast80011. Default: the embedded one.")
@@ -650,7 +656,7 @@ def search_command(
     except (sweep_module.SweepError, search.SearchError) as exc:
         raise _usage_error(str(exc)) from None
     goal = _match_target(target, centres, blur, views)
-    settings = _settings(views, metric, kpc_per_px)
+    settings = _settings(views, metric, kpc_per_px, coarse_frames)
     jobs.mkdir(parents=True, exist_ok=True)
     _jobs_dir(jobs)
     secret = _password(password_file) if server is not None else ""

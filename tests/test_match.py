@@ -191,7 +191,7 @@ def test_match_command_writes_the_ranking(sweep: Path, tmp_path: Path) -> None:
     centres = observe(image, 10, 1.1, 0.02, tmp_path / "cli.png")
     result = CliRunner().invoke(app, ["match", "--jobs", str(sweep), "--target",
                                       str(tmp_path / "cli.png"), "--centres", centres,
-                                      "--workers", "2"])
+                                      "--workers", "2", "--coarse-frames", "0"])
     assert result.exit_code == 0, result.output
     rows = (sweep / ".gibatch" / "match" / "ranking.csv").read_text().splitlines()
     assert rows[0].startswith("rank,job,score,ssim,iou,nmi")
