@@ -16,6 +16,12 @@ moments when a model number is free (after a task ends; or just before a client'
 having run to its end since the client last looked), short sessions, files on another
 origin.
 
+Where the spec is silent, this site takes the harshest reading: replaced files are
+deleted when the replacing task is submitted (not when it starts or ends); a POST on a
+busy model number answers 409 (only section 2 says so; section 1's script just waited);
+a one-row listing shows each model's newest task, so a client may never see its own
+row finish; a foreign plot shifts the plot numbering; the CSRF token rotates at login.
+
 Serve it standalone: `python -m tests.independent_site --port 8001` (user alice, pw).
 """
 
