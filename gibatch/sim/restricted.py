@@ -57,7 +57,20 @@ pericentre earlier) did not move the pericentre frame and, at the lnL that merge
 mass-ratio- and velocity-dependent Lambda were tried before and fit worse: lnL = k ln(1
 + c r v^2 / (G M)) (b_min = G M / v^2), fitted to the 1:1 apocentre and merger, merged
 the 10:1 pair at 0.90-1.00 Gyr against 1.20; b_min = max(G M / v^2, c L) with b_max = r
-left either encounter far too slow to merge. (tests/test_match.py's mirrored-view test
+left either encounter far too slow to merge. Friction that builds up from none at the
+start of a run, as a wake forms (part 1 - exp(-t Omega / 0.35), Omega the pair's
+orbital frequency at their separation; both physics start from undisturbed halos), at
+lnL 0.44 moved the 1:1 field centres' pass from 0.330 to 0.320 Gyr and so the first
+pericentre frame to 0.30, with the other goals kept but the radial tails (1:1 apocentre
+29.3 kpc, merger 0.50, tails 0.085/0.069; radial apocentre 35.5, merger 1.25): it broke
+tests/test_match.py's ranking of an observed render (another job's score within 0.02),
+so it is not used. Stars feeling the stripped fields (each field's a/r cut to G M_bound
+/ r^3, a table rewrite per base step) raised the radial tails at 0.75 Gyr only to 0.050
+(the satellite's field alone) or 0.063 (both) against 0.090, since the satellite's disk
+lies inside its tidal radius, while the 1:1 tails rose to 0.137/0.173 and 0.189/0.370:
+each 1:1 galaxy is stripped to a third at its first passage, and mass that in a live
+merger stays around the pair as a common halo vanished from both fields. JSPAM uses one
+constant lnL, as here. (tests/test_match.py's mirrored-view test
 is a near tie that picked the wrong tilt for lnL 0.38-0.46 with the old mean mutual
 force; it is run against every change here.)
 
