@@ -32,7 +32,17 @@ from gibatch.holdings import FAILED_MARK, after_task, held_section, new_section,
 from gibatch.jobs import Job
 from gibatch.journal import Journal
 from gibatch.site import TaskRow, TaskState
-from gibatch.steps import GALAXY1, GALAXY2, INTERACT, MERGE, Stage, Step, plot, survives
+from gibatch.steps import (
+    GALAXY1,
+    GALAXY2,
+    INTERACT,
+    MERGE,
+    Stage,
+    Step,
+    plot,
+    section_stage,
+    survives,
+)
 
 UNKNOWN = "?unknown"  # a section whose producer gibatch does not know: never a job's result
 
@@ -127,6 +137,22 @@ class ModelMemory:
         self.names_known = True
         self.persist()
 
+    def unaccounted(self, shown: Iterable[str]) -> list[str]:
+        """Plot sections the site shows that no task gibatch accounted for made: a task
+        went unseen (a listing of one row per model number, no job id in the POST
+        answer). Plots are numbered by how many came before, so none is then known to
+        be whose: every plot is forgotten and the names learnt again from the site.
+        (Other sections keep their names whatever replaced them: not seen here.)"""
+        if not self.names_known:
+            return []
+        extra = [s for s in shown if s not in self.held and section_stage(s) is Stage.PLOT]
+        if extra:
+            self.held = {s: (UNKNOWN if section_stage(s) is Stage.PLOT else v)
+                         for s, v in self.held.items()}
+            self.names_known = False
+            self.persist()
+        return extra
+
     def forget(self, section: str) -> None:
         """A result vanished: the section and everything after it are no longer held."""
         try:
@@ -164,15 +190,23 @@ class ModelMemory:
                 self._unattributable(own, row, new)
             if (own is not None and own.row is None and own.posting is not Posting.UNSENT
                     and self._is_expected(own, row)):
+                if own.posting is Posting.SENT:
+                    # Maybe ours, maybe a task of its type started elsewhere just before:
+                    # nothing is pinned until the POST has its answer (an id, or none and
+                    # then every new row of its type is looked at together).
+                    break
                 own.job_id, own.listed = row.job_id, True
-                if row.state is TaskState.ACTIVE or own.posting is Posting.SENT:
-                    break  # accounted for once it ends and the POST has its answer
+                if row.state is TaskState.ACTIVE:
+                    break  # accounted for once it ends
                 self._apply_own(own, row)
             else:
                 foreign.append(row)
                 self._apply_foreign(row)
             self.last_task_id = row.job_id
         if new:
+            own = self.expected
+            if own is not None and own.unknown is not None and own.job_id is not None:
+                self.names_known = False  # see `_unattributable`
             self.persist()
         return foreign
 
@@ -210,6 +244,9 @@ class ModelMemory:
             apply = False  # both rows are accounted for as foreign
         own.intact, own.section = False, new_section(self.held, own.step)
         if apply:
+            # What it replaced, replaced. Its section's name is learnt again from the
+            # site once the listing is accounted for (`observe`): had the site lost the
+            # task, a plot would be counted that is not there.
             self.held = after_task(self.held, own.step, own.section, UNKNOWN, True)
         own.row = TaskRow(own.job_id or row.job_id, own.step.job_type, self.model,
                           "unknown")

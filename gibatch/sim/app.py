@@ -45,7 +45,7 @@ from gibatch.sim import pages
 from gibatch.sim.browser import click_task
 from gibatch.sim.faults import Faults
 from gibatch.sim.physics import Physics
-from gibatch.sim.runner import Runner
+from gibatch.sim.runner import Runner, default_workers
 from gibatch.sim.store import Busy, Store, Task, TaskStatus
 from gibatch.steps import GALAXY1, GALAXY2, INTERACT, MERGE, Step, plot
 
@@ -101,8 +101,12 @@ class Site:
         return self.config.data_dir / "media"
 
     async def startup(self, _app: web.Application) -> None:
-        self.runner = Runner(self.store, self.media, self.config.workers, self._task_ended,
-                             self.config.physics)
+        # No more workers than tasks can ever run at once (one per model number and
+        # account): each loads the simulator, and `warm` starts them all.
+        most = self.config.model_count * max(1, len(self.config.accounts))
+        self.runner = Runner(self.store, self.media,
+                             min(self.config.workers or default_workers(), most),
+                             self._task_ended, self.config.physics)
         if self.config.warm:
             self.runner.warm()
         for task in await asyncio.to_thread(self.store.unfinished):
