@@ -21,8 +21,9 @@ measures each figure in a fresh process, so that peak RSS is that figure's own:
   the printed summary), cold (no record remembered yet: the first status after the run)
   and warm;
 - `report`: what `gibatch report` does after loading, cold (no thumbnail, no plot
-  remembered) and warm (kept), with the page's size and the largest thumbnail worker's
-  peak RSS (`wk MB`: the cold report makes its thumbnails in a process pool).
+  remembered) and warm (kept), with the page's size. MB is this process's peak; the
+  cold report's thumbnail workers are not in it (their own peak cannot be read
+  apart: a child's ru_maxrss counts the parent's pages it was forked with).
 `--work DIR` keeps the sweeps in DIR (reused by the next run; otherwise a temporary
 folder). Prints a table; asserts nothing.
 """
@@ -205,7 +206,6 @@ def measure(what: str, folder: Path) -> dict[str, float]:
         out["page_mb"] = result.page.stat().st_size / 2**20
         out["thumbnails"] = result.thumbnails
     out["rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    out["children_rss_mb"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     return out
 
 
@@ -258,7 +258,7 @@ def main() -> None:
     header = (f"{'jobs':>7} {'write s':>8} {'load 1st s':>10} {'load 2nd s':>10} {'MB':>6} "
               f"{'plan s':>8} {'MB':>6} {'pick ms':>8} {'max ms':>7} "
               f"{'status cold s':>13} {'warm s':>7} {'MB':>6} "
-              f"{'report cold s':>13} {'wk MB':>6} {'warm s':>7} {'MB':>6} {'page MB':>7} "
+              f"{'report cold s':>13} {'warm s':>7} {'MB':>6} {'page MB':>7} "
               f"{'scan plan s':>11} {'same plan':>9}")
     print(header)
     with work_folder(args.work) as work:
@@ -292,7 +292,6 @@ def main() -> None:
                   f"{plan['pick_mean_ms']:>8.3f} {plan['pick_max_ms']:>7.2f} "
                   f"{status[0]['status_s']:>13.2f} {status[1]['status_s']:>7.2f} "
                   f"{status[1]['rss_mb']:>6.0f} {report[0]['report_s']:>13.2f} "
-                  f"{report[0]['children_rss_mb']:>6.0f} "
                   f"{report[1]['report_s']:>7.2f} {report[1]['rss_mb']:>6.0f} "
                   f"{report[1]['page_mb']:>7.1f} "
                   f"{'-' if scan is None else format(scan['plan_s'], '.2f'):>11} {same:>9}",
