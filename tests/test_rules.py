@@ -128,9 +128,9 @@ def test_foreign_task_before_ours_undermines_our_merge(memory: ModelMemory,
 def test_same_type_row_is_ours_only_once_posted(memory: ModelMemory) -> None:
     own = memory.expect(steps.plot(1), "L", {})
     assert memory.observe([row(11, "Plot", "Running")]) == [row(11, "Plot", "Running")]
-    own.posting = Posting.SENT  # in flight: a matching row is noted, not applied
+    own.posting = Posting.SENT  # in flight: a matching row is neither taken nor pinned
     assert memory.observe([row(12, "Plot", "Completed")]) == []
-    assert own.job_id == 12 and own.row is None
+    assert own.job_id is None and own.row is None
     memory.refused(own)  # 409 after all: row 12 was somebody else's
     assert [r.job_id for r in memory.observe([row(12, "Plot")])] == [12]
     assert own.row is None
