@@ -58,8 +58,16 @@ from scipy import ndimage
 from gibatch import record, steps
 from gibatch.children import process_pool
 from gibatch.database import Database
-from gibatch.jobs import STATE_DIR, Job
-from gibatch.match_settings import DEFAULT_BLUR_PX, MatchError, Metric, Settings
+from gibatch.jobs import Job
+from gibatch.match_settings import (
+    DEFAULT_BLUR_PX,
+    RANKING_FILE,
+    SETTINGS_FILE,
+    MatchError,
+    Metric,
+    Settings,
+    match_dir,
+)
 from gibatch.params import PlotParams
 
 F64 = NDArray[np.float64]
@@ -67,9 +75,6 @@ F32 = NDArray[np.float32]
 
 SNAPSHOT_SECTION = "Galaxy Interaction"
 SNAPSHOT_FILE = "snapshots.h5"
-MATCH_DIR = "match"
-RANKING_FILE = "ranking.csv"
-SETTINGS_FILE = "match.json"
 # Targets are compared on a grid of at most this many pixels a side: tails and bridges
 # span tens of pixels there, and SSIM's cost grows with the pixel count.
 GRID_PX_MAX = 160
@@ -857,10 +862,6 @@ class ScoreCache(Database):
             self._db.executemany(f"INSERT OR REPLACE INTO scores (target, job, snapshot, "
                                  f"{', '.join(_FIELDS)}) VALUES ({marks})", rows)
             self._db.execute("COMMIT")
-
-
-def match_dir(root: Path) -> Path:
-    return root / STATE_DIR / MATCH_DIR
 
 
 # -- one job, and a sweep

@@ -10,8 +10,16 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from enum import StrEnum
+from pathlib import Path
+
+from gibatch.jobs import STATE_DIR
 
 DEFAULT_BLUR_PX = 1.5
+# Where `match` and `search` leave their ranking: `report` looks for it here before it
+# loads the scorer (which costs a second and 30 MB to a report with no ranking).
+MATCH_DIR = "match"
+RANKING_FILE = "ranking.csv"
+SETTINGS_FILE = "match.json"
 # Frames scored first, evenly spread; the best renders are then refined by halving the
 # spacing around them (gibatch.match.frame_search). A job with no more frames than this
 # has every frame scored.
@@ -63,3 +71,7 @@ def parse_scale(text: str) -> tuple[float, float]:
     if not (math.isfinite(low) and math.isfinite(high) and 0 < low <= high):
         raise MatchError(f"--kpc-per-px {text!r}: need 0 < LOW <= HIGH, both finite")
     return low, high
+
+
+def match_dir(root: Path) -> Path:
+    return root / STATE_DIR / MATCH_DIR

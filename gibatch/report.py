@@ -697,19 +697,22 @@ class Ranking:
 def load_ranking(root: Path) -> Ranking | None:
     """What `gibatch match` or `gibatch search` ranked, if it did (None otherwise, or if
     it cannot be read: a warning then)."""
-    from gibatch import match, match_settings
+    from gibatch import match_settings
 
-    folder = match.match_dir(root)
+    folder = match_settings.match_dir(root)
+    if not (folder / match_settings.RANKING_FILE).exists():
+        return None  # no ranking: the scorer's numerical stack stays unloaded
+    from gibatch import match
+
     try:
-        meta = json.loads((folder / match.SETTINGS_FILE).read_text())
-        with (folder / match.RANKING_FILE).open(newline="") as f:
+        meta = json.loads((folder / match_settings.SETTINGS_FILE).read_text())
+        with (folder / match_settings.RANKING_FILE).open(newline="") as f:
             ranking = [r for r in csv.DictReader(f) if r["rank"]]
         (c1, c2) = (tuple(c) for c in meta["centres"])
         target = match.load_target(Path(meta["target"]), (c1, c2), float(meta["blur_px"]))
         scores = {r["job"]: float(r["score"]) for r in ranking}
     except (OSError, ValueError, KeyError, TypeError, match_settings.MatchError) as exc:
-        if (folder / match.RANKING_FILE).exists():
-            log.warning("report: match results not shown: %s", exc)
+        log.warning("report: match results not shown: %s", exc)
         return None
     return Ranking(meta, ranking, scores, target)
 

@@ -368,3 +368,17 @@ def test_bad_search_inputs_are_named(tmp_path: Path) -> None:
     assert "--budget 0: must be at least 1" in bad([*common, "--budget", "0"])
     space.write_text("interact.mass_2 = [1, 2\n")
     assert "not valid TOML" in bad([*common, "--budget", "4"])
+
+
+def test_a_report_without_a_ranking_loads_no_scorer(tmp_path: Path) -> None:
+    """The report looks for a ranking before it imports the scorer (scipy, h5py: a
+    second and 30 MB for every report of a sweep nobody matched)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from pathlib import Path; from gibatch import report; "
+            f"assert report.load_ranking(Path({str(tmp_path)!r})) is None; "
+            "assert 'gibatch.match' not in sys.modules, 'scorer loaded'")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
