@@ -110,11 +110,25 @@ class _Part:
         self.size = 0
         self._file: BinaryIO | None = None
 
-    def open(self, keep: bool) -> None:
-        """Open for appending after the bytes already there (hashed once), or anew."""
+    def open(self, keep: bool, at: int = 0) -> None:
+        """Open anew, or (`keep`) for appending after the `at` bytes already there, hashed
+        once. If the file no longer holds exactly `at` bytes (a job's partial downloads
+        are dropped when its tasks are about to run again, maybe between the request
+        for byte `at` onwards and this), it is deleted and the file starts over: the
+        answer's bytes belong after byte `at`, so appended elsewhere they would make a
+        file of another content that could still reach the listed size."""
         with local_io(self.path):
-            if keep and self.path.exists():
-                self._file = self.path.open("r+b")
+            if keep:
+                try:
+                    self._file = self.path.open("r+b")
+                except FileNotFoundError:
+                    self._file = None
+                if self._file is None or self._file.seek(0, os.SEEK_END) != at:
+                    self.close()
+                    self.path.unlink(missing_ok=True)
+                    raise NetworkError(f"{self.path.name}: the partial file changed while "
+                                       "it was resumed; starting the file over")
+                self._file.seek(0)
                 self.digest = hashlib.sha256()
                 while block := self._file.read(WRITE_BATCH_BYTES):
                     self.digest.update(block)
@@ -263,8 +277,8 @@ async def _read(body: aiohttp.StreamReader, put: Callable[[list[bytes]], Awaitab
     return broke
 
 
-async def _small(body: aiohttp.StreamReader, part: _Part, resumed: bool, left: int,
-                 floor: _Floor) -> Exception | None:
+async def _small(body: aiohttp.StreamReader, part: _Part, resumed: bool, start: int,
+                 left: int, floor: _Floor) -> Exception | None:
     """A file of at most one batch (most of a job's files: plots, logs, parameters):
     gathered on the loop, then opened, written and hashed in one thread hop, because a
     writer thread and its hand-overs would cost more than the bytes. Memory stays
@@ -277,7 +291,7 @@ async def _small(body: aiohttp.StreamReader, part: _Part, resumed: bool, left: i
     broke = await _read(body, keep, left, floor)
 
     def store() -> None:
-        part.open(resumed)
+        part.open(resumed, start)
         for batch in batches:
             part.write(batch)
 
@@ -312,10 +326,11 @@ async def _stream_once(client: SiteClient, remote: RemoteFile, part: _Part) -> i
         floor = _Floor(client.timeouts.min_rate_b_s, client.timeouts.read_s)
         try:
             if expected - start <= WRITE_BATCH_BYTES:
-                broke = await _small(resp.content, part, resumed, expected - start, floor)
+                broke = await _small(resp.content, part, resumed, start, expected - start,
+                                     floor)
             else:
                 _room_for(part.path, expected - start, remote.name)
-                await anyio.to_thread.run_sync(part.open, resumed)
+                await anyio.to_thread.run_sync(part.open, resumed, start)
                 broke = await _copy(resp.content, part, expected, floor)
             if broke is not None:  # the connection broke: what came is kept, for Range
                 raise translate(broke) from broke
@@ -362,7 +377,7 @@ async def fetch(
     async def whole() -> int:
         if remote.size is not None and _size(part.path) == remote.size:
             try:
-                await anyio.to_thread.run_sync(part.open, True)  # left whole: hash, rename
+                await anyio.to_thread.run_sync(part.open, True, remote.size)  # left whole
             finally:
                 part.close()
             return remote.size

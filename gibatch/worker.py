@@ -186,6 +186,13 @@ class ModelWorker:
         for _ in range(MAX_FOREIGN_RESTARTS):
             await self._settle()
             mark = len(self.memory.foreign)
+            if not partials_dropped and any(self.memory.holds(job, s) is None
+                                            for s in job.steps):
+                # New results are coming: no old partial file may be resumed with their
+                # bytes. Dropped now, before a held step starts an early download
+                # (`on_ready`) whose own partial files this must not delete.
+                await anyio.to_thread.run_sync(record.drop_partials, job)
+                partials_dropped = True
             placed: dict[Step, str] = {}
             for step in job.steps:
                 held = self.memory.holds(job, step)
@@ -200,7 +207,7 @@ class ModelWorker:
                 if self.stopping():
                     raise Interrupted(f"stopped before submitting {step.name}; "
                                       "the next run goes on from there")
-                if not partials_dropped:  # new results: no old partial file may be resumed
+                if not partials_dropped:  # a step held at the start is no longer
                     await anyio.to_thread.run_sync(record.drop_partials, job)
                     partials_dropped = True
                 try:
