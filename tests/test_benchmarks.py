@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -27,8 +28,10 @@ def test_orchestrator_benchmark_runs() -> None:
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_physics_benchmark_runs() -> None:
-    out = _run("tests.benchmarks.physics", "--sizes", "300,600", "--steps", "2")
+def test_physics_benchmark_runs(tmp_path: Path) -> None:
+    grid = tmp_path / "grid.png"  # not the checkout's working folder
+    out = _run("tests.benchmarks.physics", "--sizes", "300,600", "--steps", "2",
+               "--grid", str(grid))
     for figure in ("interaction", "relative energy error", "output bytes", "N =    600"):
         assert figure in out, out
 
