@@ -14,7 +14,7 @@ import re
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -187,23 +187,34 @@ def test_serve_ends_cleanly_on_sigterm(busy_serve: Busy) -> None:
     assert "Traceback" not in busy_serve.log.read_text()
 
 
-def test_run_killed_leaves_no_worker(tmp_path: Path) -> None:
-    jobs = tmp_path / "jobs"
-    write_job(jobs, "slow", {**read_base(), "interact.json": SLOW_INTERACT})
-    proc = gibatch(tmp_path / "run.log", "run", "--jobs", str(jobs), "--models", "1",
-                   "--no-live", env={"GIBATCH_LOCK_DIR": str(tmp_path / "locks")})
+def assert_killed_leaves_no_worker(proc: subprocess.Popen[str], ready: Callable[[], None]
+                                   ) -> None:
+    """Once `ready()` returns, SIGKILL `proc` (no handler, no clean-up in gibatch
+    itself) and check that none of its workers outlives it."""
     procs: list[Proc] = []
     try:
-        wait_for_event(jobs, "step-submitted", "interact", deadline_s=60)
-        wait_for_file(jobs / ".gibatch" / "site" / "media", "*/1/*/snapshots.h5", 60)
+        ready()
         procs = workers_of(proc.pid)
-        proc.kill()  # SIGKILL: no handler, no clean-up in gibatch itself
+        proc.kill()
         proc.wait(timeout=10)
         assert still_alive_after(procs) == []
     finally:
         proc.kill()
         proc.wait(timeout=30)
         end_all(procs)
+
+
+def test_run_killed_leaves_no_worker(tmp_path: Path) -> None:
+    jobs = tmp_path / "jobs"
+    write_job(jobs, "slow", {**read_base(), "interact.json": SLOW_INTERACT})
+    proc = gibatch(tmp_path / "run.log", "run", "--jobs", str(jobs), "--models", "1",
+                   "--no-live", env={"GIBATCH_LOCK_DIR": str(tmp_path / "locks")})
+
+    def computing() -> None:
+        wait_for_event(jobs, "step-submitted", "interact", deadline_s=60)
+        wait_for_file(jobs / ".gibatch" / "site" / "media", "*/1/*/snapshots.h5", 60)
+
+    assert_killed_leaves_no_worker(proc, computing)
 
 
 def test_serve_starts_its_workers_at_once_and_they_die_with_it(tmp_path: Path) -> None:
@@ -212,18 +223,13 @@ def test_serve_starts_its_workers_at_once_and_they_die_with_it(tmp_path: Path) -
     log = tmp_path / "serve.log"
     proc = gibatch(log, "serve", "--port", "0", "--data-dir", str(tmp_path / "data"),
                    env={"GIBATCH_PASSWORD": PASSWORD})
-    procs: list[Proc] = []
-    try:
+
+    def warm() -> None:
         wait_for_line(log, r"Serving http://127\.0\.0\.1:\d+", 60)
         end = time.monotonic() + 60
+        procs: list[Proc] = []
         while not any("spawn_main" in p.cmdline for p in procs) and time.monotonic() < end:
             procs = descendants(proc.pid)  # no task was submitted: these are warm workers
             time.sleep(0.05)
-        procs = workers_of(proc.pid)
-        proc.kill()
-        proc.wait(timeout=10)
-        assert still_alive_after(procs) == []
-    finally:
-        proc.kill()
-        proc.wait(timeout=30)
-        end_all(procs)
+
+    assert_killed_leaves_no_worker(proc, warm)

@@ -1,3 +1,4 @@
+# ruff: noqa: F811  (`memory` is a fixture imported from test_memory)
 """Edges of "know your own task" found by an adversarial review of the rules for a
 listing that cannot tell (each test failed before its fix): a poll while gibatch's POST
 is in flight pins nothing; one row per model number with no job id; a lost task behind
@@ -6,7 +7,7 @@ than tasks can ever run at once."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,6 @@ import anyio
 import pytest
 
 from gibatch import poller as poller_mod
-from gibatch.journal import Journal
 from gibatch.memory import UNKNOWN, ModelMemory, Posting
 from gibatch.run import Outcome
 from gibatch.sim.faults import Faults
@@ -22,22 +22,7 @@ from gibatch.sim.server import ThreadedSite
 from gibatch.site import SiteClient, TaskRow
 from gibatch.steps import Stage, plot
 from tests.conftest import assert_jobs_match_ledger, run_sweep, tiny_job_files, write_job
-
-HELD = {"Galaxy 1": "g1", "Galaxy 2": "g2", "Galaxy Merge": "m", "Galaxy Interaction": "i"}
-
-
-@pytest.fixture
-def memory(tmp_path: Path) -> Iterator[ModelMemory]:
-    journal = Journal(tmp_path)
-    try:
-        yield ModelMemory(1, "site", journal, dict(HELD), last_task_id=10, names_known=True)
-    finally:
-        journal.close()
-
-
-def row(job_id: int, job_type: str, status: str = "Completed") -> TaskRow:
-    return TaskRow(job_id, job_type, 1, status)
-
+from tests.test_memory import HELD, memory, row  # noqa: F401  (memory is a fixture)
 
 # --- 1. a poll while the POST is in flight pins the first row of its type -------------------
 

@@ -97,6 +97,29 @@ def wait_for_told(jobs: Path, count: int, deadline_s: float) -> None:
     raise AssertionError(f"fewer than {count} trials told within {deadline_s} s")
 
 
+THETA = '"merge.theta_galaxy_2" = {low = 0, high = 90}\n'
+MASS = '"interact.mass_2" = {low = 0.5, high = 3}\n'
+
+
+def tiny_search(tmp_path: Path, space: str) -> tuple[dict[str, Any], list[Any], match.Target]:
+    """A tiny base job, the dimensions of `space` (TOML) over it and a small target: what
+    a `Search` needs, for tests that drive one directly."""
+    from gibatch import match_settings, search
+    from gibatch import sweep as sw
+    from tests.conftest import tiny_job_files
+
+    write_job(tmp_path, "base", tiny_job_files())
+    base = sw.read_base(tmp_path / "base")
+    (tmp_path / "space.toml").write_text(space)
+    dims = search.load_space(tmp_path / "space.toml", base)
+    pixels = np.zeros((48, 64), np.uint8)
+    pixels[10:20, 10:20] = 200
+    Image.fromarray(pixels).save(tmp_path / "t.png")
+    target = match.load_target(tmp_path / "t.png",
+                               match_settings.parse_centres("12,12,40,30"))
+    return base, dims, target
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_search_resumes_after_kill_9_and_finds_the_hidden_job(tmp_path: Path) -> None:
@@ -157,20 +180,8 @@ def test_a_trial_killed_inside_ask_gets_its_missing_parameters(tmp_path: Path) -
     running trial with some missing. Resumed, it gets them from the sampler, and its job
     folder holds every one (not the base job's value for the missing ones)."""
     from gibatch import match_settings, search
-    from gibatch import sweep as sw
-    from tests.conftest import tiny_job_files
 
-    write_job(tmp_path, "base", tiny_job_files())
-    base = sw.read_base(tmp_path / "base")
-    space = tmp_path / "space.toml"
-    space.write_text('"merge.theta_galaxy_2" = {low = 0, high = 90}\n'
-                     '"interact.mass_2" = {low = 0.5, high = 3}\n')
-    dims = search.load_space(space, base)
-    pixels = np.zeros((48, 64), np.uint8)
-    pixels[10:20, 10:20] = 200
-    Image.fromarray(pixels).save(tmp_path / "t.png")
-    target = match.load_target(tmp_path / "t.png",
-                               match_settings.parse_centres("12,12,40,30"))
+    base, dims, target = tiny_search(tmp_path, THETA + MASS)
     finder = search.Search(tmp_path / "found", base, dims, target, match_settings.Settings(),
                            budget=4, seed=1)
     try:
@@ -195,19 +206,8 @@ def test_a_resumed_search_asks_new_points(tmp_path: Path) -> None:
     asked before the kill (its sampler is seeded by the seed and the trials so far), and
     the same history gives the same points."""
     from gibatch import match_settings, search
-    from gibatch import sweep as sw
-    from tests.conftest import tiny_job_files
 
-    write_job(tmp_path, "base", tiny_job_files())
-    base = sw.read_base(tmp_path / "base")
-    space = tmp_path / "space.toml"
-    space.write_text('"merge.theta_galaxy_2" = {low = 0, high = 90}\n')
-    dims = search.load_space(space, base)
-    pixels = np.zeros((48, 64), np.uint8)
-    pixels[10:20, 10:20] = 200
-    Image.fromarray(pixels).save(tmp_path / "t.png")
-    target = match.load_target(tmp_path / "t.png",
-                               match_settings.parse_centres("12,12,40,30"))
+    base, dims, target = tiny_search(tmp_path, THETA)
 
     def asked(root: Path, count: int) -> list[float]:
         """Start (or resume) the search in `root`, ask `count` trials, stop."""
@@ -235,23 +235,13 @@ def test_trials_a_kill_left_running_are_queued_before_the_run_starts(
     (Queued later, the first free model took such a trial and ran its tasks again: CI's
     kill -9 test saw 15 interactions for 14 trials.)"""
     from gibatch import match_settings, search
-    from gibatch import sweep as sw
     from gibatch.jobs import Sweep
     from gibatch.journal import Journal
     from gibatch.run import Options, Scheduler
     from gibatch.site import SiteClient, Timeouts
-    from tests.conftest import FAST_RETRY, tiny_job_files
+    from tests.conftest import FAST_RETRY
 
-    write_job(tmp_path, "base", tiny_job_files())
-    base = sw.read_base(tmp_path / "base")
-    space = tmp_path / "space.toml"
-    space.write_text('"merge.theta_galaxy_2" = {low = 0, high = 90}\n')
-    dims = search.load_space(space, base)
-    pixels = np.zeros((48, 64), np.uint8)
-    pixels[10:20, 10:20] = 200
-    Image.fromarray(pixels).save(tmp_path / "t.png")
-    target = match.load_target(tmp_path / "t.png",
-                               match_settings.parse_centres("12,12,40,30"))
+    base, dims, target = tiny_search(tmp_path, THETA)
     root = tmp_path / "found"
     site = make_site()
 
