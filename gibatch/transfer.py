@@ -86,7 +86,7 @@ def local_names(names: Iterable[str]) -> dict[str, str]:
     """Local names for the remote `names` of one section: safe and pairwise distinct
     (two remote names that neutralise alike get `~2`, `~3` before the extension)."""
     out: dict[str, str] = {}
-    taken: set[str] = set()  # chosen names and their `.part`s, case-folded
+    taken: set[str] = set()
     for name in names:
         if name in out:
             continue
@@ -96,7 +96,7 @@ def local_names(names: Iterable[str]) -> dict[str, str]:
             n += 1
             stem, dot, ext = base.rpartition(".")
             candidate = f"{stem}~{n}.{ext}" if dot and stem else f"{base}~{n}"
-        taken.update((candidate.casefold(), (candidate + PART_SUFFIX).casefold()))
+        taken.add(candidate.casefold())
         out[name] = candidate
     return out
 
@@ -110,15 +110,15 @@ class _Part:
         self.size = 0
         self._file: BinaryIO | None = None
 
-    def open(self, keep: bool, at: int = 0) -> None:
-        """Open anew, or (`keep`) for appending after the `at` bytes already there, hashed
+    def open(self, at: int) -> None:
+        """Open anew (`at` 0), or for appending after the `at` bytes already there, hashed
         once. If the file no longer holds exactly `at` bytes (a job's partial downloads
         are dropped when its tasks are about to run again, maybe between the request
         for byte `at` onwards and this), it is deleted and the file starts over: the
         answer's bytes belong after byte `at`, so appended elsewhere they would make a
         file of another content that could still reach the listed size."""
         with local_io(self.path):
-            if keep:
+            if at:
                 try:
                     self._file = self.path.open("r+b")
                 except FileNotFoundError:
@@ -277,8 +277,8 @@ async def _read(body: aiohttp.StreamReader, put: Callable[[list[bytes]], Awaitab
     return broke
 
 
-async def _small(body: aiohttp.StreamReader, part: _Part, resumed: bool, start: int,
-                 left: int, floor: _Floor) -> Exception | None:
+async def _small(body: aiohttp.StreamReader, part: _Part, start: int, left: int,
+                 floor: _Floor) -> Exception | None:
     """A file of at most one batch (most of a job's files: plots, logs, parameters):
     gathered on the loop, then opened, written and hashed in one thread hop, because a
     writer thread and its hand-overs would cost more than the bytes. Memory stays
@@ -291,7 +291,7 @@ async def _small(body: aiohttp.StreamReader, part: _Part, resumed: bool, start: 
     broke = await _read(body, keep, left, floor)
 
     def store() -> None:
-        part.open(resumed, start)
+        part.open(start)
         for batch in batches:
             part.write(batch)
 
@@ -326,11 +326,10 @@ async def _stream_once(client: SiteClient, remote: RemoteFile, part: _Part) -> i
         floor = _Floor(client.timeouts.min_rate_b_s, client.timeouts.read_s)
         try:
             if expected - start <= WRITE_BATCH_BYTES:
-                broke = await _small(resp.content, part, resumed, start, expected - start,
-                                     floor)
+                broke = await _small(resp.content, part, start, expected - start, floor)
             else:
                 _room_for(part.path, expected - start, remote.name)
-                await anyio.to_thread.run_sync(part.open, resumed, start)
+                await anyio.to_thread.run_sync(part.open, start)
                 broke = await _copy(resp.content, part, expected, floor)
             if broke is not None:  # the connection broke: what came is kept, for Range
                 raise translate(broke) from broke
@@ -377,7 +376,7 @@ async def fetch(
     async def whole() -> int:
         if remote.size is not None and _size(part.path) == remote.size:
             try:
-                await anyio.to_thread.run_sync(part.open, True, remote.size)  # left whole
+                await anyio.to_thread.run_sync(part.open, remote.size)  # left whole
             finally:
                 part.close()
             return remote.size

@@ -190,7 +190,9 @@ class ModelWorker:
                                             for s in job.steps):
                 # New results are coming: no old partial file may be resumed with their
                 # bytes. Dropped now, before a held step starts an early download
-                # (`on_ready`) whose own partial files this must not delete.
+                # (`on_ready`) whose own partial files this must not delete. (What the
+                # model holds changes only while a step runs, so a step found held here
+                # is still held when the loop below reaches it, or one before it ran.)
                 await anyio.to_thread.run_sync(record.drop_partials, job)
                 partials_dropped = True
             placed: dict[Step, str] = {}
@@ -207,9 +209,6 @@ class ModelWorker:
                 if self.stopping():
                     raise Interrupted(f"stopped before submitting {step.name}; "
                                       "the next run goes on from there")
-                if not partials_dropped:  # a step held at the start is no longer
-                    await anyio.to_thread.run_sync(record.drop_partials, job)
-                    partials_dropped = True
                 try:
                     placed[step] = await self._run_step(job, step, placed)
                 except _ForeignRestart:
