@@ -2,7 +2,7 @@
 `report`, peak memory.
 
     python -m tests.benchmarks.scale [--sizes 1000,10000,100000] [--scan-up-to 4000]
-                                     [--work DIR]
+                                     [--work DIR] [--only run,status,...]
 
 Writes random sweeps (theta and mass ratio continuous, plot 1 among three windows,
 galaxies shared: the common shape of a random search) under a temporary folder, then
@@ -17,6 +17,10 @@ measures each figure in a fresh process, so that peak RSS is that figure's own:
 - then every job is completed as a run leaves it (`complete`: a small file per section,
   the plots' images, a completion record, about 14 journal events per job; files are
   hard links to one copy, so 100,000 jobs fit on any disk), and
+- `no-op run`: what `gibatch run` does on the completed sweep: discovery and validation,
+  the skip decision (every job already complete), the model locks, the journal's run
+  events; no site is started (nothing to submit). Cold: no completion remembered (the
+  first run after the jobs were completed), then warm (the same run again);
 - `status`: what `gibatch status` does after loading (journal and completion records,
   the printed summary), cold (no record remembered yet: the first status after the run)
   and warm;
@@ -25,7 +29,9 @@ measures each figure in a fresh process, so that peak RSS is that figure's own:
   cold report's thumbnail workers are not in it (their own peak cannot be read
   apart: a child's ru_maxrss counts the parent's pages it was forked with).
 `--work DIR` keeps the sweeps in DIR (reused by the next run; otherwise a temporary
-folder). Prints a table; asserts nothing.
+folder); `--only` measures only these figures (of load, plan, scan, run, status,
+report; the others print as -). Prints a table; asserts nothing but that the no-op run
+found every job complete.
 """
 
 from __future__ import annotations
@@ -48,6 +54,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from unittest import mock
 
+import anyio
 from PIL import Image
 from rich.console import Console
 
@@ -56,11 +63,13 @@ from gibatch import sweep as sw
 from gibatch.commands import show_status
 from gibatch.discovery import load_sweep
 from gibatch.holdings import best_job
-from gibatch.jobs import STATE_DIR, Job
+from gibatch.jobs import STATE_DIR, Job, Sweep
 from gibatch.journal import Event, Journal
 from gibatch.pending import PendingJobs
 from gibatch.plan import Plan, make_plan
 from gibatch.report import build_report
+from gibatch.run import Options, Outcome, Scheduler
+from gibatch.site import SiteClient
 from gibatch.status import sweep_status
 from gibatch.steps import DEFAULT_STAGE_COST_S, Stage
 from gibatch.transfer import FileRecord
@@ -191,6 +200,12 @@ def measure(what: str, folder: Path) -> dict[str, float]:
         out["plan_s"] = time.perf_counter() - start
         out["tasks"] = plan.tasks
         out["assignments"] = _fingerprint(plan)
+    elif what == "run":
+        start = time.perf_counter()
+        skipped = anyio.run(_no_op_run, folder, sweep)
+        out["run_s"] = out["load_s"] + time.perf_counter() - start  # the whole run
+        if skipped != len(sweep.jobs):
+            raise SystemExit(f"the no-op run skipped {skipped} of {len(sweep.jobs)} jobs")
     elif what == "status":
         start = time.perf_counter()
         show_status(Console(file=io.StringIO(), width=120), sweep, 10)
@@ -207,6 +222,19 @@ def measure(what: str, folder: Path) -> dict[str, float]:
         out["thumbnails"] = result.thumbnails
     out["rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return out
+
+
+async def _no_op_run(folder: Path, sweep: Sweep) -> int:
+    """`gibatch run` on a sweep whose every job is complete: the jobs it skipped."""
+    journal = Journal(folder)
+    try:
+        # Never contacted: with nothing to run, a run does not log in.
+        client = SiteClient("http://127.0.0.1:9/", "benchmark", "-", site_key="benchmark")
+        options = Options(jobs_dir=folder, models=list(range(1, MODELS + 1)))
+        summary = await Scheduler(client, sweep, options, journal).execute()
+    finally:
+        journal.close()
+    return summary.count(Outcome.ALREADY_COMPLETE)
 
 
 def _fingerprint(plan: Plan) -> float:
@@ -243,20 +271,35 @@ def work_folder(path: str | None) -> Iterator[Path]:
         yield Path(tmp)
 
 
+FIGURES = ("load", "plan", "scan", "run", "status", "report")
+_NONE: dict[str, float] = {}  # a figure not measured: printed as -
+
+
+def _cell(result: dict[str, float] | None, key: str, width: int, digits: int = 2) -> str:
+    value = (result or _NONE).get(key)
+    return f"{'-' if value is None else format(value, f'.{digits}f'):>{width}}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--sizes", default="1000,10000,100000")
     parser.add_argument("--scan-up-to", type=int, default=4000)
     parser.add_argument("--work", help="keep the sweeps here (and reuse them)")
+    parser.add_argument("--only", default=",".join(FIGURES),
+                        help="figures to measure: " + ",".join(FIGURES))
     parser.add_argument("--measure", nargs=2, metavar=("WHAT", "FOLDER"))
     args = parser.parse_args()
     if args.measure:
         print(json.dumps(measure(args.measure[0], Path(args.measure[1]))))
         return
+    only = set(args.only.split(","))
+    if only - set(FIGURES):
+        parser.error(f"--only: unknown figures {sorted(only - set(FIGURES))}")
     print(f"load average {os.getloadavg()[0]:.2f} at the start; status and report exclude "
-          "loading the sweep (load 2nd s)", flush=True)
+          "loading the sweep (load 2nd s); a no-op run includes it", flush=True)
     header = (f"{'jobs':>7} {'write s':>8} {'load 1st s':>10} {'load 2nd s':>10} {'MB':>6} "
               f"{'plan s':>8} {'MB':>6} {'pick ms':>8} {'max ms':>7} "
+              f"{'no-op run cold s':>16} {'warm s':>7} {'MB':>6} "
               f"{'status cold s':>13} {'warm s':>7} {'MB':>6} "
               f"{'report cold s':>13} {'warm s':>7} {'MB':>6} {'page MB':>7} "
               f"{'scan plan s':>11} {'same plan':>9}")
@@ -269,32 +312,46 @@ def main() -> None:
             if not done:
                 folder = write(work, n)
             written = time.perf_counter() - start if not done else float("nan")
-            forget(folder, "known_jobs", "job_order")  # load 1st: every job file read
-            first = child("load", folder)
-            second = child("load", folder)
-            plan = child("plan", folder)
-            scan = child("scan", folder) if n <= args.scan_up_to else None
-            same = ("-" if scan is None
+            first = second = plan = scan = None
+            if "load" in only:
+                forget(folder, "known_jobs", "job_order")  # load 1st: every job file read
+                first = child("load", folder)
+                second = child("load", folder)
+            if "plan" in only:
+                plan = child("plan", folder)
+            if "scan" in only and n <= args.scan_up_to:
+                scan = child("scan", folder)
+            same = ("-" if scan is None or plan is None
                     else "yes" if scan["assignments"] == plan["assignments"] else "NO")
             mark = folder / STATE_DIR / "benchmark-complete"
-            if not mark.exists():
+            if not mark.exists() and only & {"run", "status", "report"}:
                 complete(folder)
                 mark.touch()
                 # As a user's next status would find them: the newest records settled.
                 time.sleep(discovery.SETTLE_NS / 1e9)
-            forget(folder, "completions")  # the first status after the run
-            status = [child("status", folder) for _ in range(2)]
-            shutil.rmtree(folder / STATE_DIR / "report", ignore_errors=True)  # no thumbnail
-            forget(folder, "report_shots")  # no plot remembered
-            report = [child("report", folder) for _ in range(2)]
-            print(f"{n:>7} {written:>8.1f} {first['load_s']:>10.2f} {second['load_s']:>10.2f} "
-                  f"{second['rss_mb']:>6.0f} {plan['plan_s']:>8.2f} {plan['rss_mb']:>6.0f} "
-                  f"{plan['pick_mean_ms']:>8.3f} {plan['pick_max_ms']:>7.2f} "
-                  f"{status[0]['status_s']:>13.2f} {status[1]['status_s']:>7.2f} "
-                  f"{status[1]['rss_mb']:>6.0f} {report[0]['report_s']:>13.2f} "
-                  f"{report[1]['report_s']:>7.2f} {report[1]['rss_mb']:>6.0f} "
-                  f"{report[1]['page_mb']:>7.1f} "
-                  f"{'-' if scan is None else format(scan['plan_s'], '.2f'):>11} {same:>9}",
+            runs: list[dict[str, float] | None] = [None, None]
+            if "run" in only:
+                forget(folder, "completions")  # the first run after the jobs completed
+                runs = [child("run", folder) for _ in range(2)]
+            status: list[dict[str, float] | None] = [None, None]
+            if "status" in only:
+                forget(folder, "completions")  # the first status after the run
+                status = [child("status", folder) for _ in range(2)]
+            report: list[dict[str, float] | None] = [None, None]
+            if "report" in only:
+                shutil.rmtree(folder / STATE_DIR / "report", ignore_errors=True)  # no thumbnail
+                forget(folder, "report_shots")  # no plot remembered
+                report = [child("report", folder) for _ in range(2)]
+            print(f"{n:>7} {written:>8.1f} {_cell(first, 'load_s', 10)} "
+                  f"{_cell(second, 'load_s', 10)} {_cell(second, 'rss_mb', 6, 0)} "
+                  f"{_cell(plan, 'plan_s', 8)} {_cell(plan, 'rss_mb', 6, 0)} "
+                  f"{_cell(plan, 'pick_mean_ms', 8, 3)} {_cell(plan, 'pick_max_ms', 7)} "
+                  f"{_cell(runs[0], 'run_s', 16)} {_cell(runs[1], 'run_s', 7)} "
+                  f"{_cell(runs[1], 'rss_mb', 6, 0)} "
+                  f"{_cell(status[0], 'status_s', 13)} {_cell(status[1], 'status_s', 7)} "
+                  f"{_cell(status[1], 'rss_mb', 6, 0)} {_cell(report[0], 'report_s', 13)} "
+                  f"{_cell(report[1], 'report_s', 7)} {_cell(report[1], 'rss_mb', 6, 0)} "
+                  f"{_cell(report[1], 'page_mb', 7, 1)} {_cell(scan, 'plan_s', 11)} {same:>9}",
                   flush=True)
     # Not on stdout, whose last line is the last size's (the smoke test reads it).
     print(f"load average {os.getloadavg()[0]:.2f} at the end", file=sys.stderr)
