@@ -443,6 +443,9 @@ def serve(
     )] = False,
     one_row: Annotated[bool, typer.Option(
         help="view_jobs lists only each model number's newest task.")] = False,
+    queue: Annotated[bool, typer.Option(
+        help="A task POSTed for a busy model number waits its turn (Queued) instead of "
+             "being refused with 409, as behind a task queue.")] = False,
     physics: Annotated[Physics, typer.Option(
         help="restricted: test stars in two galaxies' smooth fields (seconds per job); "
              "live: self-consistent N-body tree code (minutes per job).")
@@ -465,7 +468,7 @@ def serve(
     config = SiteConfig(
         data_dir=data_dir, accounts={user: password}, model_count=model_count,
         session_lifetime_s=session_lifetime, strict=strict, physics=physics,
-        stream_rate_mb_s=stream_rate, warm=True, one_row=one_row,
+        stream_rate_mb_s=stream_rate, warm=True, one_row=one_row, queue=queue,
         faults=Faults(error_rate=error_rate, hang_rate=hang_rate, cut_rate=cut_rate,
                       post_502_rate=post_502_rate, lost_rate=lost_rate,
                       browser_rate=browser_rate),

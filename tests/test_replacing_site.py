@@ -334,3 +334,35 @@ def test_a_plot_run_elsewhere_just_before_own_plot_post_is_not_taken_for_it(
     assert_all_right(summary, jobs, site)
     assert own_tasks(site) == minimum + 1  # the plot whose row could not be told, again
     assert any("did not say which is ours" in (e.detail or "") for e in Journal(jobs).events())
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("strict", [False, True], ids=["normal", "strict"])
+def test_a_site_that_queues_posts_behind_browser_tasks(
+    tmp_path: Path, make_site: Callable[..., ThreadedSite], strict: bool
+) -> None:
+    """A site in front of a task queue takes a POST for a busy model number (no 409) and
+    runs it when the tasks before it have ended. A browser task started just as gibatch
+    POSTs each step runs first, replacing or clearing what gibatch's task then reads
+    (a merge before its plot leaves no interaction to plot). No job may keep a result
+    made on the browser's inputs, nor fail for a task that failed on them."""
+    jobs = tmp_path / "jobs"
+    minimum = shared_sweep(jobs, 6)
+    site = make_site(strict=strict, queue=True, faults=Faults(seed=5))
+    faults = site.running.site.faults
+    for page in ("/gi/galacticsmerge", "/gi/interactgalaxies", "/gi/plotgalaxies",
+                 "/gi/plotgalaxies", "/gi/galactic", "/gi/view_jobs/"):
+        faults.script("browser", page)
+    summary = run_sweep(site, jobs, [1, 2])
+    assert_all_right(summary, jobs, site)
+    store = site.running.site.store
+    clicks = set(site.running.site.clicked)
+    tasks = {t.job_id: t for t in store.tasks("alice")}
+    # The click on each POST went first, and gibatch's task, taken before it ended,
+    # waited behind it.
+    behind = [c for c in clicks if c + 1 in tasks and c + 1 not in clicks
+              and tasks[c + 1].model == tasks[c].model
+              and tasks[c + 1].submitted < (store.finished(c) or "")]
+    assert len(clicks) == 6 and len(behind) >= 5
+    assert minimum <= own_tasks(site) <= minimum + 6 * len(clicks) + 6

@@ -4,6 +4,7 @@ losing results, and run standalone as `gibatch serve` in a process of its own.""
 
 from __future__ import annotations
 
+import json
 import os
 import queue
 import re
@@ -254,3 +255,45 @@ def test_gibatch_serve_as_a_process(tmp_path: Path) -> None:
     rest = "".join(lines.get(timeout=10) for _ in range(lines.qsize()))
     assert proc.returncode == 0, rest
     assert "Traceback" not in rest
+
+
+def test_a_queueing_site_runs_each_models_tasks_in_turn_across_a_restart(
+        tmp_path: Path) -> None:
+    """`queue=True`: a whole chain POSTed at once to one model number (in one turn of
+    the site's loop, so every task after the first finds the model busy) is taken, not
+    refused; the site is stopped before most have run and restarted; each task then
+    runs after the one before it has ended, reading its results, and takes its section
+    only when it starts (two plots: Plot 1 and Plot 2)."""
+    config = SiteConfig(data_dir=tmp_path / "site", accounts={"s": "pw"}, queue=True)
+    files = tiny_job_files()
+    chain = [steps.GALAXY1, steps.GALAXY2, steps.MERGE, steps.INTERACT, steps.plot(1),
+             steps.plot(1)]
+    site = ThreadedSite(config)
+    store = site.running.site.store
+    try:
+        ids = site.call(lambda: [site.running.site.submit(
+            "s", 1, step, json.dumps(files[f"{step.name}.json"])) for step in chain])
+        assert len(store.waiting()) == len(chain) - 1  # all but the first wait their turn
+    finally:
+        site.stop()
+    site = ThreadedSite(config)
+    store = site.running.site.store
+    try:
+        deadline = time.monotonic() + 120
+        while any(t.status.active for t in store.tasks("s")):
+            assert time.monotonic() < deadline, "tasks did not finish"
+            time.sleep(0.05)
+        tasks = store.tasks("s")
+        assert [t.status for t in tasks] == ["Completed"] * len(chain)
+        ends = [store.finished(i) or "" for i in ids]
+        assert ends == sorted(ends)
+        g1, g2, merge, interact, plot1, plot2 = ids
+        assert sorted(store.inputs_of(merge)) == [g1, g2]
+        assert store.inputs_of(interact) == [merge]
+        assert store.inputs_of(plot1) == store.inputs_of(plot2) == [interact]
+        assert {s.name: s.job_id for s in store.sections("s", 1)} == {
+            "Galaxy 1": g1, "Galaxy 2": g2, "Galaxy Merge": merge,
+            "Galaxy Interaction": interact, "Plot 1": plot1, "Plot 2": plot2}
+        assert store.waiting() == []
+    finally:
+        site.stop()

@@ -18,6 +18,11 @@ POSTs answered 200 with an HTML page and no job id, no size cell in view_data,
 of section 3): a task that another replaced as the newest is never listed again, so a
 client must tell that its own task ended without seeing its row finish.
 
+`queue=True` takes a task POSTed for a busy model number instead of answering 409, as a
+site in front of a task queue would: it is listed as Queued and starts, taking its
+section and deleting what it replaces, when the tasks before it on that model number
+have ended. A browser task then joins the queue too, at once.
+
 `stream_rate_mb_s` serves each file download no faster than that many MB/s, as one
 TCP stream from a remote server across a network is limited (by the window over the
 round trip, or by the proxy), while several streams together go faster: on loopback
@@ -76,6 +81,7 @@ class SiteConfig:
     stream_rate_mb_s: float = 0.0  # per download; 0: as fast as loopback goes
     warm: bool = False  # start the simulator's workers with the site, not on first use
     one_row: bool = False  # view_jobs: only each model number's newest task
+    queue: bool = False  # a task POSTed to a busy model number waits its turn (no 409)
 
 
 class Site:
@@ -90,6 +96,7 @@ class Site:
         self.runner: Runner | None = None
         self._sessions: dict[str, tuple[str, float]] = {}
         self._clicks: dict[tuple[str, int], list[str | None]] = {}  # waiting for a free model
+        self._queued: dict[tuple[str, int], list[int]] = {}  # `queue`: taken, not started
         self.clicked: list[int] = []  # job ids of browser tasks, for tests and benchmarks
 
     @property
@@ -109,8 +116,18 @@ class Site:
                              self._task_ended, self.config.physics)
         if self.config.warm:
             self.runner.warm()
+        # A restarted site finishes what it had started, then what waited its turn.
+        waiting = set(await asyncio.to_thread(self.store.waiting))
+        running = set()
         for task in await asyncio.to_thread(self.store.unfinished):
-            self.runner.start(task)  # a restarted site finishes what it had accepted
+            key = (task.username, task.model)
+            if task.job_id in waiting:
+                self._queued.setdefault(key, []).append(task.job_id)
+            else:
+                running.add(key)
+                self.runner.start(task)
+        for key in self._queued.keys() - running:
+            self._start_next(*key)
 
     async def cleanup(self, _app: web.Application) -> None:
         if self.runner is not None:
@@ -125,20 +142,37 @@ class Site:
         Runs on the event loop: the runner starts the task in the same turn.
         """
         assert self.runner is not None
-        done = self.store.submit(user, model, step, payload, plot_number)
-        for old in done.replaced:
-            shutil.rmtree(self.runner.task_dir(user, model, old), ignore_errors=True)
-        task = self.store.task(done.job_id)
-        assert task is not None
-        self.runner.start(task)
+        done = self.store.submit(user, model, step, payload, plot_number, self.config.queue)
+        if done.replaced is None:
+            self._queued.setdefault((user, model), []).append(done.job_id)
+        else:
+            self._run(done.job_id, done.replaced)
         return done.job_id
+
+    def _run(self, job_id: int, replaced: tuple[int, ...]) -> None:
+        assert self.runner is not None
+        task = self.store.task(job_id)
+        assert task is not None
+        for old in replaced:
+            shutil.rmtree(self.runner.task_dir(task.username, task.model, old),
+                          ignore_errors=True)
+        self.runner.start(task)
+
+    def _start_next(self, user: str, model: int) -> bool:
+        """Start the oldest task waiting in the model's queue, if any."""
+        queued = self._queued.get((user, model))
+        if not queued:
+            return False
+        job_id = queued.pop(0)
+        self._run(job_id, self.store.start(job_id))
+        return True
 
     def click(self, user: str, model: int | None = None, kind: str | None = None) -> None:
         """Someone starts a task in the browser on `model` (default: a random one of the
         account's) as soon as it is free: now if idle, else when its current task ends."""
         if model is None:
             model = self.faults.rng.randint(1, self.config.model_count)
-        if self.store.is_busy(user, model):
+        if self.store.is_busy(user, model) and not self.config.queue:
             self._clicks.setdefault((user, model), []).append(kind)
             return
         self._start_click(user, model, kind)
@@ -149,6 +183,8 @@ class Site:
 
     def _task_ended(self, task: Task, status: TaskStatus) -> None:
         self.store.set_status(task.job_id, status)
+        if self._start_next(task.username, task.model):
+            return
         waiting = self._clicks.get((task.username, task.model))
         if waiting:
             self._start_click(task.username, task.model, waiting.pop(0))

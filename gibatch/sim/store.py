@@ -44,11 +44,26 @@ class Task:
 
 @dataclass(frozen=True)
 class Submission:
-    """A queued task, and the earlier tasks whose results it replaced or cleared: a model
-    number holds only its current results, so those tasks' files are to be deleted."""
+    """A task taken, and the earlier tasks whose results it replaced or cleared (a model
+    number holds only its current results, so those tasks' files are to be deleted);
+    None if it waits in the model's queue and has not started."""
 
     job_id: int
-    replaced: tuple[int, ...]
+    replaced: tuple[int, ...] | None
+
+
+# A task waiting in a model's queue has not taken its section: its `section` column
+# holds this mark and the section it asks for (`Plot ?`: the next plot).
+_WAITING = "?"
+_NEXT_PLOT = "Plot ?"
+STAGE_OF_TASK = {"galaxy1": Stage.GALAXY, "galaxy2": Stage.GALAXY, "merge": Stage.MERGE,
+                 "interact": Stage.INTERACT, "plot": Stage.PLOT}
+
+
+def _section_hint(step: Step, plot_number: int | None) -> str:
+    if step.stage is not Stage.PLOT:
+        return step.section
+    return _NEXT_PLOT if plot_number is None else f"Plot {plot_number}"
 
 
 @dataclass(frozen=True)
@@ -123,54 +138,94 @@ class Store(Database):
     _TASK_COLS = "job_id, username, model, step, job_type, section, payload, status, submitted"
 
     def submit(
-        self, username: str, model: int, step: Step, payload: str, plot_number: int | None = None
+        self, username: str, model: int, step: Step, payload: str, plot_number: int | None = None,
+        queue: bool = False,
     ) -> Submission:
-        """Queue a task and apply downstream invalidation, atomically; Busy if occupied.
-
-        A plot goes to section `Plot k`: k = plot_number when given (replacing it), else
-        one more than the plots the model holds since its last interaction.
-        """
+        """Take a task, atomically. On a free model number it starts at once (see
+        `_start_unlocked`); on a busy one it raises Busy, or with `queue` waits, listed as
+        Queued, until `start` is called for it when the tasks before it have ended."""
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
-                if self._busy_unlocked(username, model):
+                busy = self._busy_unlocked(username, model)
+                if busy and not queue:
                     raise Busy()
-                section = step.section
-                if step.stage is Stage.PLOT:
-                    held = sum(
-                        1 for name, _ in self._sections_unlocked(username, model)
-                        if section_stage(name) is Stage.PLOT
-                    )
-                    if plot_number is not None and not 1 <= plot_number <= held + 1:
-                        raise ValueError(f"plot_number: must be between 1 and {held + 1}")
-                    section = f"Plot {plot_number or held + 1}"
+                if plot_number is not None:
+                    self._plot_section_unlocked(username, model, plot_number)  # checked now
                 cur = self._db.execute(
                     f"INSERT INTO tasks ({self._TASK_COLS.replace('job_id, ', '')}) "
                     "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                     (username, model, step.name if step.stage is not Stage.PLOT else "plot",
-                     step.job_type, section, payload, TaskStatus.QUEUED.value, _now()),
+                     step.job_type, _WAITING + _section_hint(step, plot_number), payload,
+                     TaskStatus.QUEUED.value, _now()),
                 )
                 job_id = int(cur.lastrowid or 0)
-                replaced = []
-                for name, old in self._sections_unlocked(username, model):
-                    stage = section_stage(name)
-                    if name == section:
-                        replaced.append(int(old))
-                    elif stage is not None and stage > step.stage:
-                        replaced.append(int(old))
-                        self._db.execute(
-                            "DELETE FROM sections WHERE username = ? AND model = ? AND name = ?",
-                            (username, model, name),
-                        )
-                self._db.execute(
-                    "INSERT OR REPLACE INTO sections VALUES (?, ?, ?, ?)",
-                    (username, model, section, job_id),
-                )
+                replaced = None if busy else self._start_unlocked(job_id)
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
-        return Submission(job_id, tuple(replaced))
+        return Submission(job_id, replaced)
+
+    def start(self, job_id: int) -> tuple[int, ...]:
+        """A queued task's turn has come: it takes its section now (see `submit`)."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                replaced = self._start_unlocked(job_id)
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        return replaced
+
+    def _plot_section_unlocked(self, username: str, model: int, plot_number: int | None) -> str:
+        """`Plot k`: k = plot_number when given (replacing it), else one more than the
+        plots the model holds since its last interaction."""
+        held = sum(1 for name, _ in self._sections_unlocked(username, model)
+                   if section_stage(name) is Stage.PLOT)
+        if plot_number is not None and not 1 <= plot_number <= held + 1:
+            raise ValueError(f"plot_number: must be between 1 and {held + 1}")
+        return f"Plot {plot_number or held + 1}"
+
+    def _start_unlocked(self, job_id: int) -> tuple[int, ...]:
+        """Give a task its section and apply downstream invalidation; returns the earlier
+        tasks whose results it replaced or cleared. A queued plot's number was checked
+        when it was taken: if plots were cleared meanwhile, it becomes the next one."""
+        username, model, step_name, hint = self._db.execute(
+            "SELECT username, model, step, section FROM tasks WHERE job_id = ?", (job_id,)
+        ).fetchone()
+        hint = str(hint).removeprefix(_WAITING)
+        stage = STAGE_OF_TASK[str(step_name)]
+        section = hint
+        if stage is Stage.PLOT:
+            wanted = int(hint.rsplit(" ", 1)[-1]) if hint != _NEXT_PLOT else None
+            try:
+                section = self._plot_section_unlocked(username, model, wanted)
+            except ValueError:
+                section = self._plot_section_unlocked(username, model, None)
+        replaced = []
+        for name, old in self._sections_unlocked(username, model):
+            if name == section:
+                replaced.append(int(old))
+            elif (held := section_stage(name)) is not None and held > stage:
+                replaced.append(int(old))
+                self._db.execute(
+                    "DELETE FROM sections WHERE username = ? AND model = ? AND name = ?",
+                    (username, model, name),
+                )
+        self._db.execute("INSERT OR REPLACE INTO sections VALUES (?, ?, ?, ?)",
+                         (username, model, section, job_id))
+        self._db.execute("UPDATE tasks SET section = ? WHERE job_id = ?", (section, job_id))
+        return tuple(replaced)
+
+    def waiting(self) -> list[int]:
+        """Tasks taken but not yet started (a queue of a restarted site), oldest first."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT job_id FROM tasks WHERE status = ? AND substr(section, 1, 1) = ? "
+                "ORDER BY job_id", (TaskStatus.QUEUED.value, _WAITING)).fetchall()
+        return [int(r[0]) for r in rows]
 
     def lose(self, username: str, model: int, step: Step, payload: str) -> int:
         """A task the site takes and then loses: its id is used up, nothing is listed or run
@@ -211,6 +266,13 @@ class Store(Database):
                 f"UPDATE tasks SET status = ?, {column} = ? WHERE job_id = ?",
                 (status.value, _now(), job_id),
             )
+
+    def finished(self, job_id: int) -> str | None:
+        """When the task ended (ISO 8601), None while it has not."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT finished FROM tasks WHERE job_id = ?", (job_id,)).fetchone()
+        return None if row is None or row[0] is None else str(row[0])
 
     def status(self, job_id: int) -> TaskStatus | None:
         with self._lock:
