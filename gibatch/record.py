@@ -9,13 +9,21 @@ and model number) is kept in the journal's database (table `completions`) beside
 signature of the record and of its section folders. While that signature holds, the
 record is the same and no file was added to, removed from or renamed in a section (a
 download lands by renaming its `.part`; `prune` and `invalidate` remove), so the job is
-judged from the database. Not seen that way: a listed file whose size changes in place;
-`run` still checks every size (`is_complete`) before it skips a job. Signatures younger
-than `discovery.SETTLE_NS` are not kept (coarse timestamps, as in `discovery`).
-`completions` hands each signature on: the report remembers a job's plots by it.
+judged from the database. Not seen that way: a listed file whose size changes in place.
+Signatures younger than `discovery.SETTLE_NS` are not kept (coarse timestamps, as in
+`discovery`). `completions` hands each signature on: the report remembers a job's
+plots by it.
 
 The signature costs a stat of the record and of each section folder (7 for a job of 6
 steps): about 3 s of a warm `status` of 100,000 jobs here, most of what is left.
+
+`run` decides what to skip by `whole`, which sees every size, as `is_complete` does,
+without reading a remembered record: the same row keeps the files the record lists
+(`files`) and a `proof`, a digest of the record's stat, its lineage hashed as the
+job's, and each listed size. A job is skipped unread only if the record's stat, the
+job's lineage and the size of every listed file on disk give that digest again (one
+stat per file, as `is_complete` makes, and one of the record). Anything else, a file
+missing or of another size included, is judged by reading the record, as before.
 """
 
 from __future__ import annotations
@@ -42,12 +50,17 @@ RECORD_VERSION = 1
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS completions (
     name TEXT PRIMARY KEY, sections TEXT NOT NULL, signature TEXT NOT NULL,
-    chain TEXT NOT NULL, model INTEGER);
+    chain TEXT NOT NULL, model INTEGER, files TEXT, proof TEXT);
 """
 # `chain`: the record's lineage hashed as `_chain_hash` (a column renamed when that
-# changed, so that rows hashed otherwise are dropped, not misread)
-_COLUMNS = {"completions": ["name", "sections", "signature", "chain", "model"]}
-Row = tuple[str, str, str, int | None]  # a completions row: sections, signature, chain, model
+# changed, so that rows hashed otherwise are dropped, not misread). `files`, `proof`:
+# for `whole` (module docstring); NULL when the record's names cannot be kept as text.
+_COLUMNS = {"completions": ["name", "sections", "signature", "chain", "model", "files",
+                            "proof"]}
+# a completions row after its name: sections, signature, chain, model, files, proof
+Row = tuple[str, str, str, int | None, str | None, str | None]
+Stored = tuple[str, str, str, str, int | None, str | None, str | None]  # name, *Row
+_FILES_SEP = "\n"  # between a record's files (`section/name`): in no name kept
 
 
 def record_path(job: Job) -> Path:
@@ -129,22 +142,29 @@ class _Completions(Database):
         folder.mkdir(exist_ok=True)
         super().__init__(folder / discovery.CACHE_FILE, _SCHEMA, _COLUMNS)
 
-    def load(self) -> dict[str, Row]:
+    def load(self) -> dict[str, tuple[str, str, str, int | None]]:
         """name -> (sections, signature, chain, model) of every record remembered."""
         shared: dict[str, str] = {}  # most jobs list the same sections
         with self._lock:  # row by row: no list of 100,000 rows beside the dictionary
-            return {r[0]: (shared.setdefault(r[1], r[1]), r[2], r[3], r[4])
-                    for r in self._db.execute("SELECT * FROM completions")}
+            return {r[0]: (shared.setdefault(r[1], r[1]), r[2], r[3], r[4]) for r in
+                    self._db.execute("SELECT name, sections, signature, chain, model "
+                                     "FROM completions")}
 
-    def store(self, fresh: list[tuple[str, str, str, str, int | None]],
-              gone: list[str]) -> None:
+    def proofs(self) -> dict[str, tuple[str, str]]:
+        """name -> (files, proof) of every record remembered with them."""
+        shared: dict[str, str] = {}  # most jobs list the same files
+        with self._lock:
+            return {r[0]: (shared.setdefault(r[1], r[1]), r[2]) for r in self._db.execute(
+                "SELECT name, files, proof FROM completions WHERE proof IS NOT NULL")}
+
+    def store(self, fresh: list[Stored], gone: list[str]) -> None:
         if not (fresh or gone):
             return  # no write lock taken while a run may be writing
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
-                self._db.executemany("INSERT OR REPLACE INTO completions VALUES (?, ?, ?, ?, ?)",
-                                     fresh)
+                self._db.executemany(
+                    "INSERT OR REPLACE INTO completions VALUES (?, ?, ?, ?, ?, ?, ?)", fresh)
                 self._db.executemany("DELETE FROM completions WHERE name = ?",
                                      [(n,) for n in gone])
                 self._db.execute("COMMIT")
@@ -194,6 +214,39 @@ def _stats(output: str, sections: list[str]) -> list[os.stat_result] | None:
         return None
 
 
+def _listed(sections: dict[str, Any]) -> tuple[str, list[int]] | None:
+    """The files a whole record lists (`section/name` joined by `_FILES_SEP`) and their
+    sizes, in the record's order; None if a name would not be read back the same."""
+    paths: list[str] = []
+    sizes: list[int] = []
+    for section, files in sections.items():
+        for f in files:
+            if "/" in f["name"] or _FILES_SEP in f["name"] or _FILES_SEP in section:
+                return None
+            paths.append(f"{section}/{f['name']}")
+            sizes.append(f["size"])
+    text = _FILES_SEP.join(paths)
+    return (text, sizes) if discovery.storable(text) else None
+
+
+def _proof(record_stat: os.stat_result, chain: str, sizes: Iterable[int]) -> str:
+    """A digest of the record's stat, a lineage hash and the listed files' sizes: what
+    `whole` asks again of the disk (module docstring)."""
+    return _hash(f"{discovery.stat_text([record_stat])}|{chain}|{','.join(map(str, sizes))}")
+
+
+def _proven(output: str, files: list[str], proof: str, chain: str) -> bool:
+    """Whether the record under the job's `output` folder (a text) is the one `proof`
+    was made of, its lineage hashes to `chain`, and each of its `files` has the size
+    listed."""
+    try:
+        head = os.stat(f"{output}/{RECORD_FILE}")
+        sizes = [os.stat(f"{output}/{f}").st_size for f in files]
+    except OSError:
+        return False
+    return _proof(head, chain, sizes) == proof
+
+
 def _examine(job: Job, seen_ns: int) -> tuple[dict[str, Any] | None, Row | None]:
     """The record if the job is complete (`complete_record`), and what to remember of
     the record (None: not whole, of another shape, or changed too recently)."""
@@ -209,7 +262,8 @@ def _examine(job: Job, seen_ns: int) -> tuple[dict[str, Any] | None, Row | None]
     model: Any = data.get("model_number")
     shaped = (isinstance(lineage, dict) and isinstance(sections, dict)
               and all(isinstance(v, str) for v in lineage.values())
-              and all("/" not in name for name in sections))
+              and all("/" not in name for name in sections)
+              and discovery.storable("/".join(sections)))
     names = sorted(sections) if shaped else []
     stats = _stats(os.fspath(job.output), names) if shaped else None  # before the files
     whole = _whole(job, data)
@@ -217,9 +271,12 @@ def _examine(job: Job, seen_ns: int) -> tuple[dict[str, Any] | None, Row | None]
     if (not whole or stats is None or discovery.stat_text(stats[:1]) != before
             or not discovery.settled(seen_ns, *stats)):
         return complete, None
-    return complete, ("/".join(names), _stat_key(stats),
-                      _record_chain_hash(job, lineage),
-                      model if isinstance(model, int) else None)
+    chain = _record_chain_hash(job, lineage)
+    listed = _listed(sections)
+    return complete, ("/".join(names), _stat_key(stats), chain,
+                      model if isinstance(model, int) else None,
+                      None if listed is None else listed[0],
+                      None if listed is None else _proof(stats[0], chain, listed[1]))
 
 
 class Completion(NamedTuple):
@@ -249,7 +306,7 @@ def completions(root: Path, jobs: Iterable[Job]) -> dict[str, Completion]:
         cache = None
     known = cache.load() if cache is not None else {}
     done: dict[str, Completion] = {}
-    fresh: list[tuple[str, str, str, str, int | None]] = []
+    fresh: list[Stored] = []
     gone = set(known)  # rows of records no longer found whole
     seen_ns = discovery.clock_ns()
     split: dict[str, list[str]] = {}  # most jobs list the same sections
@@ -280,6 +337,52 @@ def completions(root: Path, jobs: Iterable[Job]) -> dict[str, Completion]:
         try:
             with contextlib.suppress(sqlite3.Error):  # a later call remembers
                 cache.store(fresh, sorted(gone))
+        finally:
+            cache.close()
+    return done
+
+
+def whole(root: Path, jobs: Iterable[Job]) -> set[str]:
+    """The names of `jobs` that are complete, as `is_complete` says of each: a job whose
+    remembered proof holds is judged without reading its record, every other one by
+    reading it (module docstring); records found whole are remembered.
+
+    `jobs` are jobs of the sweep at `root` (all or some): rows of other names are kept."""
+    try:
+        cache: _Completions | None = _Completions(root)
+    except (OSError, sqlite3.Error):
+        cache = None
+    known = cache.proofs() if cache is not None else {}
+    done: set[str] = set()
+    fresh: list[Stored] = []
+    gone: list[str] = []  # remembered, read again, and found not whole
+    seen_ns = discovery.clock_ns()
+    split: dict[str, list[str]] = {}  # most jobs list the same files
+    top = os.fspath(root)
+    for job in jobs:
+        hit = known.pop(job.name, None)  # a row is dropped once used: less memory
+        if hit is not None:
+            files, proof = hit
+            names = split.get(files)
+            if names is None:
+                names = split[files] = files.split(_FILES_SEP) if files else []
+            # `job.path` is `root / name` (discovery): a text built here costs less.
+            if _proven(f"{top}/{job.name}/{OUTPUT_DIR}", names, proof, _chain_hash(job)):
+                done.add(job.name)
+                continue
+        data, row = _examine(job, seen_ns)
+        if data is not None:
+            done.add(job.name)
+        if not discovery.storable(job.name):
+            continue
+        if row is not None:
+            fresh.append((job.name, *row))
+        elif hit is not None:
+            gone.append(job.name)
+    if cache is not None:
+        try:
+            with contextlib.suppress(sqlite3.Error):  # a later call remembers
+                cache.store(fresh, gone)
         finally:
             cache.close()
     return done

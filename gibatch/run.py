@@ -186,8 +186,9 @@ class Scheduler:
         for problem_job, reason in self.sweep.reasons().items():
             self.summary.outcomes[problem_job] = Outcome.INVALID
             self.summary.reasons[problem_job] = reason
+        done = record.whole(self.sweep.root, self.sweep.jobs)  # as is_complete, remembered
         for job in self.sweep.jobs:
-            if record.is_complete(job):
+            if job.name in done:
                 self.summary.outcomes[job.name] = Outcome.ALREADY_COMPLETE
             else:
                 self.pending.append(job)

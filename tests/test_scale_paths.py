@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +20,11 @@ from gibatch.discovery import load_sweep
 from gibatch.jobs import Job, Sweep
 from gibatch.journal import Event, Journal
 from gibatch.report import Variation, build_report, contact_sheet, flatten
+from gibatch.run import Outcome
+from gibatch.sim.server import ThreadedSite
 from gibatch.status import _ACTIVE, JobState, JobStatus, SweepStatus, pid_alive, sweep_status
 from gibatch.transfer import FileRecord
-from tests.conftest import tiny_job_files, write_job
+from tests.conftest import run_sweep, tiny_job_files, write_job
 
 
 @pytest.fixture
@@ -138,6 +141,103 @@ def test_without_a_usable_database_every_record_is_read(tmp_path: Path,
     assert record.completed(root, sweep.jobs) == {"j0": 1}
     assert record.completed(root, sweep.jobs) == {"j0": 1}
     assert reads.count("j0") == 2
+
+
+# -- record.whole: what `run` skips, judged as is_complete judges it, records not read
+
+def test_whole_agrees_with_each_record_and_reads_only_what_changed(
+        tmp_path: Path, reads: list[str], settled: None) -> None:
+    root = tmp_path / "jobs"
+    sweep = sweep_of(root, 13)
+    for job in sweep.jobs[:12]:
+        finish(job)
+    jobs = {j.name: j for j in sweep.jobs}
+    # j10 lists a file under a folder of its section: its names are not remembered.
+    sub = jobs["j10"].output / "Plot 1" / "sub"
+    sub.mkdir()
+    (sub / "x").write_text("xyz")
+    data = json.loads(record.record_path(jobs["j10"]).read_text())
+    data["sections"]["Plot 1"].append({"name": "sub/x", "size": 3, "sha256": "-"})
+    record.record_path(jobs["j10"]).write_text(json.dumps(data))
+    assert record.whole(root, sweep.jobs) == set(plain(sweep)) == {f"j{k}" for k in range(12)}
+    reads.clear()
+    assert record.whole(root, sweep.jobs) == {f"j{k}" for k in range(12)}
+    assert reads == ["j10"]  # the rest remembered
+
+    log = jobs["j0"].output / "Plot 1" / "log.txt"
+    with log.open("r+") as f:
+        f.truncate(3)  # cut short in place: the folder does not change, nor the record
+    with (jobs["j1"].output / "Galaxy Interaction" / "log.txt").open("a") as f:
+        f.write("more")  # grown in place
+    (jobs["j2"].output / "Galaxy Merge" / "log.txt").unlink()  # removed
+    (jobs["j3"].output / "Galaxy 1" / "log.txt").write_text("a whole other file")  # replaced
+    shutil.rmtree(jobs["j4"].output / "Plot 2")  # a section removed
+    record.invalidate(jobs["j5"])  # what `run` does before it redoes a job
+    finish(jobs["j6"], model=4)  # the record written again: still whole
+    (root / "j7" / "merge.json").write_text(json.dumps(  # another lineage
+        {**tiny_job_files()["merge.json"], "theta_galaxy_2": 10}))
+    (jobs["j8"].output / "Plot 1" / "log.txt.part").write_text("x")  # not listed: no matter
+    data = json.loads(record.record_path(jobs["j11"]).read_text())
+    data["lineage"]["merge"] = "0" * 16  # a record of other parameters, the same files
+    record.record_path(jobs["j11"]).write_text(json.dumps(data))
+    sweep = load_sweep(root)
+    reads.clear()
+    assert record.whole(root, sweep.jobs) == {"j6", "j8", "j9", "j10"}
+    assert {"j8", "j9"}.isdisjoint(reads)  # unchanged: not read
+    assert set(plain(sweep)) == {"j6", "j8", "j9", "j10"}
+    reads.clear()
+    assert record.whole(root, sweep.jobs) == {"j6", "j8", "j9", "j10"}
+    assert "j6" not in reads  # its new record is remembered
+
+
+def test_whole_reads_a_record_changed_just_now_and_keeps_other_rows(
+        tmp_path: Path, reads: list[str]) -> None:
+    """Coarse timestamps: a record younger than SETTLE_NS is read each time; `whole` of
+    some jobs keeps what is remembered of the others."""
+    root = tmp_path / "jobs"
+    sweep = sweep_of(root, 2)
+    for job in sweep.jobs:
+        finish(job)
+    assert record.whole(root, sweep.jobs) == {"j0", "j1"}
+    reads.clear()
+    assert record.whole(root, sweep.jobs) == {"j0", "j1"}
+    assert sorted(reads) == ["j0", "j1"]
+    later = time.time_ns() + 10 * discovery.SETTLE_NS
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(discovery, "clock_ns", lambda: later)
+        assert record.whole(root, sweep.jobs) == {"j0", "j1"}  # remembered now
+        assert record.whole(root, sweep.jobs[:1]) == {"j0"}  # of one job only
+        reads.clear()
+        assert record.whole(root, sweep.jobs) == {"j0", "j1"}
+        assert record.completed(root, sweep.jobs) == {"j0": 1, "j1": 1}
+    assert reads == []
+
+
+def test_a_second_run_reads_no_record_and_redoes_a_file_cut_short(
+        tmp_path: Path, reads: list[str], settled: None,
+        make_site: Callable[..., ThreadedSite]) -> None:
+    """`gibatch run` skips what is complete without reading a remembered record, and a
+    listed file cut short in place since (which `status`'s signature does not see) is
+    never taken as whole: the job runs again."""
+    root = tmp_path / "jobs"
+    write_job(root, "a", tiny_job_files())
+    write_job(root, "b", tiny_job_files(**{"interact.json": {"mass_2": 2.0}}))
+    site = make_site()
+    assert set(run_sweep(site, root, [1]).outcomes.values()) == {Outcome.COMPLETE}
+    assert set(run_sweep(site, root, [1]).outcomes.values()) == {Outcome.ALREADY_COMPLETE}
+    reads.clear()
+    assert set(run_sweep(site, root, [1]).outcomes.values()) == {Outcome.ALREADY_COMPLETE}
+    assert reads == []
+    job = {j.name: j for j in load_sweep(root).jobs}["b"]
+    listed = json.loads(record.record_path(job).read_text())["sections"]
+    section, files = next((k, v) for k, v in listed.items() if v and v[0]["size"] > 1)
+    with (job.output / section / files[0]["name"]).open("r+") as f:
+        f.truncate(files[0]["size"] // 2)
+    assert record.completed(root, load_sweep(root).jobs) == {"a": 1, "b": 1}  # status's
+    outcomes = run_sweep(site, root, [1]).outcomes
+    assert outcomes == {"a": Outcome.ALREADY_COMPLETE, "b": Outcome.COMPLETE}
+    assert (job.output / section / files[0]["name"]).stat().st_size == files[0]["size"]
+    assert record.is_complete(job)
 
 
 # -- sweep_status: the journal queried for what it needs, against reading every event
