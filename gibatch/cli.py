@@ -434,6 +434,9 @@ def serve(
     lost_rate: Annotated[float, typer.Option(
         help="Fault: share of task POSTs answered as accepted whose task the site then "
              "loses (never listed, never run).")] = 0.0,
+    stuck_rate: Annotated[float, typer.Option(
+        help="Fault: share of tasks that start and never end (a dead worker on the site), "
+             "holding their model number.")] = 0.0,
     browser_rate: Annotated[float, typer.Option(
         help="Fault: share of requests after which someone starts a task in the browser "
              "on the model number concerned, as soon as it is free.")] = 0.0,
@@ -470,7 +473,7 @@ def serve(
         session_lifetime_s=session_lifetime, strict=strict, physics=physics,
         stream_rate_mb_s=stream_rate, warm=True, one_row=one_row, queue=queue,
         faults=Faults(error_rate=error_rate, hang_rate=hang_rate, cut_rate=cut_rate,
-                      post_502_rate=post_502_rate, lost_rate=lost_rate,
+                      post_502_rate=post_502_rate, lost_rate=lost_rate, stuck_rate=stuck_rate,
                       browser_rate=browser_rate),
     )
 

@@ -7,6 +7,8 @@
     ├── SessionExpired          the site sent us to its login page: log in and retry
     ├── AmbiguousSubmit         a task POST may or may not have been accepted
     ├── ModelBusy               409: the model number's current task is still running
+    ├── ModelStuck              a task has held the model number past the limit: set
+    │                           it aside for the run, the job goes to another
     ├── ResultVanished          a result the job needs is gone (404/410, section replaced
     │                           or missing): work to redo, not a failure
     └── PermanentError          retrying cannot help
@@ -103,6 +105,12 @@ class NoModelAvailable(PermanentError):
 
 class ModelBusy(GibatchError):
     """409: the model number's current task is still queued or running."""
+
+
+class ModelStuck(GibatchError):
+    """A task (the job's own or one started elsewhere) has been queued or running on the
+    model number for longer than `RetryPolicy.stuck_after_s`: the site's worker died, or
+    someone's task will not end. Nothing more can run there in this run."""
 
 
 class ResultVanished(GibatchError):

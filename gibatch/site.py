@@ -83,6 +83,10 @@ class RetryPolicy:
     # An accepted task shows in view_jobs at once on the real site (queued as Pending);
     # one still missing after this long was lost by the site and is posted again.
     listing_grace_s: float = 120.0
+    # A task still queued or running after this long holds its model number for good (a
+    # dead worker on the site): the model is set aside for the run, its job goes on
+    # elsewhere. Far beyond any task the course site runs (minutes).
+    stuck_after_s: float = 7200.0
 
     def wrap(self, fn: Callable[[], Awaitable[T]]) -> Callable[[], Awaitable[T]]:
         """`fn` retried on TransientError until it succeeds or the policy gives up."""

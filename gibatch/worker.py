@@ -12,6 +12,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from enum import Enum
 
 import anyio
 
@@ -21,6 +22,7 @@ from gibatch.errors import (
     GibatchError,
     JobFailed,
     ModelBusy,
+    ModelStuck,
     ResultVanished,
     SessionExpired,
     TransientError,
@@ -44,6 +46,13 @@ Emit = Callable[..., None]
 
 class Interrupted(GibatchError):
     """A stop was asked for (Ctrl-C, SIGTERM) before the job's next task was sent."""
+
+
+class _Overdue(Enum):
+    """What an own task's wait found instead of its end."""
+
+    UNLISTED = "never listed"  # the site accepted it, then lost it
+    STUCK = "not ended"  # it holds the model number past `stuck_after_s`
 
 
 class _ForeignRestart(Exception):
@@ -144,7 +153,14 @@ class ModelWorker:
             if own.job_id is not None:
                 self.emit(Event.STEP_ADOPTED, intent.job, self.model, intent.step,
                           f"task {own.job_id} found after a restart")
-                await self.poller.wait(lambda _rows: own.row, 0.0)
+                stuck_by = time.monotonic() + self.client.retry.stuck_after_s
+                ended = await self.poller.wait(
+                    lambda _rows: own.row or (time.monotonic() > stuck_by or None), 0.0)
+                if not isinstance(ended, TaskRow):
+                    raise ModelStuck(f"task {own.job_id} ({intent.step} of job {intent.job}, "
+                                     "posted before a restart) has not ended within "
+                                     f"{self.client.retry.stuck_after_s:.0f} s",
+                                     model=self.model)
             self.memory.expected = None
             self.journal.clear_intent(self.memory.site, self.model)
         if self.memory.last_task_id < 0:  # never seen this model: nothing is known held
@@ -160,7 +176,7 @@ class ModelWorker:
         if top is not None and top.state is TaskState.ACTIVE:
             self.emit(Event.MEMORY_VOID, model=self.model,
                       detail=f"waiting for task {top.job_id} ({top.job_type}) started elsewhere")
-            await self.poller.wait(self._idle, 0.0)
+            await self._wait_idle()
         while not self.memory.names_known:
             sections = await self.client.sections(self.model)
             mark = len(self.memory.foreign)
@@ -168,9 +184,23 @@ class ModelWorker:
             if len(self.memory.foreign) == mark:
                 self.memory.learn_names(s.name for s in sections)
 
-    def _idle(self, rows: list[TaskRow]) -> bool | None:
-        top = newest(rows, self.model)
-        return True if top is None or top.state is not TaskState.ACTIVE else None
+    async def _wait_idle(self) -> None:
+        """Until the model's current task (someone else's) has ended; ModelStuck if it
+        has not within `stuck_after_s`."""
+        limit = self.client.retry.stuck_after_s
+        until = time.monotonic() + limit
+
+        def idle(rows: list[TaskRow]) -> TaskRow | bool | None:
+            top = newest(rows, self.model)
+            if top is None or top.state is not TaskState.ACTIVE:
+                return True
+            return top if time.monotonic() > until else None
+
+        found = await self.poller.wait(idle, 0.0)
+        if isinstance(found, TaskRow):
+            raise ModelStuck(f"task {found.job_id} ({found.job_type}), started elsewhere, "
+                             f"has been {found.status} for over {limit:.0f} s",
+                             model=self.model)
 
     # -- one job
 
@@ -262,18 +292,27 @@ class ModelWorker:
             self.counts.tasks_submitted += 1
             self.emit(Event.STEP_SUBMITTED, job.name, self.model, step.name)
             listed_by = time.monotonic() + self.client.retry.listing_grace_s
+            stuck_by = time.monotonic() + self.client.retry.stuck_after_s
 
-            def outcome(_rows: list[TaskRow]) -> TaskRow | bool | None:
+            def outcome(_rows: list[TaskRow]) -> TaskRow | _Overdue | None:
                 if own.row is not None:
                     return own.row
-                return False if not own.listed and time.monotonic() > listed_by else None
+                now = time.monotonic()
+                if not own.listed and now > listed_by:
+                    return _Overdue.UNLISTED
+                return _Overdue.STUCK if now > stuck_by else None
 
             row = await self.poller.wait(outcome, self.durations.poll_floor(step))
-            if not isinstance(row, TaskRow):  # accepted, yet never listed: the site lost it
+            if row is _Overdue.UNLISTED:  # accepted, yet never listed: the site lost it
                 self.memory.refused(own)
                 raise ResultVanished(
                     f"the site accepted {step.name} (task {own.job_id or 'id unknown'}) but "
                     f"never listed it within {self.client.retry.listing_grace_s:.0f} s",
+                    job=job.name, model=self.model)
+            if not isinstance(row, TaskRow):  # its intent stays: a later run adopts it
+                raise ModelStuck(
+                    f"its {step.name} task {own.job_id or '(id unknown)'} has not ended "
+                    f"within {self.client.retry.stuck_after_s:.0f} s",
                     job=job.name, model=self.model)
         except BaseException:
             # A task that may be on the site keeps its intent, for the next run to adopt.
@@ -319,7 +358,7 @@ class ModelWorker:
             except ModelBusy as exc:
                 self.memory.refused(own)
                 await self.poller.refresh()
-                await self.poller.wait(self._idle, 0.0)
+                await self._wait_idle()
                 raise _ForeignRestart() from exc
             except AmbiguousSubmit as exc:
                 last: Exception = exc

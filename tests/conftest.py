@@ -182,14 +182,14 @@ def make_site(tmp_path: Path) -> Iterator[Callable[..., ThreadedSite]]:
 
 
 def run_sweep(site: ThreadedSite, jobs: Path, models: list[int],
-              concurrency: int = 3, wrap: Callable[[SiteClient], None] | None = None
-              ) -> Summary:
+              concurrency: int = 3, wrap: Callable[[SiteClient], None] | None = None,
+              retry: RetryPolicy = FAST_RETRY) -> Summary:
     """`gibatch run`'s scheduler in this process against `site`, with quick retries;
     `wrap` may replace the client's methods (in the event loop) to watch or steer it."""
     async def main() -> Summary:
         journal = Journal(jobs)
         try:
-            async with SiteClient(site.running.url, "alice", "pw", retry=FAST_RETRY,
+            async with SiteClient(site.running.url, "alice", "pw", retry=retry,
                                   timeouts=Timeouts(read_s=2.0, page_s=5.0)) as client:
                 if wrap is not None:
                     wrap(client)

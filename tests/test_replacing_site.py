@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import logging
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ from gibatch.sim.faults import Faults
 from gibatch.sim.server import ThreadedSite
 from gibatch.steps import DEFAULT_STAGE_COST_S
 from tests.conftest import (
+    FAST_RETRY,
     assert_jobs_match_ledger,
     run_sweep,
     tiny_job_files,
@@ -366,3 +368,35 @@ def test_a_site_that_queues_posts_behind_browser_tasks(
               and tasks[c + 1].submitted < (store.finished(c) or "")]
     assert len(clicks) == 6 and len(behind) >= 5
     assert minimum <= own_tasks(site) <= minimum + 6 * len(clicks) + 6
+
+
+STUCK_RETRY = replace(FAST_RETRY, stuck_after_s=10.0)  # a loaded machine: tasks of 3 s
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("whose", ["own", "browser"])
+def test_a_task_that_never_ends_sets_its_model_aside(
+    tmp_path: Path, make_site: Callable[..., ThreadedSite], whose: str
+) -> None:
+    """A site's worker dies on a task: it stays Running for ever and holds its model
+    number (the `stuck` fault). Whether it is gibatch's own interaction or a browser's
+    task found there at the start, gibatch gives up on that model after
+    `stuck_after_s`, and another model number runs every job: the run ends, complete."""
+    jobs = tmp_path / "jobs"
+    for i in range(3):
+        write_job(jobs, f"{i + 1}", tiny_job_files(**{"interact.json": {"mass_2": 1.0 + i}}))
+    site = make_site(strict=True, warm=True)
+    faults = site.running.site.faults
+    if whose == "own":
+        faults.script("stuck", "task:interact")
+    else:
+        faults.script("stuck", "task:")
+        site.call(lambda: site.running.site.click("alice", 1, "galaxy1"))
+    summary = run_sweep(site, jobs, [1, 2], retry=STUCK_RETRY)
+    assert_all_right(summary, jobs, site)
+    [stuck] = site.running.site.stuck
+    model = site.running.site.store.task(stuck)
+    assert model is not None and list(summary.models_refused) == [model.model]
+    assert "has not ended" in summary.models_refused[model.model] if whose == "own" \
+        else "started elsewhere" in summary.models_refused[model.model]

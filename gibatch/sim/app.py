@@ -98,6 +98,7 @@ class Site:
         self._clicks: dict[tuple[str, int], list[str | None]] = {}  # waiting for a free model
         self._queued: dict[tuple[str, int], list[int]] = {}  # `queue`: taken, not started
         self.clicked: list[int] = []  # job ids of browser tasks, for tests and benchmarks
+        self.stuck: list[int] = []  # job ids of tasks that never end (the `stuck` fault)
 
     @property
     def faults(self) -> Faults:
@@ -150,12 +151,17 @@ class Site:
         return done.job_id
 
     def _run(self, job_id: int, replaced: tuple[int, ...]) -> None:
+        """Start a task that has taken its section (or, the `stuck` fault, never end it)."""
         assert self.runner is not None
         task = self.store.task(job_id)
         assert task is not None
         for old in replaced:
             shutil.rmtree(self.runner.task_dir(task.username, task.model, old),
                           ignore_errors=True)
+        if self.faults.draw("stuck", f"task:{task.step}"):
+            self.store.set_status(job_id, TaskStatus.RUNNING)
+            self.stuck.append(job_id)
+            return
         self.runner.start(task)
 
     def _start_next(self, user: str, model: int) -> bool:

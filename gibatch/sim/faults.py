@@ -11,6 +11,11 @@ kinds:
   post_502   a task POST is accepted (the task is queued) but answered 502
   lost       a task POST is answered as accepted (with its job id where the site gives
              one), but the site loses the task: it is never listed nor run
+  stuck      a task starts and never ends (the site's worker died on it): listed as
+             Running for ever, it holds its model number (409 to every later POST, or
+             with `queue` every later task waits behind it). Drawn as a task starts,
+             on the path "task:STEP" (e.g. script("stuck", "task:interact")), browser
+             tasks included.
   browser    someone starts a task "in the browser" on the model number the request
              concerns (view_data/N, a file of model N, a task POST for N; any other
              request: a random one of the account's), as soon as that model is free:
@@ -28,7 +33,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Literal
 
-FaultKind = Literal["error", "hang", "cut", "post_502", "lost", "browser"]
+FaultKind = Literal["error", "hang", "cut", "post_502", "lost", "stuck", "browser"]
 
 
 @dataclass
@@ -38,6 +43,7 @@ class Faults:
     cut_rate: float = 0.0
     post_502_rate: float = 0.0
     lost_rate: float = 0.0
+    stuck_rate: float = 0.0
     browser_rate: float = 0.0
     browser_step: str | None = None
     error_delay_s: float = 0.0
@@ -67,7 +73,7 @@ class Faults:
         with self._lock:
             self._scripted.clear()
             self.error_rate = self.hang_rate = self.cut_rate = self.post_502_rate = 0.0
-            self.lost_rate = self.browser_rate = 0.0
+            self.lost_rate = self.stuck_rate = self.browser_rate = 0.0
 
     @property
     def rng(self) -> random.Random:
