@@ -8,9 +8,11 @@ waits for its readers (`memory.py`).
 
 Every job has one error boundary (`_settle`): whatever ends an attempt, grouped in an
 `ExceptionGroup` or not, becomes that job's outcome. A result that vanished sends the
-job back to the queue (a few times); a full disk stops the run; a bug fails the job
-with its traceback in the log and the journal; the run goes on. Only cancellation
-(Ctrl-C past the grace period) passes through, and every job still gets an outcome.
+job back to the queue (a few times); a task that holds its model number past the
+limit (`ModelStuck`) sets that model aside and sends the job to another; a full disk
+stops the run; a bug fails the job with its traceback in the log and the journal; the
+run goes on. Only cancellation (Ctrl-C past the grace period) passes through, and every
+job still gets an outcome.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from gibatch import record
 from gibatch.errors import (
     DiskFull,
     GibatchError,
+    ModelStuck,
     NoModelAvailable,
     ResultVanished,
     leaves,
@@ -140,6 +143,8 @@ class Scheduler:
         self.claims: dict[str, JobClaim] = {}
         self.vanished: dict[str, int] = {}
         self.finishing: set[str] = set()  # jobs whose downloads are under way
+        # Jobs a worker is running: one may come back (its model set aside, `ModelStuck`).
+        self.running: set[str] = set()
         self.transfers = anyio.Semaphore(max(1, options.concurrency))
         self.stopping = False
         self._listener = listener
@@ -303,15 +308,22 @@ class Scheduler:
         while not self.stopping:
             job = self._pick(worker)
             if job is None:
-                if not self.finishing and not self.open:
+                if not self.finishing and not self.running and not self.open:
                     return
-                await self._changed.wait()  # a finisher may yet send a job back
+                await self._changed.wait()  # a finisher or worker may yet send a job back
                 continue
+            self.running.add(job.name)
             try:
                 listed = await worker.run_job(job)
             except BaseException as exc:
                 self._settle(job, worker.model, exc)
+                if any(isinstance(e, ModelStuck) for e in leaves(exc)):
+                    self._model_lost(worker, exc)
+                    return
                 continue
+            finally:
+                self.running.discard(job.name)
+                self._notify()
             names = [s.name for s in listed.chosen.values()]
             worker.memory.hold(names)
             self.finishing.add(job.name)
@@ -382,6 +394,13 @@ class Scheduler:
         stop = next((e for e in found if isinstance(e, Interrupted)), None)
         if stop is not None:
             self._end(job, model, Outcome.NOT_RUN, str(stop))
+            return
+        stuck = next((e for e in found if isinstance(e, ModelStuck)), None)
+        if stuck is not None and not self.stopping:  # the model is set aside (`_work`)
+            self.emit(Event.JOB_REQUEUED, job.name, model,
+                      detail=f"{stuck}; the job goes to another model number")
+            self.pending.appendleft(job)
+            self._notify()
             return
         gone = next((e for e in found if isinstance(e, ResultVanished)), None)
         if gone is not None and all(isinstance(e, ResultVanished) for e in found):
