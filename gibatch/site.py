@@ -310,12 +310,21 @@ async def page_text(resp: aiohttp.ClientResponse) -> str:
         if size > MAX_PAGE_BYTES:
             raise _too_large(resp)
         chunks.append(chunk)
-    encoding = resp.charset or "utf-8"
+    return decode_page(b"".join(chunks), resp.charset)
+
+
+def decode_page(body: bytes, charset: str | None) -> str:
+    """`body` as text in `charset` if that names a text encoding, else as UTF-8; never
+    an error. A site's charset is data: `base64`, `rot13` or `zlib` pass codecs.lookup
+    but are no text encodings (bytes.decode raises LookupError), and `idna` or
+    `undefined` raise UnicodeError even with errors="replace"."""
+    encoding = charset or "utf-8"
     try:
-        codecs.lookup(encoding)
-    except LookupError:
-        encoding = "utf-8"
-    return b"".join(chunks).decode(encoding, errors="replace")
+        if not codecs.lookup(encoding)._is_text_encoding:
+            encoding = "utf-8"
+        return body.decode(encoding, errors="replace")
+    except (LookupError, UnicodeError, ValueError):
+        return body.decode("utf-8", errors="replace")
 
 
 def _too_large(resp: aiohttp.ClientResponse) -> ProtocolError:
@@ -535,8 +544,10 @@ class SiteClient:
                     status, location = resp.status, resp.headers.get("Location", "")
                     try:
                         text = await page_text(resp)
-                    except ProtocolError:
-                        text = ""  # the status decides acceptance; the body only helps
+                    except (ProtocolError, *_NETWORK_EXCEPTIONS):
+                        # The status alone decides acceptance (a 200 was accepted, whatever
+                        # follows it); the body only helps.
+                        text = ""
             except _NETWORK_EXCEPTIONS as exc:
                 raise AmbiguousSubmit(f"task POST failed: {translate(exc)}", model=model) from exc
             if status == 200:
@@ -598,16 +609,29 @@ class SiteClient:
             raise translate(exc) from exc
 
 
-def _job_id_of(text: str) -> int | None:
-    try:
-        value = json.loads(text).get("job_id")
-    except (ValueError, AttributeError):
+# A POST answer worth reading as JSON is small (`{"job_id": 123}`, `{"error": "..."}`):
+# a larger one is not parsed, on the loop, at all.
+MAX_ANSWER_JSON_CHARS = 4096
+MAX_TASK_ID = 2**63 - 1  # what SQLite stores as an INTEGER
+
+
+def _answer_json(text: str) -> dict[str, Any] | None:
+    """The POST answer as a JSON object, or None (too long, not JSON, nested too deep)."""
+    if len(text) > MAX_ANSWER_JSON_CHARS:
         return None
-    return value if isinstance(value, int) else None
+    try:
+        value = json.loads(text)
+    except (ValueError, RecursionError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _job_id_of(text: str) -> int | None:
+    value = (_answer_json(text) or {}).get("job_id")
+    # `true` is no job id (bool is an int in Python, and True == 1 is task 1).
+    return value if type(value) is int and 0 < value <= MAX_TASK_ID else None
 
 
 def _error_of(text: str) -> str:
-    try:
-        return str(json.loads(text).get("error") or text[:200])
-    except (ValueError, AttributeError):
-        return " ".join(text.split())[:200]
+    error = (_answer_json(text) or {}).get("error")
+    return " ".join(str(error or text[:200]).split())[:200]

@@ -1,0 +1,128 @@
+# ruff: noqa: F811  (`serve` is a fixture imported from test_hostile_server)
+"""The site client against answers that are odd rather than broken, found by review 7:
+a page charset that is no text encoding, POST answers of the wrong kind of JSON (or
+JSON nested past the recursion limit), numbers that look like digits but are not ASCII
+or do not fit 64 bits, a 206 to a request that asked for no range, and file answers
+with a Content-Encoding. Tiny aiohttp servers on 127.0.0.1, as in
+test_hostile_server.py (whose fixtures are reused); each test failed before its fix."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+
+import pytest
+from aiohttp import web
+
+from gibatch import steps
+from gibatch.errors import RequestRejected
+from gibatch.site import SiteClient
+from tests.test_hostile_server import (  # noqa: F401  (serve is a fixture)
+    PREFIX,
+    Handler,
+    Server,
+    logged_in,
+    login_routes,
+    serve,
+)
+
+pytestmark = pytest.mark.anyio
+
+Serve = Callable[[dict[str, Handler]], Awaitable[Server]]
+
+JOBS_TABLE = ("<table><thead><tr><th>ID</th><th>Job Type</th><th>Model</th><th>Status</th>"
+              "</tr></thead><tbody><tr><td>1</td><td>Galaxy 1</td><td>1</td>"
+              "<td>Completed</td></tr></tbody></table>")
+TASK_PAGE = '<script>window.CSRF_TOKEN = "tok";</script>'
+
+
+async def _client(serve: Serve, routes: dict[str, Handler]) -> SiteClient:
+    return await logged_in(await serve({**login_routes(), **routes}))
+
+
+# 5. A charset is the site's word: `base64`, `rot13` pass codecs.lookup but bytes.decode
+#    raises LookupError; `idna`, `undefined` raise UnicodeError even with "replace".
+
+@pytest.mark.parametrize("charset", ["base64", "rot13", "zlib", "idna", "undefined"])
+async def test_a_page_in_a_charset_that_is_no_text_encoding_is_read_as_utf8(
+        serve: Serve, charset: str) -> None:
+    async def jobs(request: web.Request) -> web.StreamResponse:
+        return web.Response(body=JOBS_TABLE.encode(),
+                            headers={"Content-Type": f"text/html; charset={charset}"})
+
+    client = await _client(serve, {f"{PREFIX}/gi/view_jobs/": jobs})
+    try:
+        (row,) = await client.tasks()
+    finally:
+        await client.__aexit__(None, None, None)
+    assert (row.job_id, row.model, row.status) == (1, 1, "Completed")
+
+
+def _post_site(answer: Callable[[web.Request], Awaitable[web.StreamResponse]]
+               ) -> dict[str, Handler]:
+    async def page(request: web.Request) -> web.StreamResponse:
+        if request.method == "POST":
+            return await answer(request)
+        return web.Response(text=TASK_PAGE, content_type="text/html")
+    return {f"{PREFIX}/gi/galactic": page}
+
+
+async def _submit(serve: Serve,
+                  answer: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> int | None:
+    client = await _client(serve, _post_site(answer))
+    try:
+        return await client.submit(steps.GALAXY1, 1, {"galaxy_number": 1})
+    finally:
+        await client.__aexit__(None, None, None)
+
+
+async def test_an_accepted_post_in_a_charset_that_is_no_text_encoding_is_accepted(
+        serve: Serve) -> None:
+    async def answer(request: web.Request) -> web.StreamResponse:
+        return web.Response(body=b'{"job_id": 7}',
+                            headers={"Content-Type": "application/json; charset=rot13"})
+    assert await _submit(serve, answer) == 7
+
+
+async def test_an_accepted_post_with_json_nested_past_the_recursion_limit_is_accepted(
+        serve: Serve) -> None:
+    async def answer(request: web.Request) -> web.StreamResponse:
+        return web.Response(text="[" * 100_000)
+    assert await _submit(serve, answer) is None
+
+
+async def test_an_accepted_post_whose_answer_breaks_off_is_accepted(serve: Serve) -> None:
+    """200 is acceptance: a body cut short after it is no reason to doubt the task."""
+    async def answer(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Length": "1000"})
+        await resp.prepare(request)
+        await resp.write(b'{"job_id": ')
+        assert request.transport is not None
+        request.transport.close()
+        return resp
+    assert await _submit(serve, answer) is None
+
+
+async def test_a_refused_post_with_json_nested_past_the_recursion_limit_is_a_refusal(
+        serve: Serve) -> None:
+    async def answer(request: web.Request) -> web.StreamResponse:
+        return web.Response(status=400, text='{"error":' + "[" * 100_000)
+    with pytest.raises(RequestRejected) as caught:
+        await _submit(serve, answer)
+    assert caught.value.status == 400
+
+
+@pytest.mark.parametrize("job_id", ["true", "false", "1.0", "0", "-3", str(2**63), '"7"'])
+async def test_a_post_answer_job_id_that_is_no_task_id_is_ignored(
+        serve: Serve, job_id: str) -> None:
+    """`true` was taken as task 1 (bool is an int, True == 1)."""
+    async def answer(request: web.Request) -> web.StreamResponse:
+        return web.Response(text=f'{{"job_id": {job_id}}}', content_type="application/json")
+    got = await _submit(serve, answer)
+    assert got is None, f"{job_id} taken for task {got!r}"
+
+
+async def test_the_answers_json_is_parsed_only_when_small(serve: Serve) -> None:
+    """A big answer is not parsed on the event loop at all (a job id fits in a line)."""
+    async def answer(request: web.Request) -> web.StreamResponse:
+        return web.Response(text='{"job_id": 7, "pad": "' + "x" * 100_000 + '"}')
+    assert await _submit(serve, answer) is None
