@@ -37,7 +37,7 @@ from gibatch.journal import Journal
 from gibatch.run import Listener, Options, Outcome, Scheduler, Summary
 from gibatch.sim.physics import Physics
 from gibatch.site import SiteClient
-from gibatch.text import EscapeArgs, first_line, printable
+from gibatch.text import EscapeArgs, cell, first_line, printable
 
 if TYPE_CHECKING:
     from gibatch import match, search
@@ -578,8 +578,8 @@ def match_command(
     for rank, r in enumerate(scored[:top], start=1):
         b = r.best
         assert b is not None
-        table.add_row(str(rank), printable(r.job), f"{b.ssim:.4f}",
-                      f"{b.iou:.3f}", f"{b.nmi:.3f}", f"{b.time_gyr:.3f}", b.view,
+        table.add_row(str(rank), cell(r.job), f"{b.ssim:.4f}",
+                      f"{b.iou:.3f}", f"{b.nmi:.3f}", f"{b.time_gyr:.3f}", cell(b.view),
                       "yes" if b.mirror else "", f"{b.kpc_per_px:.3g}",
                       f"{b.rotation_deg:.1f}")
     Console().print(table)
@@ -688,8 +688,8 @@ def search_command(
                 client = await _site_client(stack, jobs, server, username or "", secret,
                                             max(model_list))
                 if console is not None:
-                    stack.enter_context(Live(get_renderable=lambda: _search_line(
-                        shown, metric), console=console, refresh_per_second=4))
+                    stack.enter_context(Live(get_renderable=lambda: cell(_search_line(
+                        shown, metric)), console=console, refresh_per_second=4))
                 told = await anyio.to_thread.run_sync(finder.tell_existing)
                 if told:
                     log.info("told the study %d complete jobs already in %s", told, jobs)

@@ -22,7 +22,7 @@ from gibatch.poller import newest
 from gibatch.site import SiteClient, TaskState
 from gibatch.status import JobState, sweep_status
 from gibatch.steps import DEFAULT_STAGE_COST_S, Stage
-from gibatch.text import first_line, printable
+from gibatch.text import cell, first_line, printable
 
 MAX_LISTED = 20  # failed or invalid jobs named one by one; the rest are counted
 
@@ -80,12 +80,12 @@ def show_plan(console: Console, sweep: Sweep, models: list[int], site: str,
     todo = [j for j in sweep.jobs if j.name not in done]
     plan = make_plan(todo, holdings, cost)
 
-    table = Table(title=f"plan for {sweep.root} on model numbers "
-                        f"{', '.join(map(str, models))}")
+    table = Table(title=cell(f"plan for {sweep.root} on model numbers "
+                             f"{', '.join(map(str, models))}"))
     for column in ("job", "model", "start", "runs", "skips"):
         table.add_column(column)
     for a in plan.assignments:
-        table.add_row(a.job, str(a.model), format_duration(a.start_s),
+        table.add_row(cell(a.job), str(a.model), format_duration(a.start_s),
                       " ".join(s.name for s in a.run) or "-",
                       " ".join(s.name for s in a.skipped) or "-")
     console.print(table)
@@ -133,7 +133,7 @@ def show_status(console: Console, sweep: Sweep, recent: int) -> None:
                    if j.state is JobState.RUNNING]
         per_model.add_row(str(m), str(sum(j.state is JobState.COMPLETE for j in mine)),
                           str(sum(j.state is JobState.FAILED for j in mine)),
-                          ", ".join(running) or "-")
+                          cell(", ".join(running) or "-"))
     if models:
         console.print(per_model)
     for state in (JobState.FAILED, JobState.INVALID):  # a summary, whatever the sweep's size

@@ -16,6 +16,7 @@ from rich.text import Text
 
 from gibatch.journal import Event
 from gibatch.status import eta_s
+from gibatch.text import cell
 
 
 @dataclass
@@ -98,7 +99,7 @@ class RunDisplay:
         for column in ("model", "job", "step", "state"):
             models.add_column(column)
         for number, line in sorted(self.models.items()):
-            models.add_row(str(number), line.job, line.step, line.state)
+            models.add_row(str(number), cell(line.job), cell(line.step), line.state)
         counts = Text(f"done {self.done}  failed {self.failed}  tasks submitted {self.tasks}  "
                       f"steps skipped {self.skipped_steps}")
         return Group(head, models, counts)

@@ -9,6 +9,8 @@ from __future__ import annotations
 import logging
 import unicodedata
 
+from rich.text import Text
+
 # Control, format, surrogate, private-use, unassigned, line and paragraph separators.
 _UNSAFE_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"})
 
@@ -19,6 +21,16 @@ def printable(text: str) -> str:
         return text
     return "".join(repr(c)[1:-1] if unicodedata.category(c) in _UNSAFE_CATEGORIES else c
                    for c in text)
+
+
+def cell(text: object) -> Text:
+    """`text` for a rich table cell, title or live line: printable, and never read as
+    markup (a job named `sweep[theta=45]` shows as it is, `[blink]` restyles nothing).
+
+    Every table cell that may hold a name or a path goes through here; rich strips only a
+    few control codes itself, not ESC.
+    """
+    return Text(printable(str(text)))
 
 
 def first_line(text: str) -> str:

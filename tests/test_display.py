@@ -3,6 +3,7 @@ and `gibatch run` on a real pseudo-terminal draws it and still ends with its sum
 
 from __future__ import annotations
 
+import io
 import os
 import pty
 import re
@@ -54,6 +55,33 @@ def test_progress_eta_and_model_lines() -> None:
     assert "done 1  failed 0  tasks submitted 1  steps skipped 1" in text
     d("job-failed", {"job": "b", "model": 2, "detail": "x"})
     assert "failed 1" in render(d)
+
+
+def render_terminal(display: RunDisplay) -> str:
+    """As a colour terminal gets it: escape sequences (rich's own) included."""
+    buf = io.StringIO()
+    Console(file=buf, force_terminal=True, width=200).print(display)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("job", ["sweep[theta=45]", "[reverse blink]x", "[/]a[b]"])
+def test_a_job_name_is_shown_as_it_is_never_read_as_markup(job: str) -> None:
+    d = RunDisplay()
+    d("run-start", {"jobs": 1, "models": [1]})
+    d("job-start", {"job": job, "model": 1})
+    d("step-submitted", {"job": job, "model": 1, "step": "[bold]merge"})
+    out = render_terminal(d)
+    assert job in out and "[bold]merge" in out
+    assert "\x1b[5" not in out and "\x1b[7" not in out  # no blink, no reverse video
+
+
+def test_a_job_name_sends_no_escape_sequence_to_the_terminal() -> None:
+    d = RunDisplay()
+    d("run-start", {"jobs": 1, "models": [1]})
+    d("job-start", {"job": "j\x1b]0;pwned\x07\x1b[2J", "model": 1})
+    out = render_terminal(d)
+    assert "\x1b]0;pwned" not in out and "\x1b[2J" not in out
+    assert "j\\x1b]0;pwned\\x07\\x1b[2J" in out  # shown escaped, as everywhere
 
 
 def test_format_duration() -> None:

@@ -1,0 +1,79 @@
+"""Careless or odd input at the command line: names that look like markup or hold escape
+sequences, impossible option values, files and folders where the other was expected.
+Each is one clear line (or shown as it is), never a traceback, never minutes of work."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from gibatch.cli import app
+from gibatch.journal import Event, Journal
+from tests.conftest import tiny_job_files, write_job
+
+runner = CliRunner()
+WIDE = {"COLUMNS": "250"}  # rich tables wrap cells to the terminal's width
+
+
+def invoke(*args: str, env: dict[str, str] | None = None) -> tuple[int, str]:
+    result = runner.invoke(app, list(args), env={**WIDE, **(env or {})})
+    assert result.exception is None or isinstance(result.exception, SystemExit), \
+        repr(result.exception)
+    return result.exit_code, result.output
+
+
+# -- names in rich tables: shown as they are, escaped, never read as markup
+
+MARKUP = "sweep[theta=45]"
+ESCAPE = "j\x1b]0;pwned\x07\x1b[2J"
+
+
+def test_plan_shows_job_names_and_the_path_as_they_are(tmp_path: Path) -> None:
+    jobs = tmp_path / "[red]jobs"
+    for name in (MARKUP, ESCAPE, "[blink]x"):
+        write_job(jobs, name, tiny_job_files())
+    code, text = invoke("plan", "--jobs", str(jobs), "--models", "1")
+    assert code == 0, text
+    assert MARKUP in text and "[blink]x" in text and f"plan for {jobs}" in text
+    assert "\x1b" not in text and "j\\x1b]0;pwned\\x07\\x1b[2J" in text
+
+
+def test_status_shows_running_job_names_as_they_are(tmp_path: Path) -> None:
+    jobs = tmp_path / "jobs"
+    for name in (MARKUP, ESCAPE):
+        write_job(jobs, name, tiny_job_files())
+    journal = Journal(jobs)  # a run of this (live) process with both jobs started
+    try:
+        journal.record(Event.RUN_START)
+        journal.record(Event.JOB_START, MARKUP, 1)
+        journal.record(Event.JOB_START, ESCAPE, 2)
+    finally:
+        journal.close()
+    code, text = invoke("status", "--jobs", str(jobs))
+    assert code == 0, text
+    assert "2 running" in text
+    assert f"{MARKUP} (starting)" in text
+    assert "\x1b" not in text and "j\\x1b]0;pwned\\x07\\x1b[2J (starting)" in text
+
+
+def test_match_ranking_shows_job_names_as_they_are(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The ranking table only: scoring is replaced (test_match.py scores for real)."""
+    from gibatch import cli, match
+
+    jobs = tmp_path / "jobs"
+    for name in (MARKUP, ESCAPE):
+        write_job(jobs, name, tiny_job_files())
+    best = match.Score(frame=3, time_gyr=1.0, view="xy", mirror=False, ssim=0.5, iou=0.5,
+                       nmi=0.5, kpc_per_px=1.0, rotation_deg=0.0)
+    monkeypatch.setattr(cli, "_match_target", lambda *a: None)
+    monkeypatch.setattr(match, "match_jobs", lambda *a: [
+        match.Result(MARKUP, best), match.Result(ESCAPE, best)])
+    monkeypatch.setattr(match, "write_results", lambda *a: jobs / "ranking.csv")
+    code, text = invoke("match", "--jobs", str(jobs), "--target", "t.png",
+                        "--centres", "1,1,9,9")
+    assert code == 0, text
+    assert MARKUP in text
+    assert "\x1b" not in text and "j\\x1b]0;pwned\\x07\\x1b[2J" in text
