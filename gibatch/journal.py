@@ -84,6 +84,28 @@ class EventRow:
     detail: str | None
 
 
+def _stored(text: str | None) -> str | bytes | None:
+    """Text as SQLite keeps it. A job folder's name of undecodable bytes (an archive
+    from another system) holds lone surrogates, which SQLite's UTF-8 refuses: such text
+    is kept as its file-system bytes, and `_loaded` gives back the same str."""
+    if text is None:
+        return None
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return os.fsencode(text)
+    return text
+
+
+def _loaded(value: object) -> str:
+    return os.fsdecode(value) if isinstance(value, bytes) else str(value)
+
+
+def _event(row: tuple[object, ...]) -> EventRow:
+    fields = [v if v is None or i not in (2, 6) else _loaded(v) for i, v in enumerate(row)]
+    return EventRow(*fields)  # type: ignore[arg-type]
+
+
 class Journal(Database):
     """Thread-safe; callers on the event loop go through `anyio.to_thread`."""
 
@@ -103,7 +125,7 @@ class Journal(Database):
         self._exec(
             "INSERT INTO events (at, pid, job, model, step, event, detail) "
             "VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (time.time(), os.getpid(), job, model, step, event.value, detail),
+            (time.time(), os.getpid(), _stored(job), model, step, event.value, _stored(detail)),
         )
 
     def events(self, limit: int | None = None) -> list[EventRow]:
@@ -111,8 +133,8 @@ class Journal(Database):
         if limit:
             sql = ("SELECT * FROM (SELECT id, at, pid, job, model, step, event, detail FROM "
                    f"events ORDER BY id DESC LIMIT {int(limit)}) ORDER BY id")
-            return [EventRow(*r[1:]) for r in self._exec(sql)]  # type: ignore[arg-type]
-        return [EventRow(*r) for r in self._exec(sql)]  # type: ignore[arg-type]
+            return [_event(r[1:]) for r in self._exec(sql)]
+        return [_event(r) for r in self._exec(sql)]
 
     # What `status` needs of a journal with a million events, without loading them all.
     def run_events(self) -> list[EventRow]:
@@ -149,7 +171,7 @@ class Journal(Database):
     def _events_where(self, where: str, args: tuple[str, ...]) -> list[EventRow]:
         sql = f"SELECT at, pid, job, model, step, event, detail FROM events WHERE {where} " \
               "ORDER BY id"
-        return [EventRow(*r) for r in self._exec(sql, args)]  # type: ignore[arg-type]
+        return [_event(r) for r in self._exec(sql, args)]
 
     # what each model number holds
     def held(self, site: str, model: int) -> dict[str, str]:
@@ -184,7 +206,7 @@ class Journal(Database):
     def set_intent(self, site: str, model: int, intent: Intent) -> None:
         self._exec(
             "INSERT OR REPLACE INTO intents VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (site, model, intent.job, intent.step, intent.section, intent.job_type,
+            (site, model, _stored(intent.job), intent.step, intent.section, intent.job_type,
              intent.lineage, intent.after_task_id, time.time()),
         )
 
@@ -193,7 +215,10 @@ class Journal(Database):
             "SELECT job, step, section, job_type, lineage, after_task_id FROM intents "
             "WHERE site = ? AND model = ?", (site, model),
         )
-        return Intent(*rows[0]) if rows else None  # type: ignore[arg-type]
+        if not rows:
+            return None
+        job, *rest = rows[0]
+        return Intent(_loaded(job), *rest)  # type: ignore[arg-type]
 
     def clear_intent(self, site: str, model: int) -> None:
         self._exec("DELETE FROM intents WHERE site = ? AND model = ?", (site, model))

@@ -42,6 +42,7 @@ from typing import Any, NamedTuple
 
 from gibatch import discovery
 from gibatch.database import Database
+from gibatch.errors import LocalError
 from gibatch.jobs import OUTPUT_DIR, STATE_DIR, Job
 from gibatch.transfer import PART_SUFFIX, FileRecord
 
@@ -388,16 +389,30 @@ def whole(root: Path, jobs: Iterable[Job]) -> set[str]:
     return done
 
 
+def real_folders(job: Job, folders: Iterable[str]) -> None:
+    """LocalError unless output/ and each of its `folders` that exists is a real folder.
+
+    Results are saved, and stale files deleted (`prune`), only inside the job's own
+    output/: through a symbolic link (`output -> ~/shared`, `ln -s . output`) gibatch
+    would write, and clean up, in a folder that holds other people's files."""
+    for path in (job.output, *(job.output / f for f in folders)):
+        if path.is_symlink():
+            raise LocalError(f"{path} is a symbolic link: gibatch saves results only in a "
+                             "real folder of the job (remove the link: gibatch makes the folder)",
+                             job=job.name)
+
+
 def prune(job: Job, keep: dict[str, set[str]]) -> None:
-    """Leave in output/ exactly the job's sections and files (no stale Plot 4, no .part)."""
-    if not job.output.is_dir():
+    """Leave in output/ exactly the job's sections and files (no stale Plot 4, no .part).
+    Never through a symbolic link: a link is removed, not what it points to."""
+    if job.output.is_symlink() or not job.output.is_dir():
         return
     for entry in job.output.iterdir():
         if entry.name.startswith("."):
             if entry.name != RECORD_FILE:
                 _remove(entry)
             continue
-        if entry.name not in keep or not entry.is_dir():
+        if entry.name not in keep or entry.is_symlink() or not entry.is_dir():
             _remove(entry)
             continue
         for f in entry.iterdir():
@@ -408,9 +423,12 @@ def prune(job: Job, keep: dict[str, set[str]]) -> None:
 def drop_partials(job: Job) -> None:
     """Delete the job's partial downloads: its tasks are about to produce new results,
     and a `.part` of an old one must never be resumed with bytes of a new one."""
-    if job.output.is_dir():
-        for part in job.output.glob(f"*/*{PART_SUFFIX}"):
-            part.unlink(missing_ok=True)
+    if job.output.is_symlink() or not job.output.is_dir():
+        return
+    for section in job.output.iterdir():
+        if not section.is_symlink() and section.is_dir():
+            for part in section.glob(f"*{PART_SUFFIX}"):
+                part.unlink(missing_ok=True)
 
 
 def _remove(path: Path) -> None:

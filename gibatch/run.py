@@ -528,6 +528,7 @@ class Scheduler:
         of a section released early stay this job's: they were whole before any task of
         ours could replace them, and a foreign task is caught by the caller's check.
         """
+        record.real_folders(job, chosen)
         files: dict[str, list[FileRecord]] = {}
 
         async def one(folder: str, section: Section, remote_name: str, local: str) -> None:

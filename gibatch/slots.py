@@ -83,7 +83,7 @@ class JobClaim:
     def __init__(self, jobs_dir: Path, job: str) -> None:
         folder = jobs_dir / STATE_DIR / "claims"
         folder.mkdir(parents=True, exist_ok=True)
-        name = hashlib.sha256(job.encode()).hexdigest()[:24]
+        name = hashlib.sha256(os.fsencode(job)).hexdigest()[:24]  # any folder name
         self._lock = FileLock(folder / f"{name}.lock", timeout=0, thread_local=False)
 
     def acquire(self) -> bool:
