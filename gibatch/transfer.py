@@ -310,15 +310,28 @@ async def _stream_once(client: SiteClient, remote: RemoteFile, part: _Part) -> i
     if remote.size is not None and offset > remote.size:
         offset = 0
     async with client.open_file(remote.url, offset) as resp:
-        resumed = bool(offset) and resp.status == 206  # else the site ignored Range
-        if resumed and _range_start(resp.headers.get("Content-Range", "")) != offset:
-            # Appended at our offset, another offset's bytes would leave a file of the
-            # right size with a hole in it: start the file over instead.
-            part.path.unlink(missing_ok=True)
-            raise NetworkError(f"{remote.name}: the site resumed from another offset than "
-                               f"{offset}; starting the file over")
+        # Only 200 is the whole file; 206 only answers a Range we sent. A 206 to a
+        # request for the whole file (a part of it, by its own word), a 204 or a 304
+        # would otherwise be saved as the whole file when no size is listed.
+        if resp.status != 200 and not (offset and resp.status == 206):
+            asked = f"bytes {offset}-" if offset else "the whole file"
+            raise TransferError(f"{remote.name}: the site answered {resp.status} to a "
+                                f"request for {asked}; not taking it for the file")
+        resumed = resp.status == 206  # else the site ignored Range: the whole file
+        total = None
+        if resumed:
+            span = _content_range(resp.headers.get("Content-Range", ""))
+            total = span[1] if span else None
+            if (span is None or span[0] != offset
+                    or (None not in (total, remote.size) and total != remote.size)):
+                # Appended at our offset, another offset's bytes (or another version's:
+                # the total changed) would leave a file of the right size with a hole
+                # in it: start the file over instead.
+                part.path.unlink(missing_ok=True)
+                raise NetworkError(f"{remote.name}: the site resumed from another offset "
+                                   f"than {offset}, or another file; starting the file over")
         start = offset if resumed else 0
-        expected = remote.size
+        expected = remote.size if remote.size is not None else total
         if expected is None:
             if resp.content_length is None:
                 raise TransferError(f"{remote.name}: the site gave no size")
@@ -398,11 +411,20 @@ async def fetch(
     return FileRecord(name, size, part.digest.hexdigest())
 
 
-def _range_start(content_range: str) -> int | None:
-    """The first byte of a 206 answer (`bytes START-END/TOTAL`), None if unreadable."""
-    unit, _, span = content_range.strip().partition(" ")
-    first = span.partition("-")[0]
-    return int(first) if unit == "bytes" and first.isdigit() else None
+def _content_range(content_range: str) -> tuple[int, int | None] | None:
+    """The first byte and the total (None if `*`) of a 206 answer's `bytes
+    START-END/TOTAL`; None if unreadable."""
+    unit, _, spec = content_range.strip().partition(" ")
+    span, _, total = spec.partition("/")
+    first = span.partition("-")[0].strip()
+    total = total.strip()
+    if unit != "bytes" or not _digits(first) or not (_digits(total) or total == "*"):
+        return None
+    return int(first), int(total) if total != "*" else None
+
+
+def _digits(text: str) -> bool:
+    return 0 < len(text) <= 18 and text.isascii() and text.isdigit()
 
 
 def _room_for(path: Path, size: int, name: str) -> None:

@@ -8,14 +8,18 @@ test_hostile_server.py (whose fixtures are reused); each test failed before its 
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
+import anyio
 import pytest
 from aiohttp import web
 
 from gibatch import steps
-from gibatch.errors import RequestRejected
-from gibatch.site import SiteClient
+from gibatch.errors import RequestRejected, TransferError
+from gibatch.site import RemoteFile, SiteClient
+from gibatch.transfer import PART_SUFFIX, FileRecord, fetch
 from tests.test_hostile_server import (  # noqa: F401  (serve is a fixture)
     PREFIX,
     Handler,
@@ -33,6 +37,7 @@ JOBS_TABLE = ("<table><thead><tr><th>ID</th><th>Job Type</th><th>Model</th><th>S
               "</tr></thead><tbody><tr><td>1</td><td>Galaxy 1</td><td>1</td>"
               "<td>Completed</td></tr></tbody></table>")
 TASK_PAGE = '<script>window.CSRF_TOKEN = "tok";</script>'
+FILE = secrets.token_bytes(2000)
 
 
 async def _client(serve: Serve, routes: dict[str, Handler]) -> SiteClient:
@@ -126,3 +131,71 @@ async def test_the_answers_json_is_parsed_only_when_small(serve: Serve) -> None:
     async def answer(request: web.Request) -> web.StreamResponse:
         return web.Response(text='{"job_id": 7, "pad": "' + "x" * 100_000 + '"}')
     assert await _submit(serve, answer) is None
+
+
+# 8. A 206 declares itself a part: taken as the whole file only if no Range was sent
+#    and no size listed (the real site's listing), it was saved and recorded as whole.
+
+async def _fetch(serve: Serve, handler: Handler, tmp_path: Path, size: int | None = None,
+                 name: str = "x.gif") -> FileRecord:
+    client = await _client(serve, {f"{PREFIX}/media/{name}": handler})
+    url = client.base.rstrip("/") + f"/media/{name}"
+    try:
+        return await fetch(client, RemoteFile(name, url, size), tmp_path, anyio.Semaphore(1))
+    finally:
+        await client.__aexit__(None, None, None)
+
+
+@pytest.mark.parametrize("status", [206, 204, 203])
+async def test_an_answer_other_than_200_to_a_request_for_the_whole_file_is_refused(
+        serve: Serve, tmp_path: Path, status: int) -> None:
+    async def part(request: web.Request) -> web.StreamResponse:
+        assert "Range" not in request.headers
+        return web.Response(status=status, body=FILE[1000:2000] if status != 204 else None,
+                            headers={"Content-Range": "bytes 1000-1999/5000"})
+
+    with pytest.raises(TransferError, match=f"answered {status}"):
+        await _fetch(serve, part, tmp_path)
+    assert not (tmp_path / "x.gif").exists()
+
+
+async def test_a_resumed_answer_of_less_than_asked_is_completed_from_its_total(
+        serve: Serve, tmp_path: Path) -> None:
+    """No listed size: a 206 carrying `bytes 500-999/2000` is 500 bytes of 2000, not the
+    rest of the file (`offset + Content-Length` said 1000, and 1000 bytes were kept)."""
+    async def pieces(request: web.Request) -> web.StreamResponse:
+        ranged = request.headers.get("Range", "")
+        if not ranged:  # the whole file announced, 500 bytes sent, then the line drops
+            resp = web.StreamResponse(headers={"Content-Length": str(len(FILE))})
+            await resp.prepare(request)
+            await resp.write(FILE[:500])
+            assert request.transport is not None
+            request.transport.close()
+            return resp
+        start = int(ranged.removeprefix("bytes=").rstrip("-"))
+        end = min(start + 500, len(FILE))  # at most 500 bytes an answer
+        return web.Response(status=206, body=FILE[start:end], headers={
+            "Content-Range": f"bytes {start}-{end - 1}/{len(FILE)}"})
+
+    record = await _fetch(serve, pieces, tmp_path)
+    assert (tmp_path / "x.gif").read_bytes() == FILE and record.size == len(FILE)
+
+
+async def test_a_resumed_answer_of_another_total_than_listed_starts_over(
+        serve: Serve, tmp_path: Path) -> None:
+    """The file changed on the site between the attempts: its prefix is not kept."""
+    asked: list[str] = []
+
+    async def changed(request: web.Request) -> web.StreamResponse:
+        ranged = request.headers.get("Range", "")
+        asked.append(ranged)
+        if ranged:
+            start = int(ranged.removeprefix("bytes=").rstrip("-"))
+            return web.Response(status=206, body=FILE[start:], headers={
+                "Content-Range": f"bytes {start}-{len(FILE) - 1}/{len(FILE) + 1}"})
+        return web.Response(body=FILE)
+
+    (tmp_path / ("x.gif" + PART_SUFFIX)).write_bytes(b"\0" * 500)
+    record = await _fetch(serve, changed, tmp_path, size=len(FILE))
+    assert asked == ["bytes=500-", ""]
+    assert (tmp_path / "x.gif").read_bytes() == FILE and record.size == len(FILE)
