@@ -206,6 +206,15 @@ class _Tables(HTMLParser):
             self._link[1].append(data)
 
 
+_NUMBER = re.compile(r"[0-9]{1,18}")  # below 2**63: what SQLite stores as an INTEGER
+
+
+def number(text: str) -> int | None:
+    """A number of the site's pages (task id, model number, size): ASCII digits only
+    (`'²'.isdigit()` is True, but int('²') fails) and below 2**63; None otherwise."""
+    return int(text) if _NUMBER.fullmatch(text) else None
+
+
 def parse_task_rows(html: str) -> list[TaskRow]:
     """view_jobs: the table whose header has `Job Type`; columns 0-3 by position."""
     parser = _Tables()
@@ -219,12 +228,11 @@ def parse_task_rows(html: str) -> list[TaskRow]:
         out = []
         for row in rows[1:]:
             cells = [c.text.strip() for c in row]
-            if len(cells) < 4 or not cells[0].isdigit():
+            if len(cells) < 4:
                 continue
-            try:
-                out.append(TaskRow(int(cells[0]), cells[1], int(cells[2]), cells[3]))
-            except ValueError:
-                continue
+            job_id, model = number(cells[0]), number(cells[2])
+            if job_id is not None and model is not None:
+                out.append(TaskRow(job_id, cells[1], model, cells[3]))
         return sorted(out, key=lambda r: r.job_id)  # oldest first, whatever the page did
     raise ProtocolError("view_jobs page has no table with a 'Job Type' column")
 
@@ -251,8 +259,8 @@ def parse_sections(html: str, page_url: str) -> list[Section]:
             if not linked:
                 continue
             href, text = linked[0].links[0]
-            sizes = [c.text.strip() for c in row if not c.links and c.text.strip().isdigit()]
-            size = int(sizes[0]) if sizes else None
+            sizes = [n for c in row if not c.links and (n := number(c.text.strip())) is not None]
+            size = sizes[0] if sizes else None
             try:
                 url = urljoin(page_url, href)
             except ValueError:  # malformed: kept, so its download fails naming it

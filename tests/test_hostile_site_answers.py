@@ -18,7 +18,7 @@ from aiohttp import web
 
 from gibatch import steps
 from gibatch.errors import RequestRejected, TransferError
-from gibatch.site import RemoteFile, SiteClient
+from gibatch.site import RemoteFile, SiteClient, parse_sections, parse_task_rows
 from gibatch.transfer import PART_SUFFIX, FileRecord, fetch
 from tests.test_hostile_server import (  # noqa: F401  (serve is a fixture)
     PREFIX,
@@ -199,3 +199,31 @@ async def test_a_resumed_answer_of_another_total_than_listed_starts_over(
     record = await _fetch(serve, changed, tmp_path, size=len(FILE))
     assert asked == ["bytes=500-", ""]
     assert (tmp_path / "x.gif").read_bytes() == FILE and record.size == len(FILE)
+
+
+# 9. Numbers in the site's pages: `'²'.isdigit()` is True but int('²') raises ValueError
+#    (one such size cell, even in a foreign section, broke the model's listing), and a
+#    task id past 2**63-1 crashed the journal (SQLite INTEGER) at every poll.
+
+def test_a_size_cell_that_is_no_ascii_number_is_no_size() -> None:
+    page = ("<h3>Plot 3 - Status: Completed</h3><table>"
+            "<tr><td><a href='/b/x.gif'>x.gif</a></td><td>\u00b2</td></tr>"
+            "<tr><td><a href='/b/y.gif'>y.gif</a></td><td>\u0661\u0662</td></tr>"
+            f"<tr><td><a href='/b/z.gif'>z.gif</a></td><td>{2**64}</td></tr></table>"
+            "<h3>Galaxy 1 - Status: Completed</h3><table><tr><td><a href='/b/g.csv'>g.csv"
+            "</a></td><td>12</td></tr></table>")
+    plot, galaxy = parse_sections(page, "http://127.0.0.1:9/b/gi/view_data/1/")
+    assert [(f.name, f.size) for f in plot.files] == [
+        ("x.gif", None), ("y.gif", None), ("z.gif", None)]
+    assert [(f.name, f.size) for f in galaxy.files] == [("g.csv", 12)]
+
+
+def test_a_task_row_whose_id_or_model_is_no_ascii_number_below_2_63_is_left_out() -> None:
+    rows = "".join(f"<tr><td>{job_id}</td><td>Galaxy 1</td><td>{model}</td>"
+                   "<td>Completed</td></tr>"
+                   for job_id, model in [(2**64, 1), ("\u00b2", 1), (3, "\u0661"),
+                                         (2**63 - 1, 2), (10**18 - 1, 1), (5, 1)])
+    got = parse_task_rows("<table><tr><th>ID</th><th>Job Type</th><th>Model</th>"
+                          f"<th>Status</th></tr>{rows}</table>")
+    assert [(r.job_id, r.model) for r in got] == [(5, 1), (10**18 - 1, 1)]
+    assert all(r.job_id < 2**63 for r in got)
