@@ -18,7 +18,8 @@ origin.
 
 Where the spec is silent, this site takes the harshest reading: replaced files are
 deleted when the replacing task is submitted (not when it starts or ends); a POST on a
-busy model number answers 409 (only section 2 says so; section 1's script just waited);
+busy model number answers 409 (only section 2 says so; section 1's script just waited;
+the variation `queue_when_busy`, added later, queues it behind the model's task instead);
 a one-row listing shows each model's newest task, so a client may never see its own
 row finish; a foreign plot shifts the plot numbering; the CSRF token rotates at login.
 
@@ -84,6 +85,10 @@ class Variations:
     browser_delay_s: tuple[float, float] = (0.0, 0.3)  # after a task ends
     session_lifetime_s: float | None = None
     file_host: bool = False               # links to another origin (absolute URLs)
+    # a POST for a busy model number is taken and queued behind its current task (a
+    # site in front of a task queue) instead of answered 409; a browser task just
+    # before a POST (browser_before_post_*) is then still running, not ended
+    queue_when_busy: bool = False
 
     @classmethod
     def everything(cls) -> Variations:
@@ -178,6 +183,7 @@ class Site:
         self.before_post_left = self.v.browser_before_post_budget
         self.file_host_url = ""
         self.background: set[asyncio.Task[None]] = set()
+        self.tails: dict[tuple[str, int], asyncio.Task[None]] = {}  # last task per model
 
     # --- helpers -------------------------------------------------------------------
     def chance(self, rate: float) -> bool:
@@ -323,15 +329,25 @@ class Site:
             self.ledger.violation(f"POST {page} refused: {problem}")
             return web.json_response({"error": problem}, status=400)
         key = (user, int(body["model_number"]))
-        if self.busy(key):
+        busy = self.busy(key)
+        if busy and not self.v.queue_when_busy:
             self.ledger.count("post_409")
             return web.json_response({"error": "model number busy"}, status=409)
+        if busy:
+            self.ledger.count("post_queued")
         job_type = self.job_type(page, body)
-        if self.before_post_left > 0 and self.chance(self.v.browser_before_post_rate) and (
+        if not busy and self.before_post_left > 0 and self.chance(
+                self.v.browser_before_post_rate) and (
                 not self.v.browser_before_post_types
                 or job_type in self.v.browser_before_post_types):
             self.before_post_left -= 1
-            await self.browser_now(user, key[1], job_type)
+            if self.v.queue_when_busy:  # still running: the client's task queues behind
+                self.ledger.count("browser_task_before_post")
+                self.submit(user, key[1], job_type, self.browser_body(job_type, key[1]),
+                            "browser")
+                self.ledger.count("post_queued")
+            else:
+                await self.browser_now(user, key[1], job_type)
         task = self.submit(user, key[1], job_type, body, "client")
         if self.chance(self.v.post_502_rate):
             self.ledger.count("post_502")
@@ -399,14 +415,20 @@ class Site:
         held[section] = task.job_id
         self.current[key] = task.job_id
         self.by_token[task.token] = task
-        if run:
-            self.spawn(self.run_task(task))
+        if run:  # after the model's task before it, if one is queued or running
+            self.tails[key] = self.spawn(self.run_after(self.tails.get(key), task))
         return task
 
-    def spawn(self, coro: Awaitable[None]) -> None:
+    async def run_after(self, before: asyncio.Task[None] | None, task: Task) -> None:
+        if before is not None:
+            await asyncio.wait({before})
+        await self.run_task(task)
+
+    def spawn(self, coro: Awaitable[None]) -> asyncio.Task[None]:
         t = asyncio.ensure_future(coro)
         self.background.add(t)
         t.add_done_callback(self.background.discard)
+        return t
 
     def delete_files(self, task: Task) -> None:
         for f in task.files:

@@ -296,6 +296,21 @@ def test_one_row_per_model(make_site: Any, tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+def test_a_site_that_queues_posts_on_a_busy_model(make_site: Any, tmp_path: Path) -> None:
+    """A POST for a model number whose task (a browser's, started just before, of any
+    type) is still running is queued behind it instead of refused; the replaced files
+    are deleted at once; answers carry no job id and listings come newest first."""
+    site = make_site(variations=Variations(
+        queue_when_busy=True, newest_first=True, html_post_answer=True,
+        browser_before_post_rate=0.3, browser_before_post_budget=6,
+        browser_rate=0.2, browser_budget=3, browser_delay_s=(0, 0)))
+    jobs = sweep_b(tmp_path / "jobs")
+    run = gibatch_run(site.url, jobs, "1-3", tmp_path, "queue", timeout_s=HANG_S)
+    assert site.ledger.counts.get("post_queued", 0) == 6, site.ledger.counts
+    assert_run_ok(run, jobs, site, "a site that queues POSTs")
+
+
+@pytest.mark.slow
 def test_two_processes_overlapping_models(make_site: Any, tmp_path: Path) -> None:
     """(c) Two gibatch processes, two sweeps, model ranges 1-3 and 2-4 of one account."""
     site = make_site(model_count=4, variations=Variations(
