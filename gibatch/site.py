@@ -597,7 +597,13 @@ class SiteClient:
         own = origin(url) == origin(self.base)
         session = self.session if own else self._elsewhere
         assert session is not None
-        headers = {"Range": f"bytes={offset}-"} if offset else {}
+        # The stored bytes must be the file as listed: no compression asked for (aiohttp
+        # asks for gzip by default, and a proxy compressing on the fly then sends no
+        # length), and none undone (a `.gz` labelled `Content-Encoding: gzip` would be
+        # inflated to other bytes than the listed file's).
+        headers = {"Accept-Encoding": "identity"}
+        if offset:
+            headers["Range"] = f"bytes={offset}-"
         timeout = aiohttp.ClientTimeout(
             total=self.timeouts.download_s, sock_connect=self.timeouts.connect_s,
             sock_read=self.timeouts.read_s,
@@ -605,7 +611,8 @@ class SiteClient:
         self.requests["download"] += 1
         try:
             async with session.get(
-                url, headers=headers, timeout=timeout, allow_redirects=False
+                url, headers=headers, timeout=timeout, allow_redirects=False,
+                auto_decompress=False,
             ) as resp:
                 if resp.status in _GONE:
                     raise ResultVanished(f"{url} answered {resp.status}: the result is gone")

@@ -21,6 +21,7 @@ import hashlib
 import os
 import queue
 import shutil
+import sys
 import threading
 import time
 import unicodedata
@@ -202,10 +203,11 @@ class _Writer:
         self._queue.put(None)
 
 
-async def _copy(body: aiohttp.StreamReader, part: _Part, expected: int, floor: _Floor
+async def _copy(body: aiohttp.StreamReader, part: _Part, expected: int | None, floor: _Floor
                 ) -> Exception | None:
-    """Stream `body` into `part` through a writer thread of its own; return what broke
-    the connection, if anything, once all that came is written."""
+    """Stream `body` into `part` through a writer thread of its own (to its end if
+    `expected` is None); return what broke the connection, if anything, once all that
+    came is written."""
     body.set_read_chunk_size(READ_BUFFER_BYTES)  # aiohttp's default pauses at 128 KiB
     writer = _Writer(part)
     broke: Exception | None = None
@@ -216,7 +218,8 @@ async def _copy(body: aiohttp.StreamReader, part: _Part, expected: int, floor: _
                                   limiter=anyio.CapacityLimiter(1)))
             try:
                 with suppress(anyio.BrokenResourceError):  # the writer failed: its error follows
-                    broke = await _read(body, writer.put, expected - part.size, floor)
+                    left = sys.maxsize if expected is None else expected - part.size
+                    broke = await _read(body, writer.put, left, floor)
             finally:
                 writer.close()
     except BaseExceptionGroup as group:  # the writer's error (a full disk) as itself
@@ -332,23 +335,28 @@ async def _stream_once(client: SiteClient, remote: RemoteFile, part: _Part) -> i
                                    f"than {offset}, or another file; starting the file over")
         start = offset if resumed else 0
         expected = remote.size if remote.size is not None else total
-        if expected is None:
-            if resp.content_length is None:
-                raise TransferError(f"{remote.name}: the site gave no size")
+        if expected is None and resp.content_length is not None:
             expected = start + resp.content_length
+        # No size at all: only a chunked answer says where it ends (aiohttp raises if the
+        # terminating chunk never came); one that ends when the connection closes is
+        # whole or cut short alike.
+        if expected is None and "chunked" not in resp.headers.get(
+                "Transfer-Encoding", "").lower():
+            raise TransferError(f"{remote.name}: the site gave no size")
         floor = _Floor(client.timeouts.min_rate_b_s, client.timeouts.read_s)
         try:
-            if expected - start <= WRITE_BATCH_BYTES:
+            if expected is not None and expected - start <= WRITE_BATCH_BYTES:
                 broke = await _small(resp.content, part, start, expected - start, floor)
             else:
-                _room_for(part.path, expected - start, remote.name)
+                if expected is not None:
+                    _room_for(part.path, expected - start, remote.name)
                 await anyio.to_thread.run_sync(part.open, start)
                 broke = await _copy(resp.content, part, expected, floor)
             if broke is not None:  # the connection broke: what came is kept, for Range
                 raise translate(broke) from broke
         finally:
             part.close()  # at once, on the loop: it must happen even when cancelled
-    return expected
+    return part.size if expected is None else expected  # chunked to its end: whole
 
 
 async def fetch(

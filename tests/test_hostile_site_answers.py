@@ -8,6 +8,7 @@ test_hostile_server.py (whose fixtures are reused); each test failed before its 
 
 from __future__ import annotations
 
+import gzip
 import secrets
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -227,3 +228,75 @@ def test_a_task_row_whose_id_or_model_is_no_ascii_number_below_2_63_is_left_out(
                           f"<th>Status</th></tr>{rows}</table>")
     assert [(r.job_id, r.model) for r in got] == [(5, 1), (10**18 - 1, 1)]
     assert all(r.job_id < 2**63 for r in got)
+
+
+# 7. Downloads asked for gzip (aiohttp's default Accept-Encoding) and inflated what came:
+#    a proxy compressing on the fly answers chunked with no length (and the real site
+#    lists no size: every CSV refused for ever), and a `.gz` labelled
+#    `Content-Encoding: gzip` was inflated to other bytes than the listed file's.
+
+CSV = b"particles type, x, y, z\n" * 5000
+
+
+async def _chunked(request: web.Request, body: bytes, *, status: int = 200,
+                   headers: dict[str, str] | None = None, cut: bool = False
+                   ) -> web.StreamResponse:
+    resp = web.StreamResponse(status=status, headers=headers)
+    resp.enable_chunked_encoding()
+    await resp.prepare(request)
+    await resp.write(body)
+    if cut:  # the connection drops before the terminating chunk
+        assert request.transport is not None
+        request.transport.close()
+    else:
+        await resp.write_eof()
+    return resp
+
+
+async def test_a_file_is_asked_for_and_kept_as_stored(serve: Serve, tmp_path: Path) -> None:
+    """Compressed only if asked for (as a proxy does): the file as it is, chunked."""
+    asked: list[str] = []
+
+    async def proxy(request: web.Request) -> web.StreamResponse:
+        asked.append(request.headers.get("Accept-Encoding", ""))
+        if "gzip" in asked[-1]:
+            return await _chunked(request, gzip.compress(CSV),
+                                  headers={"Content-Encoding": "gzip"})
+        return await _chunked(request, CSV)
+
+    record = await _fetch(serve, proxy, tmp_path, name="a.csv")
+    assert asked == ["identity"]
+    assert (tmp_path / "a.csv").read_bytes() == CSV and record.size == len(CSV)
+
+
+@pytest.mark.parametrize("listed", [True, False])
+async def test_a_gz_file_served_with_content_encoding_gzip_is_kept_as_listed(
+        serve: Serve, tmp_path: Path, listed: bool) -> None:
+    stored = gzip.compress(CSV)
+
+    async def labelled(request: web.Request) -> web.StreamResponse:
+        return web.Response(body=stored, headers={"Content-Encoding": "gzip"})
+
+    record = await _fetch(serve, labelled, tmp_path, size=len(stored) if listed else None,
+                          name="_output_ascii.csv.gz")
+    assert (tmp_path / "_output_ascii.csv.gz").read_bytes() == stored
+    assert record.size == len(stored)
+
+
+async def test_a_chunked_answer_cut_before_its_end_is_resumed_not_taken_whole(
+        serve: Serve, tmp_path: Path) -> None:
+    big = secrets.token_bytes(3 << 20)  # more than one write batch: the writer thread
+    asked: list[str] = []
+
+    async def cut_once(request: web.Request) -> web.StreamResponse:
+        ranged = request.headers.get("Range", "")
+        asked.append(ranged)
+        if not ranged:
+            return await _chunked(request, big[:(1 << 20) + 5], cut=True)
+        start = int(ranged.removeprefix("bytes=").rstrip("-"))
+        return await _chunked(request, big[start:], status=206,
+                              headers={"Content-Range": f"bytes {start}-{len(big) - 1}/*"})
+
+    record = await _fetch(serve, cut_once, tmp_path)
+    assert asked[0] == "" and len(asked) == 2 and asked[1].startswith("bytes=")
+    assert (tmp_path / "x.gif").read_bytes() == big and record.size == len(big)
