@@ -83,23 +83,40 @@ def safe_name(name: str) -> str:
     return cleaned
 
 
-def local_names(names: Iterable[str]) -> dict[str, str]:
-    """Local names for the remote `names` of one section: safe and pairwise distinct
-    (two remote names that neutralise alike get `~2`, `~3` before the extension)."""
-    out: dict[str, str] = {}
+def local_files(files: Iterable[RemoteFile]) -> list[tuple[RemoteFile, str]]:
+    """Each listed file of one section with its local name, in listing order: safe and
+    pairwise distinct as file systems compare names (case-insensitive, and Unicode-
+    normalised as on macOS, where `café` in NFC and in NFD are one file). Names that
+    would collide get `~2`, `~3` before the extension, so a file listed twice (two links
+    of the same text) is saved twice, never one of them only."""
+    out: list[tuple[RemoteFile, str]] = []
     taken: set[str] = set()
-    for name in names:
-        if name in out:
-            continue
-        base = safe_name(name)
+    for remote in files:
+        base = safe_name(remote.name)
         candidate, n = base, 1
-        while candidate.casefold() in taken:
+        while _fold(candidate) in taken:
             n += 1
             stem, dot, ext = base.rpartition(".")
             candidate = f"{stem}~{n}.{ext}" if dot and stem else f"{base}~{n}"
-        taken.add(candidate.casefold())
-        out[name] = candidate
+        taken.add(_fold(candidate))
+        out.append((remote, candidate))
     return out
+
+
+def local_names(names: Iterable[str]) -> dict[str, str]:
+    """Local names for the remote `names` of one section, as `local_files` gives them.
+    A name listed twice has one entry here (the first's): to save every listed file,
+    use `local_files`."""
+    out: dict[str, str] = {}
+    for remote, local in local_files(RemoteFile(name, "", None) for name in names):
+        out.setdefault(remote.name, local)
+    return out
+
+
+def _fold(name: str) -> str:
+    """`name` as a case-insensitive, normalising file system compares it (Unicode's
+    canonical caseless match: NFD, casefold, NFD)."""
+    return unicodedata.normalize("NFD", unicodedata.normalize("NFD", name).casefold())
 
 
 class _Part:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gzip
 import secrets
+import unicodedata
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from aiohttp import web
 from gibatch import steps
 from gibatch.errors import RequestRejected, TransferError
 from gibatch.site import RemoteFile, SiteClient, parse_sections, parse_task_rows
-from gibatch.transfer import PART_SUFFIX, FileRecord, fetch
+from gibatch.transfer import PART_SUFFIX, FileRecord, fetch, local_files, local_names
 from tests.test_hostile_server import (  # noqa: F401  (serve is a fixture)
     PREFIX,
     Handler,
@@ -300,3 +301,42 @@ async def test_a_chunked_answer_cut_before_its_end_is_resumed_not_taken_whole(
     record = await _fetch(serve, cut_once, tmp_path)
     assert asked[0] == "" and len(asked) == 2 and asked[1].startswith("bytes=")
     assert (tmp_path / "x.gif").read_bytes() == big and record.size == len(big)
+
+
+# 14. A file listed twice in one section (two links of the same text) got one local name,
+#     so one of them was never saved while the job was recorded complete; names equal
+#     once Unicode-normalised (`café` NFC and NFD) were "distinct", yet one file on macOS.
+
+def test_every_listed_file_gets_its_own_local_name() -> None:
+    nfc, nfd = (unicodedata.normalize(form, "café.gif") for form in ("NFC", "NFD"))
+    listed = [RemoteFile("a.gif", "u1", None), RemoteFile("a.gif", "u2", None),
+              RemoteFile("A.GIF", "u3", None), RemoteFile(nfc, "u4", None),
+              RemoteFile(nfd, "u5", None), RemoteFile("CAFE\u0301.gif", "u6", None)]
+    got = local_files(listed)
+    assert [remote for remote, _ in got] == listed
+    assert [local for _, local in got] == [
+        "a.gif", "a~2.gif", "A~3.GIF", nfc, f"{nfd[:-4]}~2.gif", "CAFE\u0301~3.gif"]
+    assert local_names([nfc, nfd]) == {nfc: nfc, nfd: f"{nfd[:-4]}~2.gif"}
+
+
+async def test_a_file_listed_twice_is_saved_twice(serve: Serve, tmp_path: Path) -> None:
+    first, second = secrets.token_bytes(100), secrets.token_bytes(200)
+
+    async def one(request: web.Request) -> web.StreamResponse:
+        return web.Response(body=first)
+
+    async def two(request: web.Request) -> web.StreamResponse:
+        return web.Response(body=second)
+
+    client = await _client(serve, {f"{PREFIX}/media/1/a.gif": one,
+                                   f"{PREFIX}/media/2/a.gif": two})
+    base = client.base.rstrip("/")
+    listed = [RemoteFile("a.gif", f"{base}/media/{n}/a.gif", None) for n in (1, 2)]
+    try:
+        records = [await fetch(client, remote, tmp_path, anyio.Semaphore(1), local)
+                   for remote, local in local_files(listed)]
+    finally:
+        await client.__aexit__(None, None, None)
+    assert [(r.name, r.size) for r in records] == [("a.gif", 100), ("a~2.gif", 200)]
+    assert (tmp_path / "a.gif").read_bytes() == first
+    assert (tmp_path / "a~2.gif").read_bytes() == second
