@@ -103,12 +103,29 @@ def _password(password_file: Path | None) -> str:
         except UnicodeDecodeError:
             raise _usage_error(f"--password-file {password_file} is not UTF-8 text") from None
         return text[:-2] if text.endswith("\r\n") else text.removesuffix("\n")
-    if os.environ.get(PASSWORD_ENV):
-        return os.environ[PASSWORD_ENV]
+    if (from_env := _env_password()) is not None:
+        return from_env
     if sys.stdin.isatty():
         return getpass.getpass("GI site password: ")
     raise _usage_error(f"no password: set {PASSWORD_ENV}, pass --password-file, "
                        "or run on a terminal to be asked")
+
+
+def _env_password() -> str | None:
+    """$GIBATCH_PASSWORD if set and not empty; a usage error if it is not UTF-8.
+
+    Python keeps undecodable bytes as surrogates, which fail far later, in an
+    exception whose message holds the password: checked here, and never echoed.
+    """
+    value = os.environ.get(PASSWORD_ENV)
+    if not value:
+        return None
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise _usage_error(f"${PASSWORD_ENV} is not UTF-8 text (set it from a UTF-8 "
+                           "file, or pass --password-file)") from None
+    return value
 
 
 def _load_sweep(jobs: Path) -> Sweep:
@@ -467,7 +484,8 @@ def serve(
     from gibatch.sim.faults import Faults
     from gibatch.sim.server import running_site, until_stopped
 
-    password = os.environ.get(PASSWORD_ENV) or secrets.token_urlsafe(12)
+    from_env = _env_password()
+    password = from_env or secrets.token_urlsafe(12)
     config = SiteConfig(
         data_dir=data_dir, accounts={user: password}, model_count=model_count,
         session_lifetime_s=session_lifetime, strict=strict, physics=physics,
@@ -480,7 +498,7 @@ def serve(
     async def main() -> None:
         async with running_site(config, port=port) as site:
             typer.echo(f"Serving {site.url}", err=False)
-            shown = "from $" + PASSWORD_ENV if os.environ.get(PASSWORD_ENV) else password
+            shown = "from $" + PASSWORD_ENV if from_env else password
             typer.echo(f"Log in at {site.url}/accounts/login/ as {user!r}, password: {shown}")
             sys.stdout.flush()
             await until_stopped()  # Ctrl-C or SIGTERM: the site closes, exit 0

@@ -77,3 +77,22 @@ def test_match_ranking_shows_job_names_as_they_are(
     assert code == 0, text
     assert MARKUP in text
     assert "\x1b" not in text and "j\\x1b]0;pwned\\x07\\x1b[2J" in text
+
+
+# -- $GIBATCH_PASSWORD of bytes that are not UTF-8: a usage error, never echoed
+
+SERVER = ["--server", "http://127.0.0.1:9/ast80011", "--username", "me"]
+UNDECODABLE = "Hunter2-\udce9t\udce9"  # b"Hunter2-\xe9t\xe9" as os.environ gives it
+
+
+@pytest.mark.parametrize("command", ["run", "plan", "serve"])
+def test_an_undecodable_password_in_the_environment_is_a_usage_error(
+        tmp_path: Path, command: str) -> None:
+    jobs = tmp_path / "jobs"
+    write_job(jobs, "1", tiny_job_files())
+    args = (["--port", "0", "--data-dir", str(tmp_path / "site")] if command == "serve"
+            else ["--jobs", str(jobs), *SERVER])
+    code, text = invoke(command, *args, env={"GIBATCH_PASSWORD": UNDECODABLE})
+    assert code == 2, text
+    assert "$GIBATCH_PASSWORD is not UTF-8 text" in text
+    assert "Hunter2" not in text and "Traceback" not in text
