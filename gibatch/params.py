@@ -11,7 +11,15 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
 
 MAX_PARTICLES_PER_COMPONENT = 200_000
 MAX_FRAMES = 2_000
@@ -52,8 +60,15 @@ class HaloParams(StrictModel):
     potential_well_depth: Annotated[float, Field(ge=-100, lt=0)]
 
 
+def _int_only(value: object) -> object:
+    """A Literal matches by equality: without this, `true` and `1.0` pass as 1."""
+    if type(value) is not int:
+        raise PydanticCustomError("literal_error", "Input should be 1 or 2")
+    return value
+
+
 class GalaxyParams(StrictModel):
-    galaxy_number: Literal[1, 2]
+    galaxy_number: Annotated[Literal[1, 2], BeforeValidator(_int_only)]
     components_to_use: Annotated[
         list[Annotated[Component, Field(strict=False)]], Field(min_length=1, max_length=3)
     ]

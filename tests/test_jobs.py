@@ -59,6 +59,11 @@ BROKEN = [
     ({"galaxy1_json": {**read_base()["galaxy1.json"], "components_to_use": ["disk", "gas"]}},
      "job/galaxy1.json: components_to_use.1: Input should be 'disk', 'bulge' or 'halo'"),
     ({"interact_json": "[1, 2]"}, "job/interact.json: must hold a JSON object"),
+    # A Literal[1, 2] matches by equality: true and 1.0 were taken for 1.
+    ({"galaxy1_json": {**read_base()["galaxy1.json"], "galaxy_number": True}},
+     "job/galaxy1.json: galaxy_number: Input should be 1 or 2"),
+    ({"galaxy1_json": {**read_base()["galaxy1.json"], "galaxy_number": 1.0}},
+     "job/galaxy1.json: galaxy_number: Input should be 1 or 2"),
 ]
 
 
