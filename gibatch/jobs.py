@@ -137,12 +137,13 @@ def natural_key(name: str) -> list[tuple[int, int | str]]:
 
 def _may_be_job(entry: os.DirEntry[str]) -> bool:
     """A folder not starting with `.`; also an entry whose type cannot be read (a
-    symlink loop, no permission), so that load_job reports it instead of a traceback
-    here or a job silently left out."""
+    symlink loop, no permission) or a link whose target is gone (an unmounted drive, a
+    moved folder), so that load_job reports it instead of a traceback here or a job
+    silently left out. A link to a file is no job."""
     if entry.name.startswith("."):
         return False
     try:
-        return entry.is_dir()
+        return entry.is_dir() or (entry.is_symlink() and not os.path.exists(entry.path))
     except OSError:
         return True
 

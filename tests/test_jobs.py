@@ -35,6 +35,23 @@ def test_natural_order_and_dot_folders(tmp_path: Path) -> None:
     assert [p.name for p in discover(tmp_path)] == ["1", "2", "10", "a"]
 
 
+def test_a_job_folder_link_whose_target_is_gone_is_reported(
+    make_job: Callable[..., Path], tmp_path: Path
+) -> None:
+    """An unmounted drive or a moved folder: the job is a problem, not left out unsaid.
+    A link to a file is no job, as a file is not."""
+    make_job("1")
+    jobs = tmp_path / "jobs"
+    (jobs / "2").symlink_to(tmp_path / "unmounted" / "2")
+    (tmp_path / "notes.txt").write_text("x")
+    (jobs / "notes").symlink_to(tmp_path / "notes.txt")
+    sweep = load_sweep(jobs)
+    assert [j.name for j in sweep.jobs] == ["1"]
+    assert sweep.invalid_jobs == ["2"]
+    assert [str(p) for p in sweep.problems] == [
+        "2: cannot read the folder: No such file or directory"]
+
+
 BROKEN = [
     ({"merge_json": '{"length_scale": {\n  "galaxy_1": 1,,}'},
      "job/merge.json: malformed JSON at line 2 column"),
