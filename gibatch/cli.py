@@ -128,6 +128,12 @@ def _env_password() -> str | None:
     return value
 
 
+def _os_reason(exc: OSError) -> str:
+    """`path: reason` of an OSError, as one line (escaped by _fail)."""
+    where = exc.filename if exc.filename is not None else ""
+    return f"{os.fsdecode(where)}: {exc.strerror or exc}" if where else str(exc.strerror or exc)
+
+
 def _load_sweep(jobs: Path) -> Sweep:
     """The sweep, through the discovery cache. Its jobs live as long as the command:
     `gc.freeze` spares the cyclic collector walking 100,000 of them again and again
@@ -421,13 +427,17 @@ def report(
 
     Example: gibatch report --jobs examples/sweep && xdg-open examples/sweep/report.html
     """
-    from gibatch.report import build_report
+    from gibatch.report import ReportError, build_report
     from gibatch.status import sweep_status
 
     sweep = _load_sweep(_jobs_dir(jobs))
     journal = Journal(jobs)
     try:
         result = build_report(sweep, sweep_status(sweep, journal), out)
+    except ReportError as exc:
+        raise _fail(exc, 1) from None
+    except OSError as exc:  # --out in a folder that is a file, or cannot be written
+        raise _fail(f"cannot write the report: {_os_reason(exc)}", 1) from None
     finally:
         journal.close()
     typer.echo(f"{result.page}: {result.rows} jobs, {result.thumbnails} thumbnails"

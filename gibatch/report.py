@@ -74,6 +74,10 @@ class Shot:
     animation: Path | None
 
 
+class ReportError(Exception):
+    """The page cannot be written where it should go (a folder of that name)."""
+
+
 @dataclass(frozen=True)
 class Report:
     page: Path
@@ -637,6 +641,10 @@ def build_report(sweep: Sweep, status: SweepStatus, page: Path | None = None) ->
     # be taken for a job); beside any other page, in PAGE_files/.
     media = root / STATE_DIR / "report" if default else page.with_name(page.stem + "_files")
     sheet = page.with_name(SHEET_FILE) if default else media / SHEET_FILE
+    for path in (page, sheet):  # a job folder may have any name, these two included
+        if path.is_dir():
+            raise ReportError(f"{printable(str(path))} is a folder; the report needs the "
+                              "name for a file (pass --out to write it elsewhere)")
     media.mkdir(parents=True, exist_ok=True)
     variation = Variation()
     for job in sweep.jobs:
@@ -651,8 +659,10 @@ def build_report(sweep: Sweep, status: SweepStatus, page: Path | None = None) ->
                 ranked[job.name] = vals
             yield vals
 
-    rows = page.with_name(page.name + ".rows.tmp")
-    tmp = page.with_suffix(".tmp")
+    # Temporaries among the media (same file system, so os.replace holds), not beside
+    # the page where a job folder may be named report.tmp.
+    rows = media / (page.name + ".rows.tmp")
+    tmp = media / (page.name + ".tmp")
     try:
         with rows.open("w", encoding="utf-8") as out, Thumbnails() as maker:
             pictures = Pictures(root, media, maker)

@@ -96,3 +96,34 @@ def test_an_undecodable_password_in_the_environment_is_a_usage_error(
     assert code == 2, text
     assert "$GIBATCH_PASSWORD is not UTF-8 text" in text
     assert "Hunter2" not in text and "Traceback" not in text
+
+
+# -- report: where its page and temporaries go
+
+@pytest.mark.parametrize("name", ["report.html", "report.tmp", "report.html.rows.tmp",
+                                  "contact-sheet.png"])
+def test_report_beside_a_job_folder_named_like_its_files(tmp_path: Path, name: str) -> None:
+    jobs = tmp_path / "jobs"
+    write_job(jobs, "1", tiny_job_files())
+    write_job(jobs, name, tiny_job_files())
+    code, text = invoke("report", "--jobs", str(jobs))
+    assert (jobs / name / "galaxy1.json").exists()  # the job is never replaced
+    if name in ("report.html", "contact-sheet.png"):  # the page's own names: refused
+        assert code == 1, text
+        assert f"error: {jobs / name} is a folder; the report needs the name for a " \
+               "file (pass --out to write it elsewhere)" in text
+        code, text = invoke("report", "--jobs", str(jobs), "--out",
+                            str(tmp_path / "page.html"))
+    assert code == 0, text
+    assert "2 jobs" in text
+
+
+def test_report_out_that_cannot_be_written_is_one_line(tmp_path: Path) -> None:
+    jobs = tmp_path / "jobs"
+    write_job(jobs, "1", tiny_job_files())
+    (tmp_path / "file").write_text("x")
+    code, text = invoke("report", "--jobs", str(jobs), "--out",
+                        str(tmp_path / "file" / "r.html"))
+    assert code == 1, text
+    assert text == (f"error: cannot write the report: {tmp_path / 'file' / 'r_files'}: "
+                    "Not a directory\n")
