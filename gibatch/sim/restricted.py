@@ -97,7 +97,8 @@ the base step); a star keeps a finer level for HOLD_STEPS base steps, since each
 of level costs energy. Stars are sorted by level, finest first, so those due at a fine
 time are a prefix of the arrays: one numpy pass per operation and fine time, in place,
 float32, component-major, velocities carried as displacements per step; both fields'
-a/r tables are read in one look-up indexed by the bits of r^2. The centres take their
+a/r tables are read in one look-up indexed by the bits of r^2; the levels are sorted as
+int8 (numpy's radix sort). The centres take their
 own leapfrog steps and are interpolated at every fine time the stars need. Halo
 particles are not followed: the halo is the smooth field, so its particle count changes
 nothing here.
@@ -112,6 +113,7 @@ ETA 0.04 without held levels, 4.9e-6 and 6.9e-4 at 1.6 times the steps).
 from __future__ import annotations
 
 import math
+from bisect import bisect_right
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -131,7 +133,7 @@ MAX_LEVEL = 14
 HOLD_STEPS = 10  # base steps a star keeps a finer level it no longer needs
 MAX_STAR_STEPS = 2e10  # star-steps: refuses a job of days, not a long one
 
-CELL_BITS = 15  # the a/r table has 2**(23 - CELL_BITS) = 256 entries per octave of r^2
+CELL_BITS = 12  # the a/r table has 2**(23 - CELL_BITS) = 2048 entries per octave of r^2
 TABLE_REACH = 1e4  # the star table reaches this many scale lengths (then a/r is clipped)
 
 
@@ -140,9 +142,13 @@ class Field:
     """One galaxy's softened field in physical units (kpc, km/s, 1e11 Msun).
 
     Stars read a(r)/r from a float32 table indexed by the bits of r^2 as a float32
-    (exponent and leading mantissa bits: 256 entries an octave, linear in r^2 between
-    them), from the model grid's first point to TABLE_REACH scale lengths (point mass
-    beyond the model): an index computed with integer operations, no log, no sqrt. The
+    (exponent and leading mantissa bits: 2048 cells an octave, each holding the value at
+    its middle, so a/r is within 2.5e-4 of the exact value), from the model grid's first
+    point to TABLE_REACH scale lengths (point mass beyond the model): an index computed
+    with integer operations, no log, no sqrt, one look-up. (It was 256 entries an octave,
+    linear in r^2 between them: two look-ups and five more passes a force evaluation, the
+    same per-star energy errors: median 1.27e-5 against 1.24e-5, p99 5.1e-4 against
+    5.2e-4.) The
     centres read the model's enclosed mass, density and dispersion from tables made
     once (scalar look-ups).
     """
@@ -154,12 +160,14 @@ class Field:
     first_bits: int = field(init=False, repr=False)  # float32 bits of the table's first r^2
     _profile: tuple[F64, F64, F64, F64, F64] = field(init=False, repr=False)
     _tidal: tuple[F64, F64] = field(init=False, repr=False)  # -da/dr, a/r on the grid
+    _lists: dict[str, list[float]] = field(init=False, repr=False)  # for scalar look-ups
 
     def __post_init__(self) -> None:
         ends = (np.array([self.model.grid[0], TABLE_REACH]) * self.length_kpc) ** 2
         lo, hi = ends.astype(np.float32).view(np.int32) >> CELL_BITS
-        r2 = ((np.arange(lo, hi + 2, dtype=np.int32) << CELL_BITS).view(np.float32))
-        r = np.sqrt(r2.astype(np.float64))
+        # each cell's value at its middle: a star reads the cell its r^2 falls in
+        mid = (np.arange(lo, hi + 1, dtype=np.int32) << CELL_BITS) + (1 << (CELL_BITS - 1))
+        r = np.sqrt(mid.view(np.float32).astype(np.float64))
         object.__setattr__(self, "table", (self.accel(r) / r).astype(np.float32))
         object.__setattr__(self, "first_bits", int(lo) << CELL_BITS)
         grid = self.model.grid
@@ -173,6 +181,11 @@ class Field:
         # a/r falls outwards (it is G times a mean density); kept monotone for look-ups
         object.__setattr__(self, "_tidal", (-np.gradient(accel, r),
                                             np.minimum.accumulate(accel / r)))
+        grid_kpc, m_enc, rho, sigma_kms, _ = self._profile
+        object.__setattr__(self, "_lists", {
+            "r": grid_kpc.tolist(), "accel": accel.tolist(), "m_enc": m_enc.tolist(),
+            "rho": rho.tolist(), "sigma": sigma_kms.tolist(),
+            "tide": self._tidal[0].tolist(), "-a/r": (-self._tidal[1]).tolist()})
 
     @property
     def core2(self) -> float:
@@ -194,46 +207,53 @@ class Field:
 
     def pull(self, r: float) -> float:
         """`accel` at one distance, for the centres (a scalar look-up)."""
-        grid, _, _, _, accel = self._profile
+        grid, accel = self._lists["r"], self._lists["accel"]
         if r >= grid[-1]:
             return G * self.mass / (r * r)
         if r <= grid[0]:
-            return float(accel[0]) * r / float(grid[0])
-        return float(np.interp(r, grid, accel))
+            return accel[0] * r / grid[0]
+        return _lerp(r, self._lists["r"], self._lists["accel"])
 
     def tide(self, r: float) -> float:
         """The field's radial tidal stretch -da/dr at r kpc, (km/s / kpc)^2: how much
         harder it pulls the near side of a body there than the far side, per kpc. It is
         (2 - dlnM/dlnr) G M / r^3, negative (compressive) in the softened core."""
-        grid, _, _, _, _ = self._profile
-        if r >= grid[-1]:
+        if r >= self._lists["r"][-1]:
             return 2 * G * self.mass / r**3
-        return float(np.interp(r, grid, self._tidal[0]))
+        return _lerp(r, self._lists["r"], self._lists["tide"])
 
     def bound_mass(self, tide: float) -> float:
         """Mass (1e11 Msun) within the radius where this galaxy's own pull, a/r, equals
         `tide` (another field's stretch): the King (1962) tidal radius of a body on a
         radial orbit, by the comparison the stars' shares make."""
-        grid, _, _, _, _ = self._profile
-        over_r = self._tidal[1]
-        if tide <= over_r[-1]:
+        if tide <= -self._lists["-a/r"][-1]:
             return self.mass
-        return self.enclosed(float(np.interp(-tide, -over_r, grid)))
+        return self.enclosed(_lerp(-tide, self._lists["-a/r"], self._lists["r"]))
 
     def enclosed(self, r: float) -> float:
         """Mass (1e11 Msun) within r kpc of the centre."""
-        grid, m_enc, _, _, _ = self._profile
-        return float(np.interp(r, grid, m_enc))
+        return _lerp(r, self._lists["r"], self._lists["m_enc"])
 
     def density(self, r: float) -> float:
         """1e11 Msun / kpc^3 at r kpc."""
-        grid, _, rho, _, _ = self._profile
-        return float(np.interp(r, grid, rho, right=0.0))
+        return _lerp(r, self._lists["r"], self._lists["rho"], right=0.0)
 
     def dispersion(self, r: float) -> float:
         """Isotropic Jeans dispersion of the whole model at r kpc, km/s."""
-        grid, _, _, sigma, _ = self._profile
-        return float(np.interp(r, grid, sigma))
+        return _lerp(r, self._lists["r"], self._lists["sigma"])
+
+
+def _lerp(x: float, xs: list[float], ys: list[float], right: float | None = None
+          ) -> float:
+    """np.interp at one point (xs ascending), without numpy's per-call cost: the centres
+    make some 200,000 such look-ups a run."""
+    k = bisect_right(xs, x)
+    if k == 0:
+        return ys[0]
+    if k == len(xs):
+        return ys[-1] if right is None or x == xs[-1] else right
+    x0, x1 = xs[k - 1], xs[k]
+    return ys[k - 1] + (ys[k] - ys[k - 1]) * (x - x0) / (x1 - x0)
 
 
 def _chandrasekhar(host: Field, perturber: Field, r: float, v: F64, coulomb_log: float,
@@ -337,37 +357,28 @@ class _Pair:
 
     def __init__(self, fields: tuple[Field, Field], n: int) -> None:
         self._table = np.concatenate([f.table for f in fields])
-        self._slope = np.concatenate([np.append(np.diff(f.table), np.float32(0))
-                                      for f in fields])
         # One subtraction turns the bits of r^2 into (table index << CELL_BITS) + position
         # in the cell, for both fields at once; clipped to the tables' ends.
         offsets = np.cumsum([0, len(fields[0].table)])
         self._shift = np.array([[f.first_bits - (o << CELL_BITS)] for f, o in
                                 zip(fields, offsets, strict=True)], np.int64).astype(np.int32)
         self._low = (offsets[:, None] << CELL_BITS).astype(np.int32)
-        self._high = ((offsets[:, None] + [[len(f.table) - 1] for f in fields])
+        self._high = ((offsets[:, None] + [[len(f.table)] for f in fields])
                       << CELL_BITS).astype(np.int32) - 1
-        self._slope /= np.float32(1 << CELL_BITS)  # per unit of the cell's integer position
         self._core2 = np.array([[f.core2] for f in fields], np.float32)
         self._d = np.empty((2, 3, n), np.float32)
         self._u = np.empty((2, n), np.float32)
-        self._w = np.empty((2, n), np.float32)
         self._i = np.empty((2, n), np.intp)
         self._bits = np.empty((2, n), np.int32)
 
     def _over_r(self, u: F32) -> F32:
         """a(r)/r of both fields at squared distances u (2, m), in place."""
         m = u.shape[1]
-        w, i, bits = self._w[:, :m], self._i[:, :m], self._bits[:, :m]
+        i, bits = self._i[:, :m], self._bits[:, :m]
         np.subtract(u.view(np.int32), self._shift, out=bits)
         np.clip(bits, self._low, self._high, out=bits)
         np.right_shift(bits, CELL_BITS, out=i)
-        np.bitwise_and(bits, (1 << CELL_BITS) - 1, out=bits)
-        np.copyto(w, bits)
-        np.take(self._slope, i, out=u)
-        u *= w
-        np.take(self._table, i, out=w)
-        u += w
+        np.take(self._table, i, out=u)
         return u
 
     def accelerations(self, x: F32, centres: F32, out: F32, scale: F32 | None = None
@@ -533,7 +544,7 @@ class Stepper:
             pair.accelerations(state.pos, state.centre_pos.astype(np.float32)[:, :, None],
                                state.acc)
         level, share = _survey(pair, state, base)
-        order = np.argsort(-level, kind="stable")
+        order = np.argsort(-level.astype(np.int8), kind="stable")  # a radix sort
         level = level[order]
         top = int(level[0])
         due = np.searchsorted(-level, np.arange(-top, 1), side="right")  # level >= top - j
