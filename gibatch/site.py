@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 from urllib.parse import urljoin, urlsplit
 
 import aiohttp
+import anyio
 import backoff
 
 from gibatch.errors import (
@@ -575,11 +576,11 @@ class SiteClient:
 
     async def tasks(self) -> list[TaskRow]:
         html, _ = await self._get_page("gi/view_jobs/", "view_jobs")
-        return parse_task_rows(html)
+        return await _off_the_loop(parse_task_rows, html)
 
     async def sections(self, model: int) -> list[Section]:
         html, url = await self._get_page(f"gi/view_data/{model}/", "view_data")
-        return parse_sections(html, url)
+        return await _off_the_loop(parse_sections, html, url)
 
     @asynccontextmanager
     async def open_file(self, url: str, offset: int) -> AsyncIterator[aiohttp.ClientResponse]:
@@ -639,6 +640,18 @@ def _answer_json(text: str) -> dict[str, Any] | None:
     except (ValueError, RecursionError):
         return None
     return value if isinstance(value, dict) else None
+
+
+# A page at most this long is parsed on the event loop (a thread hop costs more); a
+# longer one (view_jobs grows with the account's history: 100,000 tasks are 11 MB, seconds
+# of parsing) in a worker thread, so downloads, timers and other polls go on meanwhile.
+PARSE_ON_LOOP_CHARS = 64 << 10
+
+
+async def _off_the_loop(parse: Callable[..., T], html: str, *args: Any) -> T:
+    if len(html) <= PARSE_ON_LOOP_CHARS:
+        return parse(html, *args)
+    return await anyio.to_thread.run_sync(parse, html, *args)
 
 
 def _job_id_of(text: str) -> int | None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gzip
 import secrets
+import threading
 import unicodedata
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -18,9 +19,9 @@ import anyio
 import pytest
 from aiohttp import web
 
-from gibatch import steps
+from gibatch import site, steps
 from gibatch.errors import RequestRejected, TransferError
-from gibatch.site import RemoteFile, SiteClient, parse_sections, parse_task_rows
+from gibatch.site import RemoteFile, SiteClient, TaskRow, parse_sections, parse_task_rows
 from gibatch.transfer import PART_SUFFIX, FileRecord, fetch, local_files, local_names
 from tests.test_hostile_server import (  # noqa: F401  (serve is a fixture)
     PREFIX,
@@ -340,3 +341,39 @@ async def test_a_file_listed_twice_is_saved_twice(serve: Serve, tmp_path: Path) 
     assert [(r.name, r.size) for r in records] == [("a.gif", 100), ("a~2.gif", 200)]
     assert (tmp_path / "a.gif").read_bytes() == first
     assert (tmp_path / "a~2.gif").read_bytes() == second
+
+
+# 6. view_jobs grows with the account's whole history (100,000 tasks are 11 MB): parsed
+#    on the event loop, each poll stalled every download, timer and poll for seconds.
+
+def _jobs_page(n: int, first: int = 1) -> str:
+    rows = "".join(f"<tr><td>{i}</td><td>Galaxy Interaction</td><td>{i % 4 + 1}</td>"
+                   f"<td>Completed</td><td>2026-12-02T00:00:00+00:00</td></tr>"
+                   for i in range(first, first + n))
+    return ("<html><body><table><thead><tr><th>Job ID</th><th>Job Type</th>"
+            "<th>Model Number</th><th>Status</th><th>Submitted</th></tr></thead>"
+            f"<tbody>{rows}</tbody></table></body></html>")
+
+
+@pytest.mark.parametrize("rows", [10, 2000])
+async def test_a_long_task_list_is_parsed_off_the_event_loop(
+        serve: Serve, monkeypatch: pytest.MonkeyPatch, rows: int) -> None:
+    page = _jobs_page(rows)
+    threads: list[int] = []
+
+    def parse(html: str) -> list[TaskRow]:
+        threads.append(threading.get_ident())
+        return parse_task_rows(html)
+
+    async def jobs(request: web.Request) -> web.StreamResponse:
+        return web.Response(text=page, content_type="text/html")
+
+    monkeypatch.setattr(site, "parse_task_rows", parse)
+    client = await _client(serve, {f"{PREFIX}/gi/view_jobs/": jobs})
+    try:
+        got = await client.tasks()
+    finally:
+        await client.__aexit__(None, None, None)
+    assert [r.job_id for r in got] == list(range(1, rows + 1))
+    on_loop = threads == [threading.get_ident()]
+    assert on_loop == (len(page) <= site.PARSE_ON_LOOP_CHARS), (len(page), on_loop)
