@@ -235,24 +235,44 @@ def find_shot(section_dir: Path) -> Shot:
     return Shot(section_dir.name, still, animation)
 
 
-def placeholder(size: int = THUMB_PX) -> Image.Image:
-    """A grey square saying the image could not be read."""
+def placeholder(size: int = THUMB_PX, text: str = "unreadable image") -> Image.Image:
+    """A grey square saying the image could not be read (or `text`)."""
     image = Image.new("RGB", (size, size), "#d0d0d0")
-    ImageDraw.Draw(image).text((8, size // 2 - 6), "unreadable image", fill="black")
+    ImageDraw.Draw(image).text((8, size // 2 - 6), text, fill="black")
     return image
+
+
+# Reaching an animation's last frame decodes every frame (a GIF's frames build on each
+# other), about 80 million pixels a second, and a GIF of huge plain frames is small on
+# disk: 40 frames of 4000x4000 in 0.55 MB cost 8 s. Pillow's bomb check is per frame.
+# The site's largest plot is 768 px square and a run has at most 2,000 frames.
+MAX_ANIMATION_FRAME_PX = 2048 * 2048
+MAX_ANIMATION_PX = 2_000 * 768 * 768  # at most ~15 s of decoding
+
+
+class _TooCostly(Exception):
+    pass
 
 
 def last_frame(path: Path) -> Image.Image:
     """`path`'s last frame in RGB, or a placeholder if it cannot be read: one corrupt
-    file costs its own picture, not the whole report. A bomb is refused, not decoded."""
+    file costs its own picture, not the whole report. A bomb is refused, not decoded,
+    and so is an animation whose frames would take too long to reach the last."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with open_regular(path) as f, Image.open(f) as image:
-                frames = getattr(image, "n_frames", 1)
+                frames = getattr(image, "n_frames", 1)  # frame headers only: cheap
                 if frames > 1:
+                    pixels = image.width * image.height
+                    if pixels > MAX_ANIMATION_FRAME_PX or pixels * frames > MAX_ANIMATION_PX:
+                        raise _TooCostly(f"{frames} frames of {image.width}x{image.height}")
                     image.seek(frames - 1)
                 return image.convert("RGB")
+    except _TooCostly as exc:
+        log.warning("%s: an animation too large to decode (%s); shown as a placeholder",
+                    printable(str(path)), exc)
+        return placeholder(text="image too large")
     except _IMAGE_ERRORS as exc:
         why = ("not an image format Pillow reads" if isinstance(exc, UnidentifiedImageError)
                else exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc))

@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from PIL import Image
 from typer.testing import CliRunner
 
 from gibatch.cli import app
@@ -127,3 +128,36 @@ def test_report_out_that_cannot_be_written_is_one_line(tmp_path: Path) -> None:
     assert code == 1, text
     assert text == (f"error: cannot write the report: {tmp_path / 'file' / 'r_files'}: "
                     "Not a directory\n")
+
+
+# -- report: an animation whose last frame costs too much to reach
+
+def _gif(path: Path, frames: int, side: int) -> Path:
+    images = [Image.new("P", (side, side), i % 2) for i in range(frames)]
+    for image in images:
+        image.putpalette([0, 0, 0, 255, 255, 255] + [0] * 762)
+    images[0].save(path, save_all=True, append_images=images[1:], optimize=False)
+    return path
+
+
+def test_an_animation_of_huge_frames_is_a_placeholder_not_decoded(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Frames far larger than any plot: 40 of 4000x4000 (0.55 MB) took 8 s to reach the
+    last; a GIF of 100 MB held the report for 25 minutes."""
+    from gibatch import report
+
+    huge = _gif(tmp_path / "huge.gif", 3, 2100)  # each frame under Pillow's bomb limit
+    assert report.last_frame(huge).size == (report.THUMB_PX, report.THUMB_PX)
+    assert "3 frames of 2100x2100" in caplog.text
+    normal = _gif(tmp_path / "normal.gif", 3, 768)
+    assert report.last_frame(normal).size == (768, 768)
+
+
+def test_an_animation_of_too_many_frames_is_a_placeholder(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from gibatch import report
+
+    monkeypatch.setattr(report, "MAX_ANIMATION_PX", 10 * 64 * 64)  # 2,000 768 px frames
+    assert report.last_frame(_gif(tmp_path / "ten.gif", 10, 64)).size == (64, 64)
+    assert report.last_frame(_gif(tmp_path / "eleven.gif", 11, 64)).size == (
+        report.THUMB_PX, report.THUMB_PX)
