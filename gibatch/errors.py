@@ -114,12 +114,17 @@ class ModelStuck(GibatchError):
 
 
 class ResultVanished(GibatchError):
-    """A result the job needs is no longer on the site: its task must run again."""
+    """A result the job needs is no longer on the site: its task must run again.
+
+    `elsewhere`: a task started elsewhere (seen in the task list) replaced it, or the
+    site lost gibatch's task: someone else's doing, which a busy model number may see
+    often, not a sign that the site keeps deleting what it made."""
 
     def __init__(self, message: str, *, section: str | None = None, job: str | None = None,
-                 model: int | None = None) -> None:
+                 model: int | None = None, elsewhere: bool = False) -> None:
         super().__init__(message, job=job, model=model)
         self.section = section
+        self.elsewhere = elsewhere
 
 
 class JobFailed(PermanentError):

@@ -17,6 +17,7 @@ job still gets an outcome.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import time
@@ -54,7 +55,9 @@ from gibatch.worker import Counts, Durations, Interrupted, Listed, ModelWorker
 log = logging.getLogger("gibatch")
 
 DEFAULT_GRACE_S = 30.0
-MAX_VANISHED = 3  # times a job's results may vanish before it fails
+MAX_VANISHED = 3  # times a job's results may vanish unexplained before it fails
+# ... and times other people's tasks (or the site losing the job's) may undo it
+MAX_UNDONE_ELSEWHERE = 8
 
 
 class Outcome(StrEnum):
@@ -142,6 +145,7 @@ class Scheduler:
         self._tg: TaskGroup | None = None
         self.claims: dict[str, JobClaim] = {}
         self.vanished: dict[str, int] = {}
+        self.undone: dict[str, int] = {}  # vanishings someone else's task explains
         self.finishing: set[str] = set()  # jobs whose downloads are under way
         # Jobs a worker is running: one may come back (its model set aside, `ModelStuck`).
         self.running: set[str] = set()
@@ -404,15 +408,20 @@ class Scheduler:
             return
         gone = next((e for e in found if isinstance(e, ResultVanished)), None)
         if gone is not None and all(isinstance(e, ResultVanished) for e in found):
-            self.vanished[job.name] = self.vanished.get(job.name, 0) + 1
-            if self.vanished[job.name] <= MAX_VANISHED and not self.stopping:
+            elsewhere = all(e.elsewhere for e in found if isinstance(e, ResultVanished))
+            counts, most = ((self.undone, MAX_UNDONE_ELSEWHERE) if elsewhere
+                            else (self.vanished, MAX_VANISHED))
+            counts[job.name] = counts.get(job.name, 0) + 1
+            if counts[job.name] <= most and not self.stopping:
                 self.emit(Event.JOB_REQUEUED, job.name, model,
                           detail=f"{gone}; running what is missing again")
                 self.pending.appendleft(job)
                 self._notify()
                 return
+            why = "tasks started elsewhere kept undoing it" if elsewhere else \
+                "results kept vanishing"
             self._end(job, model, Outcome.FAILED,
-                      f"results kept vanishing ({self.vanished[job.name]} times); last: {gone}")
+                      f"{why} ({counts[job.name]} times); last: {gone}")
             return
         self._end(job, model, Outcome.FAILED, "; ".join(_describe(e) for e in found))
 
@@ -495,7 +504,8 @@ class Scheduler:
                 for name in names:
                     worker.memory.forget(name)
                 raise ResultVanished("a task started elsewhere replaced results while they "
-                                     "downloaded", job=job.name, model=worker.model)
+                                     "downloaded", job=job.name, model=worker.model,
+                                     elsewhere=True)
             # No await from here on: the record is written whole or not at all.
             record.prune(job, {k: {f.name for f in v} for k, v in files.items()})
             record.write(job, files, self.site, worker.model, listed.started)
@@ -506,9 +516,12 @@ class Scheduler:
                       detail=f"{n} files in {time.time() - listed.started:.1f} s")
             self._release(job)
         except BaseException as exc:
-            for e in leaves(exc):
+            found = leaves(exc)
+            for e in found:
                 if isinstance(e, ResultVanished) and e.section:
                     worker.memory.forget(e.section)
+            if all(isinstance(e, ResultVanished) and not e.elsewhere for e in found):
+                await self._explain(worker, listed, names, found)
             self._settle(job, worker.model, exc)
         finally:
             worker.memory.release(reading)
@@ -517,6 +530,18 @@ class Scheduler:
             if early is not None and early.done.is_set():
                 del self.early[job.name]
             self._notify()
+
+    async def _explain(self, worker: ModelWorker, listed: Listed, names: list[str],
+                       vanished: list[BaseException]) -> None:
+        """A file that answered 404: mark it `elsewhere` if a task started elsewhere
+        since the listing may have replaced it (a poll now shows what the last did not).
+        """
+        with contextlib.suppress(Exception):  # no new listing: it stays unexplained
+            await self.poller.refresh()
+        if worker.memory.disturbed(listed.foreign_mark, names):
+            for e in vanished:
+                if isinstance(e, ResultVanished):
+                    e.elsewhere = True
 
     async def _download(self, job: Job, chosen: dict[str, Section],
                         read: Callable[[str], None]) -> dict[str, list[FileRecord]]:

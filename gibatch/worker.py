@@ -308,7 +308,7 @@ class ModelWorker:
                 raise ResultVanished(
                     f"the site accepted {step.name} (task {own.job_id or 'id unknown'}) but "
                     f"never listed it within {self.client.retry.listing_grace_s:.0f} s",
-                    job=job.name, model=self.model)
+                    job=job.name, model=self.model, elsewhere=True)
             if not isinstance(row, TaskRow):  # its intent stays: a later run adopts it
                 raise ModelStuck(
                     f"its {step.name} task {own.job_id or '(id unknown)'} has not ended "

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import errno
 import logging
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -16,13 +17,14 @@ import anyio
 import pytest
 
 from gibatch import transfer
-from gibatch.errors import local_io
+from gibatch.errors import ResultVanished, local_io
 from gibatch.jobs import load_sweep
 from gibatch.journal import Journal
 from gibatch.plan import make_plan
 from gibatch.run import Outcome, Summary
 from gibatch.sim.faults import Faults
 from gibatch.sim.server import ThreadedSite
+from gibatch.site import SiteClient
 from gibatch.steps import DEFAULT_STAGE_COST_S
 from tests.conftest import (
     FAST_RETRY,
@@ -400,3 +402,43 @@ def test_a_task_that_never_ends_sets_its_model_aside(
     assert model is not None and list(summary.models_refused) == [model.model]
     assert "has not ended" in summary.models_refused[model.model] if whose == "own" \
         else "started elsewhere" in summary.models_refused[model.model]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_a_job_undone_by_browser_tasks_more_often_than_unexplained_losses_allow(
+    tmp_path: Path, make_site: Callable[..., ThreadedSite]
+) -> None:
+    """Someone clears the model in the browser each time the job downloads its plot, five
+    times: each is someone else's doing, seen in the task list, so the job runs again
+    each time (it used to fail after three, as if the site kept deleting its results);
+    the results that vanish with no task to explain them still fail a job after three."""
+    jobs = tmp_path / "jobs"
+    write_job(jobs, "a", tiny_job_files())
+    site = make_site(strict=True, faults=Faults(browser_step="galaxy1"))
+    site.running.site.faults.script("browser", "final.png", times=5)
+    summary = run_sweep(site, jobs, [1])
+    assert summary.outcomes == {"a": Outcome.COMPLETE}, summary.reasons
+    assert len(site.running.site.clicked) == 5
+    assert_jobs_match_ledger(jobs, site.running.site.config.data_dir)
+
+    # A site that answers 404 for a file it lists, no task to explain it.
+    write_job(jobs, "b", tiny_job_files(**{"interact.json": {"mass_2": 2.0}}))
+    gone = []
+
+    def wrap(client: SiteClient) -> None:
+        real_open = client.open_file
+
+        @asynccontextmanager
+        async def open_file(url: str, offset: int) -> AsyncIterator[Any]:
+            if url.endswith("/final.png"):
+                gone.append(url)
+                raise ResultVanished(f"{url} answered 404: the result is gone")
+            async with real_open(url, offset) as resp:
+                yield resp
+
+        client.open_file = open_file  # type: ignore[method-assign]
+
+    summary = run_sweep(site, jobs, [1], wrap=wrap)
+    assert summary.outcomes["b"] is Outcome.FAILED and gone
+    assert summary.reasons["b"].startswith("results kept vanishing (4 times)")
