@@ -349,36 +349,29 @@ def _centre_omega(x: F64, fields: tuple[Field, Field]) -> float:
 
 
 class _Pair:
-    """The stars' side of both fields: the a/r tables stacked, in float32, and work
-    buffers for up to n stars, so that the innermost loop allocates nothing.
+    """The stars' side of both fields: their a/r tables in float32, and work buffers for
+    up to n stars, so that the innermost loop allocates nothing.
 
     Arrays are (3, n), component-major: every operation is a contiguous pass.
     """
 
     def __init__(self, fields: tuple[Field, Field], n: int) -> None:
-        self._table = np.concatenate([f.table for f in fields])
+        self._tables = tuple(f.table for f in fields)
         # One subtraction turns the bits of r^2 into (table index << CELL_BITS) + position
-        # in the cell, for both fields at once; clipped to the tables' ends.
-        offsets = np.cumsum([0, len(fields[0].table)])
-        self._shift = np.array([[f.first_bits - (o << CELL_BITS)] for f, o in
-                                zip(fields, offsets, strict=True)], np.int64).astype(np.int32)
-        self._low = (offsets[:, None] << CELL_BITS).astype(np.int32)
-        self._high = ((offsets[:, None] + [[len(f.table)] for f in fields])
-                      << CELL_BITS).astype(np.int32) - 1
+        # in the cell; the look-up clips the index to the table's ends.
+        self._first = np.array([[f.first_bits] for f in fields], np.int32)
         self._core2 = np.array([[f.core2] for f in fields], np.float32)
         self._d = np.empty((2, 3, n), np.float32)
         self._u = np.empty((2, n), np.float32)
         self._i = np.empty((2, n), np.intp)
-        self._bits = np.empty((2, n), np.int32)
 
     def _over_r(self, u: F32) -> F32:
         """a(r)/r of both fields at squared distances u (2, m), in place."""
-        m = u.shape[1]
-        i, bits = self._i[:, :m], self._bits[:, :m]
-        np.subtract(u.view(np.int32), self._shift, out=bits)
-        np.clip(bits, self._low, self._high, out=bits)
-        np.right_shift(bits, CELL_BITS, out=i)
-        np.take(self._table, i, out=u)
+        i = self._i[:, :u.shape[1]]
+        np.subtract(u.view(np.int32), self._first, out=i)
+        np.right_shift(i, CELL_BITS, out=i)
+        for k, table in enumerate(self._tables):  # mode "clip": no bounds check to raise
+            np.take(table, i[k], out=u[k], mode="clip")
         return u
 
     def accelerations(self, x: F32, centres: F32, out: F32, scale: F32 | None = None
@@ -545,7 +538,7 @@ class Stepper:
                                state.acc)
         level, share = _survey(pair, state, base)
         order = np.argsort(-level.astype(np.int8), kind="stable")  # a radix sort
-        level = level[order]
+        level = np.take(level, order)
         top = int(level[0])
         due = np.searchsorted(-level, np.arange(-top, 1), side="right")  # level >= top - j
         path, impulse = self._centre_path(state, base, 2**top)
@@ -557,8 +550,9 @@ class Stepper:
         # drags cancel there (the pair's momentum is conserved).
         drag = (0.5 * impulse.T @ share).astype(np.float32)
         state.vel += drag
-        x, v, a = state.pos[:, order], state.vel[:, order], state.acc[:, order]
-        h = (base / 2.0 ** level).astype(np.float32)
+        # np.take, not fancy indexing: 6-8 times faster for (3, n) arrays along axis 1
+        x, v, a = (np.take(y, order, axis=1) for y in (state.pos, state.vel, state.acc))
+        h = np.take((base / 2.0 ** np.arange(MAX_LEVEL + 1)).astype(np.float32), level)
         h2 = h * h
         last = 0.5 * h2
         v += 0.5 * h * a
@@ -571,10 +565,13 @@ class Stepper:
             vs += as_
         v /= h
         a /= last
-        state.pos[:, order], state.vel[:, order], state.acc[:, order] = x, v, a
+        back = np.empty_like(order)
+        back[order] = np.arange(len(order))
+        for y, out in ((x, state.pos), (v, state.vel), (a, state.acc)):
+            np.take(y, back, axis=1, out=out)
         state.vel += drag
         state.time += base
-        return int(np.sum(2**level))
+        return int(np.bincount(level) @ (1 << np.arange(top + 1)))
 
 
 def run(state: State, fields: tuple[Field, Field], times: list[float],
