@@ -19,11 +19,15 @@ steps): about 3 s of a warm `status` of 100,000 jobs here, most of what is left.
 
 `run` decides what to skip by `whole`, which sees every size, as `is_complete` does,
 without reading a remembered record: the same row keeps the files the record lists
-(`files`) and a `proof`, a digest of the record's stat, its lineage hashed as the
-job's, and each listed size. A job is skipped unread only if the record's stat, the
-job's lineage and the size of every listed file on disk give that digest again (one
-stat per file, as `is_complete` makes, and one of the record). Anything else, a file
-missing or of another size included, is judged by reading the record, as before.
+(`listing`, in table `listings`, shared by the records that list the same files) and a
+`proof`, a digest of the record's stat, its lineage hashed as the job's, and each
+listed size. A job is skipped unread only if the record's stat, the job's lineage and
+the size of every listed file on disk give that digest again; anything else, a file
+missing or of another size included, is judged by reading the record, as before. The
+record's stat stands for its content as a job file's does in `discovery` (and only once
+settled). What is left is one stat per listed file, which `is_complete` makes too:
+about 2,100,000 for 100,000 jobs of 6 steps, most of a warm `run`'s start after
+discovery.
 """
 
 from __future__ import annotations
@@ -51,13 +55,17 @@ RECORD_VERSION = 1
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS completions (
     name TEXT PRIMARY KEY, sections TEXT NOT NULL, signature TEXT NOT NULL,
-    chain TEXT NOT NULL, model INTEGER, files TEXT, proof TEXT);
+    chain TEXT NOT NULL, model INTEGER, listing INTEGER, proof TEXT);
+CREATE TABLE IF NOT EXISTS listings (id INTEGER PRIMARY KEY, files TEXT NOT NULL UNIQUE);
 """
 # `chain`: the record's lineage hashed as `_chain_hash` (a column renamed when that
-# changed, so that rows hashed otherwise are dropped, not misread). `files`, `proof`:
-# for `whole` (module docstring); NULL when the record's names cannot be kept as text.
-_COLUMNS = {"completions": ["name", "sections", "signature", "chain", "model", "files",
-                            "proof"]}
+# changed, so that rows hashed otherwise are dropped, not misread). `listing`, `proof`:
+# for `whole` (module docstring), NULL when the record's names cannot be kept as text;
+# `listing` is the id of the record's files in `listings`, which most records share
+# (400 bytes a record, 40 MB at 100,000 jobs if each row held them).
+_COLUMNS = {"completions": ["name", "sections", "signature", "chain", "model", "listing",
+                            "proof"],
+            "listings": ["id", "files"]}
 # a completions row after its name: sections, signature, chain, model, files, proof
 Row = tuple[str, str, str, int | None, str | None, str | None]
 Stored = tuple[str, str, str, str, int | None, str | None, str | None]  # name, *Row
@@ -107,6 +115,7 @@ def _whole(job: Job, data: dict[str, Any]) -> bool:
     sections = data.get("sections", {})
     if not isinstance(sections, dict):
         return False
+    output = os.fspath(job.output)
     for section, files in sections.items():
         if not isinstance(files, list):
             return False
@@ -114,8 +123,15 @@ def _whole(job: Job, data: dict[str, Any]) -> bool:
             if not (isinstance(f, dict) and isinstance(f.get("name"), str)
                     and isinstance(f.get("size"), int)):
                 return False
+            name = f["name"]
+            # A text joined costs less than two Paths (4,000,000 for a cold 100k sweep)
+            # and names the same file, unless a name is empty or holds "/" (absolute,
+            # a trailing slash), which Path joins otherwise.
+            path = (f"{output}/{section}/{name}" if name and section
+                    and "/" not in name and "/" not in section
+                    else job.output / section / name)
             try:
-                if (job.output / section / f["name"]).stat().st_size != f["size"]:
+                if os.stat(path).st_size != f["size"]:
                     return False
             except OSError:
                 return False
@@ -151,12 +167,15 @@ class _Completions(Database):
                     self._db.execute("SELECT name, sections, signature, chain, model "
                                      "FROM completions")}
 
-    def proofs(self) -> dict[str, tuple[str, str]]:
-        """name -> (files, proof) of every record remembered with them."""
-        shared: dict[str, str] = {}  # most jobs list the same files
+    def proofs(self) -> dict[str, tuple[list[str], str]]:
+        """name -> (the record's files, each as `/section/name`, and proof) of every
+        record remembered with them (one list for all records listing the same files)."""
         with self._lock:
-            return {r[0]: (shared.setdefault(r[1], r[1]), r[2]) for r in self._db.execute(
-                "SELECT name, files, proof FROM completions WHERE proof IS NOT NULL")}
+            listings = {i: [f"/{f}" for f in files.split(_FILES_SEP)] if files else []
+                        for i, files in self._db.execute("SELECT id, files FROM listings")}
+            return {name: (listings[i], proof) for name, i, proof in self._db.execute(
+                        "SELECT name, listing, proof FROM completions WHERE proof IS NOT NULL")
+                    if i in listings}
 
     def store(self, fresh: list[Stored], gone: list[str]) -> None:
         if not (fresh or gone):
@@ -164,10 +183,19 @@ class _Completions(Database):
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
+                ids: dict[str | None, int | None] = {None: None}
+                for files in {row[5] for row in fresh} - {None}:
+                    self._db.execute("INSERT OR IGNORE INTO listings (files) VALUES (?)",
+                                     (files,))
+                    ids[files] = self._db.execute("SELECT id FROM listings WHERE files = ?",
+                                                  (files,)).fetchone()[0]
                 self._db.executemany(
-                    "INSERT OR REPLACE INTO completions VALUES (?, ?, ?, ?, ?, ?, ?)", fresh)
+                    "INSERT OR REPLACE INTO completions VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    [(*row[:5], ids[row[5]], row[6]) for row in fresh])
                 self._db.executemany("DELETE FROM completions WHERE name = ?",
                                      [(n,) for n in gone])
+                self._db.execute("DELETE FROM listings WHERE id NOT IN (SELECT listing "
+                                 "FROM completions WHERE listing IS NOT NULL)")
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")
@@ -238,11 +266,11 @@ def _proof(record_stat: os.stat_result, chain: str, sizes: Iterable[int]) -> str
 
 def _proven(output: str, files: list[str], proof: str, chain: str) -> bool:
     """Whether the record under the job's `output` folder (a text) is the one `proof`
-    was made of, its lineage hashes to `chain`, and each of its `files` has the size
-    listed."""
+    was made of, its lineage hashes to `chain`, and each of its `files` (`/section/name`)
+    has the size listed."""
     try:
         head = os.stat(f"{output}/{RECORD_FILE}")
-        sizes = [os.stat(f"{output}/{f}").st_size for f in files]
+        sizes = [os.stat(output + f).st_size for f in files]
     except OSError:
         return False
     return _proof(head, chain, sizes) == proof
@@ -358,17 +386,13 @@ def whole(root: Path, jobs: Iterable[Job]) -> set[str]:
     fresh: list[Stored] = []
     gone: list[str] = []  # remembered, read again, and found not whole
     seen_ns = discovery.clock_ns()
-    split: dict[str, list[str]] = {}  # most jobs list the same files
     top = os.fspath(root)
     for job in jobs:
         hit = known.pop(job.name, None)  # a row is dropped once used: less memory
         if hit is not None:
             files, proof = hit
-            names = split.get(files)
-            if names is None:
-                names = split[files] = files.split(_FILES_SEP) if files else []
             # `job.path` is `root / name` (discovery): a text built here costs less.
-            if _proven(f"{top}/{job.name}/{OUTPUT_DIR}", names, proof, _chain_hash(job)):
+            if _proven(f"{top}/{job.name}/{OUTPUT_DIR}", files, proof, _chain_hash(job)):
                 done.add(job.name)
                 continue
         data, row = _examine(job, seen_ns)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sqlite3
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -188,6 +189,20 @@ def test_whole_agrees_with_each_record_and_reads_only_what_changed(
     reads.clear()
     assert record.whole(root, sweep.jobs) == {"j6", "j8", "j9", "j10"}
     assert "j6" not in reads  # its new record is remembered
+    assert listings(root) == 1  # kept once for every record listing the same files
+    for job in sweep.jobs:
+        record.invalidate(job)
+    assert record.whole(root, sweep.jobs) == set()
+    assert listings(root) == 0  # none left that no record uses
+
+
+def listings(root: Path) -> int:
+    db = sqlite3.connect(root / ".gibatch" / "journal.db")
+    try:
+        count: int = db.execute("SELECT count(*) FROM listings").fetchone()[0]
+        return count
+    finally:
+        db.close()
 
 
 def test_whole_reads_a_record_changed_just_now_and_keeps_other_rows(
@@ -211,6 +226,35 @@ def test_whole_reads_a_record_changed_just_now_and_keeps_other_rows(
         assert record.whole(root, sweep.jobs) == {"j0", "j1"}
         assert record.completed(root, sweep.jobs) == {"j0": 1, "j1": 1}
     assert reads == []
+
+
+@pytest.mark.parametrize("section, name", [
+    ("Plot 1", "ABS"), ("Plot 1", "log.txt/"), ("Plot 1", ""), ("Plot 1", "sub/x"),
+    ("", "log.txt"), (".", "log.txt"), ("Plot 1/", "log.txt")])
+def test_a_listed_name_names_the_file_path_joins_name(tmp_path: Path, section: str,
+                                                      name: str) -> None:
+    """Files are stat'ed by a joined text where that names what `output / section /
+    name` names; a name that Path joins otherwise (absolute, empty, a slash) still
+    names that."""
+    root = tmp_path / "jobs"
+    job = sweep_of(root, 1).jobs[0]
+    finish(job)
+    (job.output / "Plot 1" / "sub").mkdir()
+    (job.output / "Plot 1" / "sub" / "x").write_text("x")
+    (job.output / "log.txt").write_text("top")
+    outside = tmp_path / "elsewhere.txt"
+    outside.write_text("outside")
+    listed = str(outside) if name == "ABS" else name
+    target = job.output / section / listed
+    data = json.loads(record.record_path(job).read_text())
+    data["sections"].setdefault(section, []).append(
+        {"name": listed, "size": target.stat().st_size, "sha256": "-"})
+    record.record_path(job).write_text(json.dumps(data))
+    assert record.is_complete(job)
+    if target.is_file():
+        with target.open("a") as f:
+            f.write("more")
+        assert not record.is_complete(job)
 
 
 def test_a_second_run_reads_no_record_and_redoes_a_file_cut_short(
