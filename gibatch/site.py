@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import codecs
+import itertools
 import json
 import re
 from collections import Counter
@@ -16,6 +17,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from enum import StrEnum
+from html import unescape as html_unescape
 from html.parser import HTMLParser
 from typing import Any, TypeVar
 from urllib.parse import urljoin, urlsplit
@@ -163,10 +165,15 @@ class _Tables(HTMLParser):
     def __init__(self) -> None:
         super().__init__(convert_charrefs=True)
         self.items: list[tuple[str, Any]] = []  # ("h3", text) | ("table", rows)
+        self.fed = 0  # characters fed so far
         self._h3: list[str] | None = None
         self._rows: list[list[_Cell]] | None = None
         self._cell: _Cell | None = None
         self._link: tuple[str, list[str]] | None = None
+
+    def feed(self, data: str) -> None:
+        self.fed += len(data)
+        super().feed(data)
 
     def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
         if tag == "h3":
@@ -207,35 +214,132 @@ class _Tables(HTMLParser):
             self._link[1].append(data)
 
 
-_NUMBER = re.compile(r"[0-9]{1,18}")  # below 2**63: what SQLite stores as an INTEGER
-
-
 def number(text: str) -> int | None:
     """A number of the site's pages (task id, model number, size): ASCII digits only
-    (`'²'.isdigit()` is True, but int('²') fails) and below 2**63; None otherwise."""
-    return int(text) if _NUMBER.fullmatch(text) else None
+    (`'²'.isdigit()` is True, but int('²') fails), at most 18 of them (below 2**63, what
+    SQLite stores as an INTEGER); None otherwise."""
+    return int(text) if len(text) <= 18 and text.isascii() and text.isdigit() else None
 
 
 def parse_task_rows(html: str) -> list[TaskRow]:
     """view_jobs: the table whose header has `Job Type`; columns 0-3 by position."""
+    table = _plain_task_table(html)
+    if table is None:
+        table = _task_table(html)
+    out = []
+    for raw_id, job_type, raw_model, status in table:
+        job_id, model = number(raw_id), number(raw_model)
+        if job_id is not None and model is not None:
+            out.append(TaskRow(job_id, job_type, model, status))
+    return sorted(out, key=lambda r: r.job_id)  # oldest first, whatever the page did
+
+
+_Cells4 = tuple[str, str, str, str]
+
+
+def _task_table(html: str) -> list[_Cells4]:
+    """The first four cells' texts of each body row of at least four cells, in the
+    first table whose header has `Job Type`."""
     parser = _Tables()
     parser.feed(html)
     for kind, rows in parser.items:
-        if kind != "table" or not rows:
-            continue
-        header = [c.text.strip() for c in rows[0] if c.header]
-        if "Job Type" not in header:
-            continue
-        out = []
-        for row in rows[1:]:
-            cells = [c.text.strip() for c in row]
-            if len(cells) < 4:
-                continue
-            job_id, model = number(cells[0]), number(cells[2])
-            if job_id is not None and model is not None:
-                out.append(TaskRow(job_id, cells[1], model, cells[3]))
-        return sorted(out, key=lambda r: r.job_id)  # oldest first, whatever the page did
+        if kind == "table" and _lists_tasks(rows):
+            return [(row[0].text.strip(), row[1].text.strip(), row[2].text.strip(),
+                     row[3].text.strip()) for row in rows[1:] if len(row) >= 4]
     raise ProtocolError("view_jobs page has no table with a 'Job Type' column")
+
+
+def _lists_tasks(rows: list[list[_Cell]]) -> bool:
+    return bool(rows) and "Job Type" in [c.text.strip() for c in rows[0] if c.header]
+
+
+# The task list read at C speed when its table is plain (the site's own: a Django
+# template's), giving what `_task_table` gives: rows of cells holding text and inline
+# tags only. Anything else in the table (a comment, a script, a `/` or `<` in a tag, any
+# other tag) and the page goes to html.parser instead, which costs about 0.5 s a MB:
+# view_jobs grows with the account's history, and 100,000 tasks are 11 MB.
+# Possessive quantifiers (*+): each piece starts with its own tag, there is nothing to
+# backtrack into, and checking the table costs a third.
+_SP = "[\t\n\r\f ]"  # what ends a tag's name for html.parser
+# Attributes: quoted values without `<>` in them, and no other `/` (`/>` closes the tag).
+_ATTRS = f"""(?:{_SP}(?:[^<>"'/\\x00]|"[^"<>]*+"|'[^'<>]*+')*+)?>"""
+_INLINE = f"</?(?:a|abbr|b|br|code|em|font|i|small|span|strong|time){_ATTRS}"
+_CONTENT = f"[^<]*+(?:{_INLINE}[^<]*+)*+"  # a cell's
+_ANY_CELL = f"<t[dh]{_ATTRS}{_CONTENT}</t[dh]{_SP}*+>\\s*+"
+_CELL = f"<t[dh]{_ATTRS}({_CONTENT})</t[dh]{_SP}*+>\\s*+"  # its content as a group
+_GROUP = f"(?:</t(?:head|body){_SP}*+>\\s*+)?(?:<t(?:head|body){_ATTRS}\\s*+)?"
+_ROWS = f"(?:<tr{_ATTRS}\\s*+(?:{_ANY_CELL})*+(?:</tr{_SP}*+>\\s*+)?{_GROUP})*+"
+_PLAIN_TABLE = re.compile(f"\\s*+{_GROUP}{_ROWS}", re.I)  # between the table's tags
+_PLAIN_MORE = re.compile(_ROWS, re.I)  # from a row on
+_FIRST_ROW = re.compile(f"\\s*+{_GROUP}<tr{_ATTRS}\\s*+((?:{_ANY_CELL})*+)", re.I)
+_HEADER_CELL = re.compile(f"<th{_ATTRS}({_CONTENT})</t[dh]", re.I)
+_ROW4 = re.compile(f"<tr{_ATTRS}\\s*+{_CELL * 4}", re.I)  # a row's first four cells
+_INLINE_TAG = re.compile(_INLINE, re.I)
+_TR = re.compile(f"<tr{_ATTRS}", re.I)
+_TABLE_OPEN = re.compile("<table", re.I)
+_TABLE_TAG = re.compile(f"<table{_ATTRS}", re.I)
+_TABLE_END = re.compile(f"</table{_SP}*>", re.I)
+_TABLES_BEFORE_TASKS = 8
+# The table is read in pieces of about this many characters, whole rows each: a regex
+# holds the GIL throughout, and an 11 MB table at once would stall the event loop.
+_PIECE_CHARS = 1 << 17
+
+
+def _plain_task_table(html: str) -> list[_Cells4] | None:
+    """`_task_table(html)` if the page's task table is a plain one, else None."""
+    # The page up to each table's tag, as html.parser reads it: the tag must open a table
+    # there (and not sit in a comment, a script or an attribute's value). A few tables
+    # at most (each feed may read again what an open comment holds).
+    before = _Tables()
+    for opening in itertools.islice(_TABLE_OPEN.finditer(html), _TABLES_BEFORE_TASKS):
+        if opening.start() < before.fed:
+            continue  # inside a table already read
+        tag = _TABLE_TAG.match(html, opening.start())
+        if not tag:
+            return None
+        before.feed(html[before.fed:tag.end()])
+        if before._rows is None or before.rawdata:  # not a tag here: read on
+            continue
+        if before._rows or any(kind == "table" and _lists_tasks(rows)
+                               for kind, rows in before.items):
+            return None  # a table in a table, or a task table already read
+        end = _TABLE_END.search(html, tag.end())
+        if not end:
+            return None
+        table = html[tag.end():end.start()]
+        pieces = _pieces(table)
+        if pieces is None:
+            return None
+        header = _FIRST_ROW.match(table)
+        if header and "Job Type" in [_text(t) for t in _HEADER_CELL.findall(header.group(1))]:
+            rows = [row for start, stop in pieces
+                    for row in _ROW4.findall(table, max(start, header.end()), stop)]
+            if "&" in table or "<" in "".join(itertools.chain.from_iterable(rows)):
+                return [(_text(a), _text(b), _text(c), _text(d)) for a, b, c, d in rows]
+            return [(a.strip(), b.strip(), c.strip(), d.strip()) for a, b, c, d in rows]
+        before.feed(html[tag.end():end.end()])  # a plain table of something else
+    return None
+
+
+def _pieces(table: str) -> list[tuple[int, int]] | None:
+    """`table` cut before a row every _PIECE_CHARS or so, if it is a plain table."""
+    out: list[tuple[int, int]] = []
+    start, pattern = 0, _PLAIN_TABLE
+    while start < len(table):
+        cut = _TR.search(table, start + _PIECE_CHARS)
+        stop = cut.start() if cut else len(table)
+        if not pattern.fullmatch(table, start, stop):
+            return None
+        out.append((start, stop))
+        start, pattern = stop, _PLAIN_MORE
+    return out
+
+
+def _text(raw: str) -> str:
+    """A cell's content as html.parser gives its text: each run of text between tags
+    unescaped on its own, the tags dropped."""
+    runs = _INLINE_TAG.split(raw) if "<" in raw else [raw]
+    return "".join(html_unescape(run) if "&" in run else run for run in runs).strip()
 
 
 def parse_sections(html: str, page_url: str) -> list[Section]:

@@ -9,6 +9,7 @@ test_hostile_server.py (whose fixtures are reused); each test failed before its 
 from __future__ import annotations
 
 import gzip
+import random
 import secrets
 import threading
 import unicodedata
@@ -20,7 +21,8 @@ import pytest
 from aiohttp import web
 
 from gibatch import site, steps
-from gibatch.errors import RequestRejected, TransferError
+from gibatch.errors import ProtocolError, RequestRejected, TransferError
+from gibatch.sim import pages as sim_pages
 from gibatch.site import RemoteFile, SiteClient, TaskRow, parse_sections, parse_task_rows
 from gibatch.transfer import PART_SUFFIX, FileRecord, fetch, local_files, local_names
 from tests.test_hostile_server import (  # noqa: F401  (serve is a fixture)
@@ -377,3 +379,118 @@ async def test_a_long_task_list_is_parsed_off_the_event_loop(
     assert [r.job_id for r in got] == list(range(1, rows + 1))
     on_loop = threads == [threading.get_ident()]
     assert on_loop == (len(page) <= site.PARSE_ON_LOOP_CHARS), (len(page), on_loop)
+
+
+# ... and read at C speed when the table is plain (the site's own): the same rows as
+# html.parser gives, or html.parser itself for anything else in the table.
+
+HEADER = ("<tr><th>Job ID</th><th>Job Type</th><th>Model Number</th><th>Status</th>"
+          "<th>Submitted</th></tr>")
+ROW = "<tr><td>{}</td><td>Galaxy 1</td><td>2</td><td>Completed</td><td>t</td></tr>"
+PLAIN_TABLES = {
+    "the local site's": sim_pages.page("Jobs", f"<table><thead>{HEADER}</thead><tbody>"
+                                       + ROW.format(3) + ROW.format(1) + "</tbody></table>"),
+    "a Django template's": (
+        "<!DOCTYPE html>\n<html><head><script>var t = '<table><tr><td>9</td>';</script>"
+        "<!-- <table> --></head><body>\n  <table class=\"table table-striped\" id='jobs'>\n"
+        "    <thead>\n      <tr class=\"head\">\n        <th scope=\"col\">Job ID</th>\n"
+        "        <th>Job Type</th><th>Model</th>\n <th>Status</th>\n      </tr>\n    </thead>\n"
+        "    <tbody>\n" + "".join(
+            f"      <tr>\n        <td>{i}</td>\n        <td>Galaxy &amp; Merge</td>\n"
+            f"        <td>{i % 3 + 1}</td>\n        <td> Running </td>\n      </TR>\n"
+            for i in range(5, 0, -1)) + "    </tbody>\n  </table>\n</body></html>"),
+    "cells with inline tags": (
+        f"<table>{HEADER}<tr><td><a href='/gi/view_data/1/'>1</a></td><td>G<br>&amp;<b>&a"
+        "</b>mp;</td><td><span>2</span></td><td><span class=\"badge ok\">Completed</span>"
+        "</td></tr></table>"),
+    "no thead, upper case, extra and missing cells": (
+        "<TABLE><TR><TH>ID</TH><TH>Job Type</TH><TH>Model</TH><TH>Status</TH></TR>"
+        "<TR><TD>1</TD><TD>Galaxy 1</TD><TD>1</TD><TD>Failed</TD><TD>x</TD><TD>y</TD></TR>"
+        "<TR><TD>2</TD><TD>Galaxy 1</TD><TD>1</TD></TR><TR></TR>"
+        "<TR><TD>&#51;</TD><TD>Plot</TD><TD>\u00b2</TD><TD>Queued</TD></TR>"
+        "<TR><TH>4</TH><TD>Plot</TD><TD>1</TD><TD>Queued</TD></TR></TABLE>"),
+    "a layout table first": f"<table><tr><td>menu</td></tr></table><table>{HEADER}"
+                            + ROW.format(1) + "</table>",
+    "the table in a comment first": f"<!-- <table>{HEADER}{ROW.format(8)}</table> -->"
+                                    f"<table>{HEADER}{ROW.format(1)}</table>",
+    "the table in an attribute": f"<div title='<table>'></div><table>{HEADER}"
+                                 + ROW.format(1) + "</table>",
+}
+OTHER_TABLES = {
+    "a cell with a div": f"<table>{HEADER}<tr><td><div>1</div></td><td>G</td><td>1</td>"
+                         "<td>Completed</td></tr></table>",
+    "a comment in the table": f"<table>{HEADER}<!-- <tr><td>7</td> -->"
+                              + ROW.format(1) + "</table>",
+    "a cell left open": f"<table>{HEADER}<tr><td>1<td>G<td>1<td>Completed</tr></table>",
+    "a self-closed cell": f"<table>{HEADER}<tr><td/><td>1</td><td>G</td><td>1</td>"
+                          "<td>Completed</td></tr></table>",
+    "a quoted >": f"<table>{HEADER}<tr><td title='a>b'>1</td><td>G</td><td>1</td>"
+                  "<td>Done</td></tr></table>",
+    "a table nested in a cell": f"<table>{HEADER}<tr><td><table><tr><td>5</td></tr></table>"
+                                "</td></tr>" + ROW.format(1) + "</table>",
+    "a header of td cells": "<table><tr><td>Job Type</td></tr>" + ROW.format(1) + "</table>",
+    "no end of the table": f"<table>{HEADER}{ROW.format(1)}",
+    "no task table": "<table><tr><td>1</td></tr></table>",
+}
+
+
+def _slowly(page: str) -> list[TaskRow] | str:
+    """parse_task_rows by html.parser alone (a ProtocolError as its message)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(site, "_plain_task_table", lambda html: None)
+        try:
+            return parse_task_rows(page)
+        except ProtocolError as exc:
+            return str(exc)
+
+
+def _quickly(page: str) -> list[TaskRow] | str:
+    try:
+        return parse_task_rows(page)
+    except ProtocolError as exc:
+        return str(exc)
+
+
+@pytest.mark.parametrize("name", PLAIN_TABLES)
+def test_a_plain_task_table_is_read_without_html_parser(name: str) -> None:
+    page = PLAIN_TABLES[name]
+    assert site._plain_task_table(page) is not None
+    assert _quickly(page) == _slowly(page) and _slowly(page)
+
+
+@pytest.mark.parametrize("name", OTHER_TABLES)
+def test_any_other_table_is_read_by_html_parser(name: str) -> None:
+    page = OTHER_TABLES[name]
+    assert site._plain_task_table(page) is None
+    assert _quickly(page) == _slowly(page)
+
+
+def test_a_long_plain_table_is_read_in_pieces_as_html_parser_reads_it() -> None:
+    page = _jobs_page(2500).replace("<td>Completed</td>", "<td>Completed &amp; <b>kept</b></td>")
+    assert len(page) > 2 * site._PIECE_CHARS
+    assert site._plain_task_table(page) is not None
+    assert _quickly(page) == _slowly(page) and len(_slowly(page)) == 2500
+
+
+@pytest.mark.parametrize("piece_chars", [1 << 17, 30])
+def test_any_mix_of_table_pieces_reads_as_html_parser_reads_it(
+        monkeypatch: pytest.MonkeyPatch, piece_chars: int) -> None:
+    """Pages made of random pieces: whichever way a page is read, the same rows (read
+    in pieces of a row or so each, too)."""
+    monkeypatch.setattr(site, "_PIECE_CHARS", piece_chars)
+    pieces = ["<table>", "</table>", "<thead>", "</thead>", "<tbody>", "</tbody>", "<tr>",
+              "</tr>", "<td>", "</td>", "<th>", "</th>", "<TD class='a b'>", "<td/>", "1",
+              " 2 ", "Job Type", "&amp;", "&#50;", "\u00b2", "<!--", "-->", "<b>", "</b>",
+              "<script>", "</script>", "\n", "<td x=\"y>z\">", "<tr/>", "</table >",
+              "<span class='s'>", "</span>", "<br>", "<br/>", "<a href=\"/x\">", "</a>",
+              "<div>", "<TR class=r>", "&am", "p;",
+              HEADER, ROW.format(7)]
+    rng = random.Random(7)
+    quick = 0
+    for _ in range(1000):
+        page = "".join(rng.choices(pieces, k=rng.randint(1, 40)))
+        if rng.random() < 0.7:
+            page = "<table>" + HEADER + page
+        quick += site._plain_task_table(page) is not None
+        assert _quickly(page) == _slowly(page), page
+    assert quick > 20  # the fast path was put to the test
