@@ -55,8 +55,14 @@ app = typer.Typer(
 log = logging.getLogger("gibatch")
 
 
+# An account has a few model numbers (the course site gives 3, the local one 4 by
+# default); each one used is a worker here and a slot on the embedded site. A range
+# beyond this is a typo (1-100000000 for 1-10), refused before it is expanded.
+MAX_MODEL_NUMBER = 100
+
+
 def parse_models(text: str) -> list[int]:
-    """`1-4`, `1,3`, `2` -> sorted model numbers."""
+    """`1-4`, `1,3`, `2` -> sorted model numbers, each from 1 to MAX_MODEL_NUMBER."""
     out: set[int] = set()
     try:
         for part in text.split(","):
@@ -64,10 +70,14 @@ def parse_models(text: str) -> list[int]:
             first, last = int(lo), int(hi or lo)
             if first < 1 or last < first:
                 raise ValueError
+            if last > MAX_MODEL_NUMBER:
+                raise typer.BadParameter(
+                    f"{printable(text)!r}: model numbers go up to {MAX_MODEL_NUMBER} at most "
+                    "(an account has a few: the course site gives 3)")
             out.update(range(first, last + 1))
     except ValueError:
         raise typer.BadParameter(
-            f"{text!r} is not a list of model numbers like 1-4 or 1,3") from None
+            f"{printable(text)!r} is not a list of model numbers like 1-4 or 1,3") from None
     return sorted(out)
 
 
@@ -153,6 +163,20 @@ def _jobs_dir(jobs: Path) -> Path:
     except OSError as exc:
         typer.echo(f"error: cannot list {printable(str(jobs))}: {exc.strerror}", err=True)
         raise typer.Exit(1) from None
+    state = jobs / STATE_DIR
+    if (state.exists() or state.is_symlink()) and not state.is_dir():
+        raise _fail(f"{state} is not a folder: gibatch keeps its journal and caches in a "
+                    f"folder of that name; move the file away", 1)
+    return jobs
+
+
+def _made(jobs: Path) -> Path:
+    """`jobs`, made if missing; a usage error if it cannot be (a file on its path)."""
+    if not jobs.is_dir():
+        try:
+            jobs.mkdir(parents=True)
+        except OSError as exc:
+            raise _usage_error(f"--jobs: cannot make the folder {_os_reason(exc)}") from None
     return jobs
 
 
@@ -220,7 +244,12 @@ def _setup_logging(console: Console | None) -> None:
 
 
 def _json_listener(path: Path) -> Listener:
-    stream = path.open("a", buffering=1)
+    """Events appended to `path` as JSON lines; opened now, so that a path that cannot
+    be written is a usage error before any work."""
+    try:
+        stream = path.open("a", buffering=1)
+    except OSError as exc:
+        raise _usage_error(f"--log-file: cannot open {_os_reason(exc)}") from None
 
     def listen(event: str, fields: dict[str, object]) -> None:
         stream.write(json.dumps({"at": time.time(), "event": event, **fields}) + "\n")
@@ -413,6 +442,8 @@ def make_sweep(
         written = sw.write_sweep(base_job, out, points, how=how, overwrite=force)
     except sw.SweepError as exc:
         raise _fail(exc, EXIT_USAGE) from None
+    except OSError as exc:
+        raise _fail(f"cannot write the sweep: {_os_reason(exc)}", 1) from None
     typer.echo(f"wrote {len(written)} jobs to {out} ({mode}); how: {out / sw.SWEEP_FILE}")
 
 
@@ -505,16 +536,26 @@ def serve(
                       browser_rate=browser_rate),
     )
 
+    started = False
+
     async def main() -> None:
+        nonlocal started
         async with running_site(config, port=port) as site:
+            started = True
             typer.echo(f"Serving {site.url}", err=False)
             shown = "from $" + PASSWORD_ENV if from_env else password
             typer.echo(f"Log in at {site.url}/accounts/login/ as {user!r}, password: {shown}")
             sys.stdout.flush()
             await until_stopped()  # Ctrl-C or SIGTERM: the site closes, exit 0
 
-    with contextlib.suppress(KeyboardInterrupt):
-        anyio.run(main)
+    try:
+        with contextlib.suppress(KeyboardInterrupt):
+            anyio.run(main)
+    except OSError as exc:  # the port in use, a --data-dir that cannot be made
+        if started:
+            raise
+        raise _fail(f"cannot start the site on 127.0.0.1:{port}: {_os_reason(exc)}",
+                    1) from None
 
 
 # -- matching a sweep to an observed pair, and searching for one
@@ -691,8 +732,7 @@ def search_command(
         raise _usage_error(str(exc)) from None
     goal = _match_target(target, centres, blur, views)
     settings = _settings(views, metric, kpc_per_px, coarse_frames)
-    jobs.mkdir(parents=True, exist_ok=True)
-    _jobs_dir(jobs)
+    _jobs_dir(_made(jobs))
     secret = _password(password_file) if server is not None else ""
     console = Console(stderr=True) if sys.stderr.isatty() else None
     _setup_logging(console)

@@ -58,7 +58,7 @@ from scipy import ndimage
 from gibatch import record, steps
 from gibatch.children import process_pool
 from gibatch.database import Database
-from gibatch.jobs import Job
+from gibatch.jobs import Job, read_regular
 from gibatch.match_settings import (
     DEFAULT_BLUR_PX,
     RANKING_FILE,
@@ -173,12 +173,15 @@ def load_target(path: Path, centres: tuple[tuple[float, float], tuple[float, flo
     (x right, y down); a FITS file (`.fits`, `.fits.gz`: the first 2-D image HDU) takes
     them as FITS pixels, as ds9 shows them: 1-based, y up.
     """
-    try:
-        data = path.read_bytes()
+    try:  # bounded, regular files only: /dev/zero would fill the memory, a FIFO hang
+        data = read_regular(path, TARGET_BYTES_MAX + 1)
     except OSError as exc:
         raise MatchError(f"--target {path}: cannot read: {exc.strerror or exc}") from None
+    if len(data) > TARGET_BYTES_MAX:
+        raise MatchError(f"--target {path}: larger than {TARGET_BYTES_MAX >> 20} MiB; "
+                         "crop or bin the image")
     fits = is_fits(data)
-    image = _fits_image(data, path) if fits else _pil_image(path)
+    image = _fits_image(data, path) if fits else _pil_image(data, path)
     width, height = image.size
     # Where the centres lie in the image as stored top row first, pixel x spanning x..x+1.
     on_image = (tuple((x - 0.5, height + 0.5 - y) for x, y in centres) if fits
@@ -214,9 +217,9 @@ def load_target(path: Path, centres: tuple[tuple[float, float], tuple[float, flo
                   blur_px, centres, back)
 
 
-def _pil_image(path: Path) -> Image.Image:
+def _pil_image(data: bytes, path: Path) -> Image.Image:
     try:
-        with Image.open(path) as opened:
+        with Image.open(io.BytesIO(data)) as opened:
             opened.load()
             return opened.copy()
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError,
@@ -237,6 +240,7 @@ _FITS_DTYPES = {8: ">u1", 16: ">i2", 32: ">i4", 64: ">i8", -32: ">f4", -64: ">f8
 _GZIP_MAGIC = b"\x1f\x8b"
 FITS_PIXELS_MAX = 100_000_000  # PIL refuses images of this order as decompression bombs
 FITS_BYTES_MAX = 1 << 30  # what a .fits.gz may inflate to
+TARGET_BYTES_MAX = 1 << 30  # the target file as read (an image of FITS_PIXELS_MAX)
 
 
 def is_fits(data: bytes) -> bool:

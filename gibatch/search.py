@@ -54,7 +54,15 @@ from optuna.trial import FrozenTrial, TrialState
 
 from gibatch import match, match_settings, record
 from gibatch.errors import leaves
-from gibatch.jobs import STATE_DIR, Job, JobInvalid, job_files, load_job, load_sweep
+from gibatch.jobs import (
+    STATE_DIR,
+    Job,
+    JobInvalid,
+    job_files,
+    load_job,
+    load_sweep,
+    read_regular,
+)
 from gibatch.run import Outcome, Scheduler
 from gibatch.sweep import SweepError, apply_point, lookup, orbit_of
 
@@ -131,15 +139,23 @@ def _flatten(table: Mapping[str, Any], prefix: str = "") -> dict[str, Mapping[st
     return out
 
 
+SPACE_BYTES_MAX = 1 << 20
+
+
 def load_space(path: Path, base: Mapping[str, Any]) -> list[Dimension]:
     """The dimensions of the TOML space at `path`, each key checked against `base`."""
-    try:
-        table = tomllib.loads(path.read_text(encoding="utf-8"))
+    try:  # bounded, regular files only: /dev/zero would fill the memory, a FIFO hang
+        data = read_regular(path, SPACE_BYTES_MAX + 1)
+        if len(data) > SPACE_BYTES_MAX:
+            raise SearchError(f"--space {path}: larger than {SPACE_BYTES_MAX >> 10} KiB; "
+                              "it holds a few keys and their ranges")
+        ranges = _flatten(tomllib.loads(data.decode("utf-8")))
     except OSError as exc:
         raise SearchError(f"--space {path}: cannot read: {exc.strerror or exc}") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise SearchError(f"--space {path}: not valid TOML: {exc}") from None
-    ranges = _flatten(table)
+    except RecursionError:  # arrays or tables nested thousands deep
+        raise SearchError(f"--space {path}: nested too deeply") from None
     if not ranges:
         raise SearchError(f"--space {path}: names no key to search")
     dims = []

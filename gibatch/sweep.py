@@ -25,6 +25,7 @@ import copy
 import itertools
 import json
 import math
+import os
 import random
 import re
 import shutil
@@ -71,9 +72,10 @@ class Vary:
         if self.step is None or self.low is None or self.high is None:
             raise SweepError(f"{self.key}: a range needs a step for a grid "
                              "(low:high:step), or use --random N")
-        count = math.floor((self.high - self.low) / self.step + 1e-9) + 1
-        if count > _GRID_LIMIT:
-            raise SweepError(f"{self.key}: {count} values is too many")
+        steps = (self.high - self.low) / self.step  # may be inf: 0:1e308:1e-300
+        if steps + 1 > _GRID_LIMIT:
+            raise SweepError(f"{self.key}: more than {_GRID_LIMIT} values")
+        count = math.floor(steps + 1e-9) + 1
         return tuple(_tidy(self.low + k * self.step) for k in range(count))
 
     def sample(self, rng: random.Random, integer: bool) -> Value:
@@ -118,10 +120,15 @@ def parse_vary(text: str) -> Vary:
             raise SweepError(f"--vary {text!r}: a range is low:high or low:high:step, in numbers")
         low, high = parts[0], parts[1]
         step = parts[2] if len(parts) == 3 else None
+        if not all(math.isfinite(p) for p in parts):  # type: ignore[arg-type]
+            raise SweepError(f"--vary {text!r}: NaN and Infinity are no bounds of a range")
         if high < low or (step is not None and step <= 0):  # type: ignore[operator]
             raise SweepError(f"--vary {text!r}: needs low <= high and a positive step")
         return Vary(key, low=low, high=high, step=step)  # type: ignore[arg-type]
-    return Vary(key, values=tuple(_scalar(v.strip()) for v in spec.split(",")))
+    values = tuple(_scalar(v.strip()) for v in spec.split(","))
+    if any(isinstance(v, float) and not math.isfinite(v) for v in values):
+        raise SweepError(f"--vary {text!r}: NaN and Infinity are no values a job may hold")
+    return Vary(key, values=values)
 
 
 def grid(varies: Sequence[Vary]) -> list[Point]:
@@ -150,6 +157,8 @@ def random_points(varies: Sequence[Vary], count: int, seed: int,
     A key whose value in the `base` job files is an integer (a particle count) is drawn
     as an integer; every other range as a float.
     """
+    if count > _GRID_LIMIT:
+        raise SweepError(f"--random {count}: more than {_GRID_LIMIT} jobs (as a grid)")
     rng = random.Random(seed)
     integer = {v.key: isinstance(lookup(base or {}, v.key), int) for v in varies}
     return [{v.key: v.sample(rng, integer[v.key]) for v in varies} for _ in range(count)]
@@ -261,9 +270,11 @@ def write_sweep(base: Path, out: Path, points: Sequence[Point], *, how: Mapping[
     files = read_base(base)
     width = max(3, len(str(len(points))))
     named = [(job_name(i + 1, width, p), p) for i, p in enumerate(points)]
+    if os.path.lexists(out) and not out.is_dir():
+        raise SweepError(f"--out {out}: is not a folder")
     out.mkdir(parents=True, exist_ok=True)
-    clashes = [n for n, _ in named if (out / n).exists()]
-    if (out / SWEEP_FILE).exists():
+    clashes = [n for n, _ in named if os.path.lexists(out / n)]
+    if os.path.lexists(out / SWEEP_FILE):
         clashes.append(SWEEP_FILE)
     if clashes and not overwrite:
         raise SweepError(f"{out}: would overwrite {len(clashes)} existing entries (e.g. "
@@ -283,9 +294,12 @@ def write_sweep(base: Path, out: Path, points: Sequence[Point], *, how: Mapping[
             raise SweepError(f"{len(problems)} problems in the generated jobs, nothing "
                              "written:\n  " + "\n  ".join(problems[:20]))
         for name, _ in named:
-            if (out / name).exists():
-                shutil.rmtree(out / name)
-            (Path(staging) / name).rename(out / name)
+            old = out / name
+            if old.is_symlink() or (os.path.lexists(old) and not old.is_dir()):
+                old.unlink()  # a link is replaced, never what it points to
+            elif old.exists():
+                shutil.rmtree(old)
+            (Path(staging) / name).rename(old)
     record = {"base": str(base.resolve()), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
               **(how or {}), "jobs": dict(named)}
     (out / SWEEP_FILE).write_text(json.dumps(record, indent=2) + "\n")

@@ -4,6 +4,11 @@ Each is one clear line (or shown as it is), never a traceback, never minutes of 
 
 from __future__ import annotations
 
+import os
+import resource
+import shutil
+import socket
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -12,7 +17,7 @@ from typer.testing import CliRunner
 
 from gibatch.cli import app
 from gibatch.journal import Event, Journal
-from tests.conftest import tiny_job_files, write_job
+from tests.conftest import BASE_JOB, tiny_job_files, write_job
 
 runner = CliRunner()
 WIDE = {"COLUMNS": "250"}  # rich tables wrap cells to the terminal's width
@@ -161,3 +166,153 @@ def test_an_animation_of_too_many_frames_is_a_placeholder(
     assert report.last_frame(_gif(tmp_path / "ten.gif", 10, 64)).size == (64, 64)
     assert report.last_frame(_gif(tmp_path / "eleven.gif", 11, 64)).size == (
         report.THUMB_PX, report.THUMB_PX)
+
+
+# -- careless command lines (review 7 #10)
+
+@pytest.fixture
+def memory_cap() -> Iterator[None]:
+    """At most 2 GiB more address space while the test runs: a regression that reads
+    /dev/zero whole or expands 10**8 model numbers fails with MemoryError, not the CI
+    machine."""
+    with open("/proc/self/status") as f:
+        size_kib = next(int(line.split()[1]) for line in f if line.startswith("VmSize:"))
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    resource.setrlimit(resource.RLIMIT_AS, (size_kib * 1024 + (2 << 30), hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+
+
+@pytest.mark.usefixtures("memory_cap")
+def test_a_huge_model_range_is_refused_before_it_is_expanded(tmp_path: Path) -> None:
+    jobs = tmp_path / "jobs"
+    write_job(jobs, "1", tiny_job_files())
+    for models in ("1-100000000", "101", "1,3,1000000000000000000000"):
+        code, text = invoke("plan", "--jobs", str(jobs), "--models", models)
+        assert code == 2, text
+        assert "model numbers go up to 100 at most" in text
+    code, text = invoke("plan", "--jobs", str(jobs), "--models", "1-100")
+    assert code == 0, text
+
+
+def test_a_log_file_that_cannot_be_opened_is_a_usage_error(tmp_path: Path) -> None:
+    jobs = tmp_path / "jobs"
+    write_job(jobs, "1", tiny_job_files())
+    log = tmp_path / "no" / "such" / "log.jsonl"
+    code, text = invoke("run", "--jobs", str(jobs), "--models", "1", "--log-file", str(log))
+    assert code == 2, text
+    assert f"error: --log-file: cannot open {log}: No such file or directory" in text
+
+
+def test_serve_on_a_port_in_use_is_one_line(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        code, text = invoke("serve", "--port", str(port), "--data-dir", str(tmp_path / "d"))
+    assert code == 1, text
+    assert text.startswith(f"error: cannot start the site on 127.0.0.1:{port}: ")
+    assert "address already in use" in text and len(text.splitlines()) == 1
+
+
+@pytest.mark.usefixtures("memory_cap")
+@pytest.mark.parametrize(("args", "expected"), [
+    (["--vary", "merge.theta_galaxy_2=0:NaN:1"], "NaN and Infinity are no bounds"),
+    (["--vary", "merge.theta_galaxy_2=0:Infinity:1"], "NaN and Infinity are no bounds"),
+    (["--vary", "merge.theta_galaxy_2=0:1e999"], "NaN and Infinity are no bounds"),
+    (["--vary", "interact.mass_2=1,NaN"], "NaN and Infinity are no values"),
+    (["--vary", "interact.nFrames=1:Infinity", "--random", "2"],
+     "NaN and Infinity are no bounds"),
+    (["--vary", "merge.theta_galaxy_2=0:1e308:1e-300"], "more than 100000 values"),
+    (["--vary", "interact.mass_2=1:2", "--random", "100000000"],
+     "--random 100000000: more than 100000 jobs"),
+])
+def test_a_sweep_that_cannot_be_made_is_a_usage_error(
+        tmp_path: Path, args: list[str], expected: str) -> None:
+    code, text = invoke("sweep", str(BASE_JOB), "--out", str(tmp_path / "o"), *args)
+    assert code == 2, text
+    assert expected in text and "Traceback" not in text
+    assert not (tmp_path / "o").exists()
+
+
+def test_sweep_out_that_is_a_file_is_a_usage_error(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("x")
+    code, text = invoke("sweep", str(BASE_JOB), "--out", str(tmp_path / "file"),
+                        "--vary", "interact.mass_2=1,2")
+    assert code == 2, text
+    assert f"error: --out {tmp_path / 'file'}: is not a folder" in text
+    assert (tmp_path / "file").read_text() == "x"
+
+
+def test_sweep_force_replaces_a_linked_job_folder_not_its_target(tmp_path: Path) -> None:
+    out = tmp_path / "o"
+    args = ["sweep", str(BASE_JOB), "--out", str(out), "--vary", "interact.mass_2=1,2,3"]
+    code, text = invoke(*args)
+    assert code == 0, text
+    first, second, third = sorted(p for p in out.iterdir() if p.is_dir())
+    elsewhere = tmp_path / "elsewhere"
+    first.rename(elsewhere)
+    first.symlink_to(elsewhere)  # a link to a folder outside the sweep
+    second.rename(tmp_path / "moved")
+    second.symlink_to(tmp_path / "gone")  # a link whose target is gone
+    shutil.rmtree(third)
+    third.write_text("a file")
+    code, text = invoke(*args)
+    assert code == 2 and "would overwrite 4 existing entries" in text  # the links count
+    code, text = invoke(*args, "--force")
+    assert code == 0, text
+    for job in (first, second, third):
+        assert job.is_dir() and not job.is_symlink() and (job / "merge.json").is_file()
+    assert sorted(p.name for p in elsewhere.iterdir()) == sorted(
+        p.name for p in first.iterdir())  # the link's target is left as it was
+
+
+def _fifo(tmp_path: Path) -> Path:
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    return fifo
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.usefixtures("memory_cap")
+@pytest.mark.parametrize("kind", ["device", "fifo", "folder"])
+def test_match_and_search_read_only_regular_files(tmp_path: Path, kind: str) -> None:
+    """/dev/zero was read whole (memory exhausted), a FIFO hung for ever."""
+    path = {"device": Path("/dev/zero"), "fifo": _fifo(tmp_path), "folder": tmp_path}[kind]
+    what = {"device": "a device", "fifo": "a FIFO", "folder": "a folder"}[kind]
+    jobs = tmp_path / "jobs"
+    write_job(jobs, "1", tiny_job_files())
+    code, text = invoke("match", "--jobs", str(jobs), "--target", str(path),
+                        "--centres", "10,10,20,20")
+    assert code == 2, text
+    assert f"--target {path}: cannot read: is {what}, not a regular file" in text
+    code, text = invoke("search", "--jobs", str(tmp_path / "found"), "--base", str(BASE_JOB),
+                        "--space", str(path), "--target", str(path),
+                        "--centres", "10,10,20,20", "--budget", "1")
+    assert code == 2, text
+    assert f"--space {path}: cannot read: is {what}, not a regular file" in text
+
+
+def test_a_search_space_nested_too_deeply_is_a_usage_error(tmp_path: Path) -> None:
+    space = tmp_path / "space.toml"
+    space.write_text("a = " + "[" * 100_000 + "\n")
+    code, text = invoke("search", "--jobs", str(tmp_path / "found"), "--base", str(BASE_JOB),
+                        "--space", str(space), "--target", "t.png",
+                        "--centres", "10,10,20,20", "--budget", "1")
+    assert code == 2, text
+    assert f"--space {space}: nested too deeply" in text
+
+
+@pytest.mark.parametrize("command", ["status", "report", "run", "check", "plan"])
+def test_a_file_named_dot_gibatch_in_the_sweep_is_a_clear_error(
+        tmp_path: Path, command: str) -> None:
+    jobs = tmp_path / "jobs"
+    write_job(jobs, "1", tiny_job_files())
+    (jobs / ".gibatch").write_text("my settings\n")
+    code, text = invoke(command, "--jobs", str(jobs))
+    assert code == 1, text
+    assert text == (f"error: {jobs / '.gibatch'} is not a folder: gibatch keeps its journal "
+                    "and caches in a folder of that name; move the file away\n")
+    assert (jobs / ".gibatch").read_text() == "my settings\n"
