@@ -563,11 +563,25 @@ class SiteClient:
         async with self._login_lock:
             if after_generation is not None and self._generation != after_generation:
                 return  # someone renewed the session meanwhile
-            await self.retry.wrap(self._login_once)()
+            try:
+                await self.retry.wrap(self._login_once)()
+            except GibatchError:
+                raise
+            except Exception as exc:
+                # Its message may hold what the login sent (aiohttp's FormData puts a value
+                # it cannot send in its TypeError): only its type, and no chained context.
+                raise LoginFailed(f"the login of {self.username!r} failed: "
+                                  f"{type(exc).__name__}") from None
             self._generation += 1
             self._csrf = None  # Django rotates the CSRF token at login
 
     async def _login_once(self) -> None:
+        for what, value in (("user name", self.username), ("password", self._password)):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:  # bytes of another encoding, from the environment
+                raise LoginFailed(f"the {what} is not UTF-8 text; the site's form takes "
+                                  "only that") from None
         url = self.url("accounts/login/")
         self.requests["login"] += 1
         try:

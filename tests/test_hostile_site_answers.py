@@ -9,22 +9,26 @@ test_hostile_server.py (whose fixtures are reused); each test failed before its 
 from __future__ import annotations
 
 import gzip
+import os
 import random
 import secrets
 import threading
+import traceback
 import unicodedata
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+import aiohttp
 import anyio
 import pytest
 from aiohttp import web
 
 from gibatch import site, steps
-from gibatch.errors import ProtocolError, RequestRejected, TransferError
+from gibatch.errors import LoginFailed, ProtocolError, RequestRejected, TransferError
 from gibatch.sim import pages as sim_pages
 from gibatch.site import RemoteFile, SiteClient, TaskRow, parse_sections, parse_task_rows
 from gibatch.transfer import PART_SUFFIX, FileRecord, fetch, local_files, local_names
+from tests.conftest import FAST_RETRY
 from tests.test_hostile_server import (  # noqa: F401  (serve is a fixture)
     PREFIX,
     Handler,
@@ -494,3 +498,42 @@ def test_any_mix_of_table_pieces_reads_as_html_parser_reads_it(
         quick += site._plain_task_table(page) is not None
         assert _quickly(page) == _slowly(page), page
     assert quick > 20  # the fast path was put to the test
+
+
+# 3. A password of bytes that are not UTF-8 ($GIBATCH_PASSWORD from a latin-1 file):
+#    aiohttp's FormData raised a TypeError holding the password, and that traceback
+#    reached the terminal. Nothing but a GibatchError leaves login(), with only the
+#    type of anything else.
+
+SECRET = os.fsdecode(b"Hunter2-\xe9t\xe9")
+
+
+def _shown(exc: BaseException) -> str:
+    """All a traceback of `exc` would show, chained exceptions included."""
+    return "".join(traceback.format_exception(exc)) + repr(exc)
+
+
+async def test_a_password_that_is_not_utf8_is_a_clear_error_naming_it_not(
+        serve: Serve) -> None:
+    site_ = await serve(login_routes())
+    client = SiteClient(site_.url + PREFIX, "alice", SECRET, retry=FAST_RETRY)
+    async with client:
+        with pytest.raises(LoginFailed, match="password is not UTF-8") as caught:
+            await client.login()
+    shown = _shown(caught.value)
+    assert SECRET not in shown and "Hunter2" not in shown and "\\udce9" not in shown
+    assert site_.seen.paths() == []  # nothing sent
+
+
+async def test_an_unexpected_error_in_the_login_shows_only_its_type(
+        serve: Serve, monkeypatch: pytest.MonkeyPatch) -> None:
+    def add_field(self: aiohttp.FormData, name: str, value: object, **kw: object) -> None:
+        raise ValueError(f"Can not serialize value {value!r}")
+
+    monkeypatch.setattr(aiohttp.FormData, "add_field", add_field)
+    site_ = await serve(login_routes())
+    client = SiteClient(site_.url + PREFIX, "alice", "Hunter2-secret", retry=FAST_RETRY)
+    async with client:
+        with pytest.raises(LoginFailed, match="ValueError") as caught:
+            await client.login()
+    assert "Hunter2" not in _shown(caught.value)
