@@ -74,19 +74,55 @@ constant lnL, as here. (tests/test_match.py's mirrored-view test
 is a near tie that picked the wrong tilt for lnL 0.38-0.46 with the old mean mutual
 force; it is run against every change here.)
 
-Residuals at 0.43, restricted / live: 1:1 prograde, first pericentre 0.35 / 0.30 Gyr,
-first apocentre 29.6 / 27.4 kpc (+8 %), merger 0.60 / 0.55 Gyr, tail fraction 0.085 /
-0.079 at 0.5 Gyr, 0.067 / 0.056 at 0.75 Gyr; 10:1 radial, first pericentre 0.45 / 0.45
-Gyr, first apocentre 36.2 / 43.5 kpc (-17 %), merger 1.25 / 1.20 Gyr, tail fraction
-0.000 / 0.000 and 0.042 / 0.090. The satellite's bulge median follows its field centre
-(36.2 and 36.1 kpc). Missed: the 1:1 first pericentre is a frame (0.05 Gyr) late: the
-field centres pass at 0.335 Gyr, the live pair before 0.325; friction during the
-approach delays it (0.305 Gyr without friction), and no friction weak enough there
-still merges the pair in time. The radial satellite throws half the live run's tail
-(-53 %): its passage through the host's centre, where the host's a/r is 2.5-3.7 times
-the satellite's at every radius, triples its bulge's half-mass radius even without
-friction; a live satellite's stars and host respond to each other, rigid fields cannot,
-and stripping the friction mass changes the centres' orbit, not the stars' fields.
+Residuals at 0.43, restricted / live (first pericentre from the centres at 0.01 Gyr
+frames, a parabola through the minimum: `tests/benchmarks/physics.py`): 1:1 prograde,
+first pericentre 0.331 / 0.306 Gyr (+0.025), first apocentre 29.6 / 27.4 kpc (+8 %),
+merger 0.60 / 0.55 Gyr, tail fraction 0.086 / 0.079 at 0.5 Gyr, 0.065 / 0.056 at 0.75
+Gyr (+16 %); 10:1 radial, first pericentre 0.471 / 0.466 Gyr, first apocentre 36.2 /
+43.5 kpc (-17 %), merger 1.25 / 1.20 Gyr, tail fraction 0.000 / 0.000 and 0.041 / 0.090.
+The satellite's bulge median follows its field centre (36.2 and 36.1 kpc). The 1:1
+pericentre was reported a frame late (0.35 / 0.30) while it was read off the pictures'
+0.05 Gyr frames: the field centres pass at 0.331 Gyr, the live pair at 0.306 (frame
+minima 0.33 and 0.31 at 0.01 Gyr); friction during the approach delays it (0.305 Gyr
+without friction). Missed: the radial satellite throws half the live run's tail
+(-55 %): at 0.75 Gyr 1390 of the live satellite's 7500 disk stars are beyond 50 kpc of
+both centres (none of the host's), 615 here; the live satellite's disk swells (half-mass
+radius 3.4 -> 7.0 kpc, 90th percentile 72.5 kpc) more than here (4.9 and 48.8 kpc). Its
+passage through the host's centre, where the host's a/r is 2.5-3.7 times the
+satellite's at every radius, triples its bulge's half-mass radius even without friction;
+a live satellite's stars and host respond to each other, rigid fields cannot, and
+stripping the friction mass changes the centres' orbit, not the stars' fields.
+
+The radial satellite's orbit after its passage is not the live one either, though the
+figures above do not show it: the live satellite turns at 44.3 kpc at 0.62 Gyr and is
+back through the host's centre at 0.80; here it turns at 36.8 kpc at 0.58 and drifts
+in at 40-50 kpc per Gyr (28 kpc at 0.80; centres alone: second pericentre 1.39 Gyr).
+The cause: the host's own drag through the satellite's density, returned to the
+satellite times m1/m2 = 10, equals the host's gravity at the satellite's apocentre
+(2400-2800 against 2600-2900 (km/s)^2/kpc at 34-36 kpc, 0.57-0.65 Gyr), with the
+satellite's initial density there although its bound mass is down to 36 % (its bound
+radius about 9 kpc). Tried, side by side on the recorded references (10,000 stars a
+galaxy), and rejected:
+- The medium's density zero beyond the radius holding its galaxy's bound mass (what
+  the tide took is no longer that galaxy's halo): the radial orbit takes the live shape
+  at lnL 0.7-0.8 (centres alone at 0.7: turns at 44.6 kpc at 0.64 Gyr, back at 0.81;
+  with stars at 0.8: apocentre 38.1 kpc, merger 1.15 Gyr, tails 0.000/0.074, every
+  radial goal met), but the 1:1 pair then never separates (apocentre 0.2 kpc, tails
+  0.002/0.012); at 0.43 the 1:1 apocentre is 34.4 kpc (+26 %), tails 0.017/0.081, and
+  the radial pair turns at 70.2 kpc and does not merge. The 1:1 orbit needs lnL
+  0.50-0.55 (centres alone: apocentre 29.5-26.0 kpc, merger 0.58-0.54), the radial
+  0.7-0.8: no one constant. A wake building up over an orbital phase of 0.35 or 1 rad
+  as well still merged the 1:1 pair by 0.41-0.48 Gyr at the radial's lnL.
+- With that truncation, lnL times ln(1 + M_host / M_perturber) / ln 2 (the usual mass-
+  ratio Coulomb logarithm; 1:1 unchanged): at 0.55 the 1:1 tails vanish (0.007/0.035,
+  pericentre 0.341) and the radial apocentre is 52.8 kpc (+21 %), tails 0.035; times
+  ln(1 + L_host / L_perturber) / ln 2 (impact parameters from the scale lengths):
+  radial apocentre 65-76 kpc (centres alone, lnL 0.45-0.55). Both weaken the host's
+  drag through the satellite, and that is what brakes the radial satellite here: its
+  own drag counts its mass within the separation, 2-22 % within 1-5 kpc.
+- The live run's softening (0.4 kpc, the live cap) for the restricted run: radial tails
+  0.041 unchanged, apocentre 37.6 kpc. Weaker friction (lnL 0.20/0.30/0.38): radial
+  tails 0.022/0.030/0.038, so the missing tail is not the short apocentre.
 
 Integration: kick-drift-kick leapfrog (symplectic for a static field) with block time
 steps. At every sync point (every BASE_STEP_MAX at most, frames included) each star
@@ -105,9 +141,17 @@ nothing here.
 
 Speed, side by side with the first version (numpy only, one core, CPU seconds of the
 integration): 40,000 stars over 3 Gyr, 46.9 -> 11.4 s (1977 -> 1604 steps a star per
-Gyr); isolated galaxy, 22,000 stars over 1 Gyr, 9.3 -> 2.4 s. Per-star energy error of
-that galaxy over 1 Gyr at ETA = 0.08: median 1.2e-5, 99th percentile 5.2e-4 (before:
-ETA 0.04 without held levels, 4.9e-6 and 6.9e-4 at 1.6 times the steps).
+Gyr); isolated galaxy, 22,000 stars over 1 Gyr, 9.3 -> 2.4 s. Then, side by side with
+that version: 8.2 -> 5.1 s and 1.11 -> 0.61 s, the same steps, by reading a/r at the
+nearest of 2048 cells an octave (one look-up, no clip pass, no bounds check), and the
+level order applied with np.take (fancy indexing along the stars' axis took 1-1.5 ms an
+array, six arrays a base step). Per-star energy error of that galaxy over 1 Gyr at
+ETA = 0.08: median 1.3e-5, 99th percentile 5.1e-4 (before: ETA 0.04 without held
+levels, 4.9e-6 and 6.9e-4 at 1.6 times the steps). A compiled kernel was measured and
+is not used: numba 0.68 (with llvmlite 208 MB installed, 0.6-0.7 s to import and about
+1 s to compile in every site worker) ran the 40,000-star integration in 6.1-7.2 s with
+one star's substeps a loop, 5.0-6.1 s with the fine ticks fused, against numpy's
+6.3-7.6 s in the same runs before the np.take change, which alone gained more.
 """
 
 from __future__ import annotations
