@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import getpass
+import ipaddress
 import json
 import logging
 import os
@@ -217,6 +218,23 @@ def _check_server(server: str | None) -> None:
         raise _usage_error("--server has no host, e.g. https://HOST/ast80011")
     if any(c.isspace() or not c.isprintable() for c in server):
         raise _usage_error("--server holds spaces or control characters")
+    if "?" in server or "#" in server:  # urljoin would drop the path: /accounts/login/
+        raise _usage_error("--server must not hold a query (?...) or a fragment (#...), "
+                           "e.g. https://HOST/ast80011")
+    if parts.scheme.lower() == "http" and not _is_loopback(parts.hostname):
+        typer.echo("warning: --server is plain http:// to another machine: the password "
+                   "crosses the network unencrypted; use https:// if the site has it",
+                   err=True)
+
+
+def _is_loopback(host: str) -> bool:
+    """Whether `host` is this machine (localhost, 127.0.0.0/8, ::1)."""
+    if host.lower() == "localhost" or host.lower().endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _embedded_data(jobs: Path) -> tuple[Path, str]:

@@ -316,3 +316,35 @@ def test_a_file_named_dot_gibatch_in_the_sweep_is_a_clear_error(
     assert text == (f"error: {jobs / '.gibatch'} is not a folder: gibatch keeps its journal "
                     "and caches in a folder of that name; move the file away\n")
     assert (jobs / ".gibatch").read_text() == "my settings\n"
+
+
+# -- --server: no query or fragment; plain http to another machine is warned about
+
+@pytest.mark.parametrize("url", ["https://example.org/ast80011?x=1",
+                                 "https://example.org/ast80011#top",
+                                 "https://example.org/ast80011?"])
+def test_a_server_url_with_a_query_or_fragment_is_refused(tmp_path: Path, url: str) -> None:
+    """urljoin(base, "accounts/login/") drops the path after a query: the login would go
+    to https://example.org/accounts/login/, outside the site."""
+    jobs = tmp_path / "jobs"
+    write_job(jobs, "1", tiny_job_files())
+    for command in ("run", "plan"):
+        code, text = invoke(command, "--jobs", str(jobs), "--server", url, "--username", "me",
+                            env={"GIBATCH_PASSWORD": "hunter2"})
+        assert code == 2, text
+        assert "--server must not hold a query (?...) or a fragment (#...)" in text
+        assert url not in text
+
+
+@pytest.mark.parametrize(("url", "warned"), [
+    ("http://example.org/ast80011", True), ("http://10.0.0.7:8000/ast80011", True),
+    ("http://127.0.0.1:8000/ast80011", False), ("http://localhost:8000/", False),
+    ("http://[::1]:8000/", False), ("https://example.org/ast80011", False),
+])
+def test_plain_http_to_another_machine_is_warned_about(
+        tmp_path: Path, url: str, warned: bool) -> None:
+    jobs = tmp_path / "jobs"
+    write_job(jobs, "1", tiny_job_files())
+    code, text = invoke("plan", "--jobs", str(jobs), "--server", url)  # stops: no --username
+    assert code == 2 and "--server needs --username" in text
+    assert ("password crosses the network unencrypted" in text) is warned
