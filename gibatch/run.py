@@ -46,10 +46,10 @@ from gibatch.journal import Event, Journal
 from gibatch.memory import ModelMemory
 from gibatch.pending import PendingJobs
 from gibatch.poller import Poller
-from gibatch.site import Section, SiteClient, TaskState
+from gibatch.site import RemoteFile, Section, SiteClient, TaskState
 from gibatch.slots import JobClaim, ModelLock
 from gibatch.steps import Stage, Step
-from gibatch.transfer import FileRecord, fetch, local_names
+from gibatch.transfer import FileRecord, fetch, local_files
 from gibatch.worker import Counts, Durations, Interrupted, Listed, ModelWorker
 
 log = logging.getLogger("gibatch")
@@ -556,8 +556,7 @@ class Scheduler:
         record.real_folders(job, chosen)
         files: dict[str, list[FileRecord]] = {}
 
-        async def one(folder: str, section: Section, remote_name: str, local: str) -> None:
-            remote = next(f for f in section.files if f.name == remote_name)
+        async def one(folder: str, section: Section, remote: RemoteFile, local: str) -> None:
             try:
                 got = await fetch(self.client, remote, job.output / folder, self.transfers,
                                   local)
@@ -568,8 +567,8 @@ class Scheduler:
 
         async def whole(folder: str, section: Section) -> None:
             async with anyio.create_task_group() as tg:
-                for remote_name, local in local_names(f.name for f in section.files).items():
-                    tg.start_soon(one, folder, section, remote_name, local)
+                for remote, local in local_files(section.files):  # a name twice: two files
+                    tg.start_soon(one, folder, section, remote, local)
             read(section.name)
 
         async with anyio.create_task_group() as tg:

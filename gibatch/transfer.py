@@ -103,16 +103,6 @@ def local_files(files: Iterable[RemoteFile]) -> list[tuple[RemoteFile, str]]:
     return out
 
 
-def local_names(names: Iterable[str]) -> dict[str, str]:
-    """Local names for the remote `names` of one section, as `local_files` gives them.
-    A name listed twice has one entry here (the first's): to save every listed file,
-    use `local_files`."""
-    out: dict[str, str] = {}
-    for remote, local in local_files(RemoteFile(name, "", None) for name in names):
-        out.setdefault(remote.name, local)
-    return out
-
-
 def _fold(name: str) -> str:
     """`name` as a case-insensitive, normalising file system compares it (Unicode's
     canonical caseless match: NFD, casefold, NFD)."""

@@ -22,7 +22,7 @@ from aiohttp import web
 
 from gibatch.errors import GibatchError, PermanentError, TransferError, TransientError
 from gibatch.site import RemoteFile, RetryPolicy, SiteClient, Timeouts, parse_sections
-from gibatch.transfer import PART_SUFFIX, fetch, local_names, safe_name
+from gibatch.transfer import PART_SUFFIX, fetch, local_files, safe_name
 from tests.test_hostile_server import (  # noqa: F401  (serve is a fixture)
     BODY,
     PREFIX,
@@ -85,8 +85,8 @@ def test_a_truncated_name_never_ends_in_part() -> None:
 
 def test_no_local_name_is_another_files_partial_download() -> None:
     stem = "A" * 195
-    names = local_names([stem, stem + ".part" + "-2.gif"])
-    finals = set(names.values())
+    names = local_files(RemoteFile(n, "", None) for n in [stem, stem + ".part" + "-2.gif"])
+    finals = {local for _, local in names}
     parts = {n + PART_SUFFIX for n in finals}
     assert not finals & parts, names
 

@@ -27,7 +27,7 @@ from gibatch import site, steps
 from gibatch.errors import LoginFailed, ProtocolError, RequestRejected, TransferError
 from gibatch.sim import pages as sim_pages
 from gibatch.site import RemoteFile, SiteClient, TaskRow, parse_sections, parse_task_rows
-from gibatch.transfer import PART_SUFFIX, FileRecord, fetch, local_files, local_names
+from gibatch.transfer import PART_SUFFIX, FileRecord, fetch, local_files
 from tests.conftest import FAST_RETRY
 from tests.test_hostile_server import (  # noqa: F401  (serve is a fixture)
     PREFIX,
@@ -323,7 +323,6 @@ def test_every_listed_file_gets_its_own_local_name() -> None:
     assert [remote for remote, _ in got] == listed
     assert [local for _, local in got] == [
         "a.gif", "a~2.gif", "A~3.GIF", nfc, f"{nfd[:-4]}~2.gif", "CAFE\u0301~3.gif"]
-    assert local_names([nfc, nfd]) == {nfc: nfc, nfd: f"{nfd[:-4]}~2.gif"}
 
 
 async def test_a_file_listed_twice_is_saved_twice(serve: Serve, tmp_path: Path) -> None:

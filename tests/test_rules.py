@@ -12,9 +12,9 @@ from gibatch.jobs import load_job
 from gibatch.journal import Journal
 from gibatch.memory import UNKNOWN, ModelMemory, Posting
 from gibatch.poller import next_interval
-from gibatch.site import TaskRow, TaskState, parse_sections, parse_task_rows
+from gibatch.site import RemoteFile, TaskRow, TaskState, parse_sections, parse_task_rows
 from gibatch.slots import JobClaim, ModelLock
-from gibatch.transfer import local_names, safe_name
+from gibatch.transfer import local_files, safe_name
 from tests.conftest import tiny_job_files, write_job
 
 HEAD = "<table><thead><tr><th>ID</th><th>Job Type</th><th>Model</th><th>Status</th>{extra}</tr>"
@@ -64,9 +64,9 @@ def test_safe_name_keeps_what_cannot_escape_or_hide(remote: str, local: str) -> 
 
 
 def test_colliding_names_get_distinct_local_names() -> None:
-    names = local_names(["a/b.png", "a_b.png", "A_B.png", "c"])
-    assert len(set(names.values())) == 4
-    assert names["a/b.png"] == "a_b.png" and names["a_b.png"] == "a_b~2.png"
+    names = [local for _, local in local_files(
+        RemoteFile(name, "", None) for name in ["a/b.png", "a_b.png", "A_B.png", "c"])]
+    assert names == ["a_b.png", "a_b~2.png", "A_B~3.png", "c"]
 
 
 def test_poll_interval_keeps_a_relative_precision() -> None:

@@ -10,18 +10,20 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import anyio
 import pytest
 
-from gibatch import steps
+from gibatch import record, steps
+from gibatch.jobs import load_sweep
 from gibatch.journal import Journal
 from gibatch.run import Outcome
 from gibatch.sim.faults import Faults
 from gibatch.sim.server import ThreadedSite
-from gibatch.site import SiteClient
+from gibatch.site import Section, SiteClient
 from tests.conftest import (
     assert_jobs_match_ledger,
     gibatch,
@@ -416,3 +418,35 @@ def _wait_for_text(path: Path, text: str, deadline_s: float) -> None:
     while text not in path.read_text():
         assert time.monotonic() < end, f"no {text!r} in {path} within {deadline_s} s"
         time.sleep(0.05)
+
+
+def test_a_file_listed_twice_in_a_section_is_saved_twice(
+    tmp_path: Path, make_site: Callable[..., ThreadedSite]
+) -> None:
+    """Two links of the same text in one section (a site's oddity): each is a listed
+    file, saved under its own name (`~2`), and the record lists both; one of them used
+    to be fetched for both, and the job recorded complete with a listed file unsaved."""
+    jobs = tmp_path / "jobs"
+    write_job(jobs, "a", tiny_job_files())
+    site = make_site()
+
+    def wrap(client: SiteClient) -> None:
+        real_sections = client.sections
+
+        async def sections(model: int) -> list[Section]:
+            out = []
+            for s in await real_sections(model):
+                gif = next((f for f in s.files if f.name == "final.png"), None)
+                out.append(replace(s, files=(*s.files, gif)) if gif else s)
+            return out
+
+        client.sections = sections  # type: ignore[method-assign]
+
+    summary = run_sweep(site, jobs, [1], wrap=wrap)
+    assert summary.outcomes == {"a": Outcome.COMPLETE}, summary.reasons
+    plot = jobs / "a" / "output" / "Plot 1"
+    assert (plot / "final~2.png").read_bytes() == (plot / "final.png").read_bytes()
+    [job] = load_sweep(jobs).jobs
+    assert record.is_complete(job)
+    (plot / "final~2.png").unlink()
+    assert not record.is_complete(job)
