@@ -677,7 +677,7 @@ class SiteClient:
                         text = ""
             except _NETWORK_EXCEPTIONS as exc:
                 raise AmbiguousSubmit(f"task POST failed: {translate(exc)}", model=model) from exc
-            if status == 200:
+            if 200 <= status < 300:  # 200 on the course site; 201, 202, 204 say the same
                 return _job_id_of(text)
             if status in _REDIRECTS and _LOGIN_PATH in location:
                 await self.login(after_generation=generation)  # not accepted: safe to repeat
@@ -687,7 +687,9 @@ class SiteClient:
                 continue
             if status == 409:
                 raise ModelBusy(f"model {model} is busy", model=model)
-            if status >= 500:
+            if status >= 500 or 300 <= status < 400:
+                # A proxy's 5xx may come after the site took the task; a redirect
+                # elsewhere may be a form's "posted, now see the list": the task list tells.
                 raise AmbiguousSubmit(f"task POST answered {status}", model=model)
             raise RequestRejected(status, _error_of(text))
         raise ProtocolError("the site kept refusing the task POST's session or token")

@@ -23,8 +23,9 @@ import anyio
 import pytest
 from aiohttp import web
 
-from gibatch.errors import ProtocolError, TransferError
+from gibatch.errors import AmbiguousSubmit, ProtocolError, RequestRejected, TransferError
 from gibatch.site import RemoteFile, SiteClient
+from gibatch.steps import plot
 from gibatch.transfer import fetch
 from tests.conftest import FAST_RETRY
 
@@ -247,3 +248,31 @@ async def test_links_that_are_not_http_or_downgrade_are_refused_unfetched(
             await fetch(client, RemoteFile("a.bin", link, 10), tmp_path, anyio.Semaphore(1))
     assert client.requests["download"] == 0
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize(("status", "outcome"), [
+    (201, "accepted"), (202, "accepted"), (204, "accepted"),
+    (302, "ambiguous"), (303, "ambiguous"), (400, "rejected")])
+async def test_a_task_post_answer_is_judged_by_its_status_class(
+        serve: Callable[[dict[str, Handler]], Awaitable[Server]], status: int, outcome: str
+) -> None:
+    """Any 2xx took the task (a 202 Accepted was once a 4xx-like refusal that failed the
+    job while the site ran its task); a redirect that is not to the login page (a
+    form's post-then-show-the-list) may or may not have: the task list decides."""
+    async def task_page(request: web.Request) -> web.StreamResponse:
+        if request.method == "POST":
+            headers = {"Location": f"{PREFIX}/gi/view_jobs/"} if 300 <= status < 400 else {}
+            return web.Response(status=status, headers=headers)
+        return web.Response(text='<script>window.CSRF_TOKEN = "tok123";</script>',
+                            content_type="text/html")
+
+    site = await serve({**login_routes(), f"{PREFIX}/gi/plotgalaxies": task_page})
+    client = await logged_in(site)
+    try:
+        if outcome == "accepted":
+            assert await client.submit(plot(1), 1, {}) is None
+        else:
+            with pytest.raises(AmbiguousSubmit if outcome == "ambiguous" else RequestRejected):
+                await client.submit(plot(1), 1, {})
+    finally:
+        await client.__aexit__(None, None, None)
