@@ -120,6 +120,15 @@ galaxy), and rejected:
   radial apocentre 65-76 kpc (centres alone, lnL 0.45-0.55). Both weaken the host's
   drag through the satellite, and that is what brakes the radial satellite here: its
   own drag counts its mass within the separation, 2-22 % within 1-5 kpc.
+- With that truncation, the perturber's friction mass within hypot(r, L_host) rather
+  than r (the host's dense region is a scale length deep; a compact satellite passing
+  its centre brakes with more of its mass), or its whole bound mass: the radial orbit
+  becomes the live one at lnL 0.55 (turns at 44.5 kpc at 0.64 Gyr, back at 0.81, merger
+  1.25; with the bound mass the radial wants lnL 0.1, the 1:1 0.2), but its tails only
+  reach 0.056 (836 satellite stars; 0.049 at 0.52), so the short tail is the rigid
+  satellite, not its orbit; and the 1:1 pair merges at 0.45-0.50 Gyr, apocentre 21.3-23.5
+  kpc, tails 0.014-0.027 / 0.026-0.030, pericentre 0.340-0.342 (truncation alone at lnL
+  0.43 already cut the 1:1 tails at 0.5 Gyr to 0.017).
 - The live run's softening (0.4 kpc, the live cap) for the restricted run: radial tails
   0.041 unchanged, apocentre 37.6 kpc. Weaker friction (lnL 0.20/0.30/0.38): radial
   tails 0.022/0.030/0.038, so the missing tail is not the short apocentre.
