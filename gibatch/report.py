@@ -399,7 +399,7 @@ def remove_stale(media: Path, keep: set[str]) -> int:
 
 
 def contact_sheet(tiles: list[tuple[str, Path]], dest: Path, tile: int = SHEET_TILE_PX,
-                  most: int = SHEET_MAX_TILES) -> int:
+                  most: int = SHEET_MAX_TILES, scratch: Path | None = None) -> int:
     """Each (job name, still) of the first `most`, side by side with their names;
     returns how many (0: no sheet written). A sheet of the same tiles, newer than each
     still, is kept (`_sheet_kept`)."""
@@ -421,7 +421,7 @@ def contact_sheet(tiles: list[tuple[str, Path]], dest: Path, tile: int = SHEET_T
         x, y = (i % cols) * tile, (i // cols) * (tile + label)
         sheet.paste(image, (x + 2, y + 2))
         draw.text((x + 3, y + tile), name[: tile // 6], fill="black")
-    tmp = dest.with_suffix(".tmp.png")
+    tmp = (scratch or dest.parent) / (dest.stem + ".tmp.png")  # `scratch`: same file system
     info = PngInfo()
     info.add_text(_SHEET_KEY, key)
     sheet.save(tmp, format="PNG", optimize=True, pnginfo=info)
@@ -694,7 +694,7 @@ def build_report(sweep: Sweep, status: SweepStatus, page: Path | None = None) ->
             finally:
                 pictures.close(made)
         remove_stale(media, pictures.shown)
-        shown = contact_sheet(tiles, sheet, most=SHEET_MAX_TILES)
+        shown = contact_sheet(tiles, sheet, most=SHEET_MAX_TILES, scratch=media)
         match_html = "" if ranking is None else match_section(
             sweep, ranking, ranked, table.keys, media, page.parent)
         before, after = render_page(root.resolve().name, table, sheet if shown else None,

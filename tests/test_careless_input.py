@@ -124,6 +124,23 @@ def test_report_beside_a_job_folder_named_like_its_files(tmp_path: Path, name: s
     assert "2 jobs" in text
 
 
+def test_report_keeps_its_contact_sheet_temporary_among_its_media(tmp_path: Path) -> None:
+    from gibatch.jobs import load_sweep
+    from gibatch.report import build_report
+    from gibatch.status import JobState, JobStatus, SweepStatus
+
+    jobs = tmp_path / "jobs"
+    write_job(jobs, "1", tiny_job_files())
+    folder = jobs / "1"
+    (folder / "output" / "Plot 1").mkdir(parents=True)
+    Image.new("RGB", (50, 40), "red").save(folder / "output" / "Plot 1" / "final.png")
+    write_job(jobs, "contact-sheet.tmp.png", tiny_job_files())  # a job folder's name
+    status = SweepStatus([JobStatus("1", JobState.COMPLETE)], [], None, None, 0)
+    result = build_report(load_sweep(jobs), status)
+    assert result.sheet == jobs / "contact-sheet.png" and result.sheet.is_file()
+    assert (jobs / "contact-sheet.tmp.png" / "galaxy1.json").is_file()
+
+
 def test_report_out_that_cannot_be_written_is_one_line(tmp_path: Path) -> None:
     jobs = tmp_path / "jobs"
     write_job(jobs, "1", tiny_job_files())
