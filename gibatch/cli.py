@@ -697,12 +697,14 @@ async def _site_client(stack: AsyncExitStack, jobs: Path, server: str | None, us
 
 
 def _search_line(progress: search.Progress, metric: match_settings.Metric) -> str:
+    """One line of the search's progress, escaped: keys come from the user's space file
+    and categorical values may be any text."""
     best = (f"best {metric.value} {progress.best_value:.4f} ({progress.best_job}: "
             + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                         for k, v in progress.best_params.items()) + ")"
             if progress.best_value is not None else "no score yet")
-    return (f"trials told {progress.told}/{progress.budget} (asked {progress.asked}, "
-            f"failed {progress.failed}); {best}")
+    return printable(f"trials told {progress.told}/{progress.budget} (asked "
+                     f"{progress.asked}, failed {progress.failed}); {best}")
 
 
 @app.command("search")

@@ -28,8 +28,9 @@ MAX_LISTED = 20  # failed or invalid jobs named one by one; the rest are counted
 
 
 def _say(console: Console, text: str) -> None:
-    """A plain line: no markup read into job names, no wrapping inside it."""
-    console.print(text, soft_wrap=True, markup=False, highlight=False)
+    """A plain line: no markup read into job names, no wrapping inside it, and no
+    escape sequence from the site's words (a foreign task's type in plan's notes)."""
+    console.print(printable(text), soft_wrap=True, markup=False, highlight=False)
 
 
 async def _site_check(client: SiteClient, models: list[int], journal: Journal, site: str,

@@ -365,3 +365,23 @@ def test_plain_http_to_another_machine_is_warned_about(
     code, text = invoke("plan", "--jobs", str(jobs), "--server", url)  # stops: no --username
     assert code == 2 and "--server needs --username" in text
     assert ("password crosses the network unencrypted" in text) is warned
+
+
+def test_plain_lines_of_plan_status_and_search_are_escaped() -> None:
+    """plan's notes carry the site's words (a foreign task's type); search's line the
+    space file's keys and values."""
+    import io
+
+    from rich.console import Console
+
+    from gibatch import commands, match_settings, search
+    from gibatch.cli import _search_line
+
+    buf = io.StringIO()
+    commands._say(Console(file=buf, force_terminal=True), f"note: model 1: {ESCAPE} [b]x")
+    assert buf.getvalue() == "note: model 1: j\\x1b]0;pwned\\x07\\x1b[2J [b]x\n"
+    line = _search_line(search.Progress(told=1, budget=2, best_value=0.5, best_job=ESCAPE,
+                                        best_params={"k\x1b[2J": "v\x07"}),
+                        match_settings.Metric.SSIM)
+    assert "\x1b" not in line and "\x07" not in line
+    assert "(j\\x1b]0;pwned\\x07\\x1b[2J: k\\x1b[2J=v\\x07)" in line
