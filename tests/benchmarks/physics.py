@@ -13,9 +13,10 @@
 4. Restricted physics against self-consistent tree runs of 50,000 particles for a 1:1
    prograde and a 10:1 radial encounter (the recorded figures, RECORDED_LIVE, or with
    --reference N new tree runs of N particles: N >= 50000 for the issue's figures, an
-   hour): first pericentre time, first apocentre, merger time and tail fraction (disk
-   stars beyond 50 kpc of both centres) at 0.5 and 0.75 Gyr, which goals are missed;
-   and a picture grid (restricted, live below when run, same frames) saved to --grid.
+   hour): first pericentre time (from the centres at 0.01 Gyr frames), first apocentre,
+   merger time and tail fraction (disk stars beyond 50 kpc of both centres) at 0.5 and
+   0.75 Gyr (from 0.05 Gyr frames), which goals are missed; and a picture grid
+   (restricted, live below when run, same frames) saved to --grid.
 """
 
 from __future__ import annotations
@@ -306,19 +307,6 @@ class Recorder:
         tails = tuple(tail_fraction(frames[int(np.argmin(np.abs(times[::FINE_FRAMES] - t)))],
                                     self.galaxy_id, self.component) for t in TAIL_TIMES_GYR)
         return Figures(pericentre_time(times, sep), coarse[1], coarse[2], tails)
-
-
-def measure(frames: list[nbody.Frame], galaxy_id: np.ndarray, component: np.ndarray
-            ) -> Figures:
-    """The figures of a run whose frames are all FRAME_GYR apart (pericentre refined by a
-    parabola through the frames', which is coarser than `Recorder`'s)."""
-    times = np.array([f.time_gyr for f in frames])
-    centres = [_centres(f, galaxy_id, component == 1) for f in frames]
-    sep = np.array([np.linalg.norm(c[1] - c[0]) for c in centres])
-    tails = tuple(tail_fraction(frames[int(np.argmin(np.abs(times - t)))], galaxy_id,
-                                component) for t in TAIL_TIMES_GYR)
-    orbit = _orbit_figures(times, sep)
-    return Figures(pericentre_time(times, sep), orbit[1], orbit[2], tails)
 
 
 def _misses(got: Figures, want: Figures) -> str:
