@@ -228,6 +228,18 @@ def test_whole_reads_a_record_changed_just_now_and_keeps_other_rows(
     assert reads == []
 
 
+def test_what_status_remembers_spares_run_reading(tmp_path: Path, reads: list[str],
+                                                   settled: None) -> None:
+    root = tmp_path / "jobs"
+    sweep = sweep_of(root, 3)
+    for job in sweep.jobs[:2]:
+        finish(job)
+    assert record.completed(root, sweep.jobs) == {"j0": 1, "j1": 1}
+    reads.clear()
+    assert record.whole(root, sweep.jobs) == {"j0", "j1"}
+    assert reads == []
+
+
 @pytest.mark.parametrize("section, name", [
     ("Plot 1", "ABS"), ("Plot 1", "log.txt/"), ("Plot 1", ""), ("Plot 1", "sub/x"),
     ("", "log.txt"), (".", "log.txt"), ("Plot 1/", "log.txt")])
