@@ -129,6 +129,18 @@ galaxy), and rejected:
   satellite, not its orbit; and the 1:1 pair merges at 0.45-0.50 Gyr, apocentre 21.3-23.5
   kpc, tails 0.014-0.027 / 0.026-0.030, pericentre 0.340-0.342 (truncation alone at lnL
   0.43 already cut the 1:1 tails at 0.5 Gyr to 0.017).
+- The missing half of the radial tail as the satellite field's response to its tidal
+  shock: each field expanded at fixed mass by the virial response L'/L = E_h / (E_h +
+  dE) (E_h a quarter of its mass-weighted mean potential, dE the summed median change
+  of its own stars' energy in their own field between base steps; stars only, the
+  centres unchanged; at most 2): radial tails 0.082 (0.105 when only gains were summed),
+  every radial goal met, the satellite 1.5-1.7 times wider at 0.5-0.75 Gyr (the live
+  satellite's disk doubles its half-mass radius, 3.4 -> 7.0 kpc, its bulge +25 %). But
+  the 1:1 fields reach twice their size by 0.5 Gyr and its tails 0.162/0.172 (twice and
+  three times the live), its merger 0.75: the live 1:1 disks keep their half-mass
+  radius at 0.5 Gyr (8.0-8.2 kpc) and only their bulges swell (+33 %), so the stars'
+  energy gain overstates a 1:1 halo's heating. Heating scaled by 0.3 / 0.5: 1:1 tails
+  0.104/0.143 and 0.119/0.169, radial tails 0.047 and 0.053. Not used.
 - The live run's softening (0.4 kpc, the live cap) for the restricted run: radial tails
   0.041 unchanged, apocentre 37.6 kpc. Weaker friction (lnL 0.20/0.30/0.38): radial
   tails 0.022/0.030/0.038, so the missing tail is not the short apocentre.
