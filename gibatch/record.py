@@ -55,18 +55,20 @@ RECORD_VERSION = 1
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS completions (
     name TEXT PRIMARY KEY, sections TEXT NOT NULL, signature TEXT NOT NULL,
-    chain TEXT NOT NULL, model INTEGER, listing INTEGER, proof TEXT);
+    lineage TEXT NOT NULL, model INTEGER, listing INTEGER, proof TEXT);
 CREATE TABLE IF NOT EXISTS listings (id INTEGER PRIMARY KEY, files TEXT NOT NULL UNIQUE);
 """
-# `chain`: the record's lineage hashed as `_chain_hash` (a column renamed when that
-# changed, so that rows hashed otherwise are dropped, not misread). `listing`, `proof`:
+# `lineage`: the record's lineage hashed as `_record_chain_hash` (a column renamed
+# each time that changed, so that rows hashed otherwise are dropped, not misread: it
+# was `chain` while a lineage other than the job's was hashed as joined text, which a
+# record could make read as the job's). `listing`, `proof`:
 # for `whole` (module docstring), NULL when the record's names cannot be kept as text;
 # `listing` is the id of the record's files in `listings`, which most records share
 # (400 bytes a record, 40 MB at 100,000 jobs if each row held them).
-_COLUMNS = {"completions": ["name", "sections", "signature", "chain", "model", "listing",
+_COLUMNS = {"completions": ["name", "sections", "signature", "lineage", "model", "listing",
                             "proof"],
             "listings": ["id", "files"]}
-# a completions row after its name: sections, signature, chain, model, files, proof
+# a completions row after its name: sections, signature, lineage, model, files, proof
 Row = tuple[str, str, str, int | None, str | None, str | None]
 Stored = tuple[str, str, str, str, int | None, str | None, str | None]  # name, *Row
 _FILES_SEP = "\n"  # between a record's files (`section/name`): in no name kept
@@ -164,7 +166,7 @@ class _Completions(Database):
         shared: dict[str, str] = {}  # most jobs list the same sections
         with self._lock:  # row by row: no list of 100,000 rows beside the dictionary
             return {r[0]: (shared.setdefault(r[1], r[1]), r[2], r[3], r[4]) for r in
-                    self._db.execute("SELECT name, sections, signature, chain, model "
+                    self._db.execute("SELECT name, sections, signature, lineage, model "
                                      "FROM completions")}
 
     def proofs(self) -> dict[str, tuple[list[str], str]]:
@@ -215,11 +217,12 @@ def _chain_hash(job: Job) -> str:
 
 def _record_chain_hash(job: Job, lineage: dict[str, str]) -> str:
     """What `_chain_hash(job)` is while the record's `lineage` is the job's, and never
-    is otherwise: another lineage is hashed sorted, so its text can equal the job's
-    only if it holds the same pairs."""
+    is otherwise: another lineage is hashed as JSON text, which no job's chain text is
+    (joined as the job's, a record's step hash holding `;` and `=` could read as the
+    job's whole chain)."""
     if lineage == _lineage(job):
         return _chain_hash(job)
-    return _hash(";".join(f"{k}={v}" for k, v in sorted(lineage.items())))
+    return _hash(json.dumps(sorted(lineage.items())))
 
 
 def _stat_key(stats: list[os.stat_result]) -> str:

@@ -228,6 +228,26 @@ def test_whole_reads_a_record_changed_just_now_and_keeps_other_rows(
     assert reads == []
 
 
+def test_a_lineage_written_to_read_as_the_jobs_is_not_the_jobs(
+        tmp_path: Path, reads: list[str], settled: None) -> None:
+    """A record whose lineage differs from the job's but, joined as text, reads as the
+    job's chain (a step's hash holding `;` and `=`) is never taken as the job's: not by
+    `status`, not by `run`, cold or warm."""
+    root = tmp_path / "jobs"
+    sweep = sweep_of(root, 1)
+    job = sweep.jobs[0]
+    finish(job)
+    first = job.steps[0].name
+    chain = ";".join(f"{s.name}={h}" for s, h in job.lineage.items())
+    data = json.loads(record.record_path(job).read_text())
+    data["lineage"] = {first: chain.removeprefix(f"{first}=")}
+    record.record_path(job).write_text(json.dumps(data))
+    assert plain(sweep) == {}
+    for _ in range(2):
+        assert record.completed(root, sweep.jobs) == {}
+        assert record.whole(root, sweep.jobs) == set()
+
+
 def test_what_status_remembers_spares_run_reading(tmp_path: Path, reads: list[str],
                                                    settled: None) -> None:
     root = tmp_path / "jobs"
