@@ -58,6 +58,7 @@ DEFAULT_GRACE_S = 30.0
 MAX_VANISHED = 3  # times a job's results may vanish unexplained before it fails
 # ... and times other people's tasks (or the site losing the job's) may undo it
 MAX_UNDONE_ELSEWHERE = 8
+EXPLAIN_S = 10.0  # the most a finisher waits for the task list that may explain a 404
 
 
 class Outcome(StrEnum):
@@ -149,6 +150,9 @@ class Scheduler:
         self.finishing: set[str] = set()  # jobs whose downloads are under way
         # Jobs a worker is running: one may come back (its model set aside, `ModelStuck`).
         self.running: set[str] = set()
+        # Workers still squaring their model with the site (`reconcile`), which may wait
+        # on a task (an adopted one, or one started elsewhere) up to `stuck_after_s`.
+        self.settling: dict[int, anyio.CancelScope] = {}
         self.transfers = anyio.Semaphore(max(1, options.concurrency))
         self.stopping = False
         self._listener = listener
@@ -304,18 +308,32 @@ class Scheduler:
     # -- one model number
 
     async def _work(self, worker: ModelWorker, tg: TaskGroup) -> None:
-        try:
-            await worker.reconcile()
-        except BaseException as exc:  # the model cannot be used: its jobs go elsewhere
-            self._model_lost(worker, exc)
+        with anyio.CancelScope() as settling:
+            self.settling[worker.model] = settling
+            try:
+                await worker.reconcile()
+            except BaseException as exc:  # the model cannot be used: its jobs go elsewhere
+                self._model_lost(worker, exc)
+                return
+            finally:
+                del self.settling[worker.model]
+                self._notify()
+        if settling.cancelled_caught:
+            why = "still busy with a task when every job was done"
+            log.warning("model %d %s", worker.model, why)
+            self.summary.models_refused[worker.model] = why
             return
         while not self.stopping:
             job = self._pick(worker)
             if job is None:
-                if not self.finishing and not self.running and not self.open:
-                    return
-                await self._changed.wait()  # a finisher or worker may yet send a job back
-                continue
+                if self.finishing or self.running or self.reserved or self.open:
+                    # A finisher or worker may yet send a job back; a model still settling
+                    # may give up its reserved job (`_model_lost`).
+                    await self._changed.wait()
+                    continue
+                for scope in self.settling.values():  # waiting on a task, with nothing to do
+                    scope.cancel()
+                return
             self.running.add(job.name)
             try:
                 listed = await worker.run_job(job)
@@ -536,7 +554,9 @@ class Scheduler:
         """A file that answered 404: mark it `elsewhere` if a task started elsewhere
         since the listing may have replaced it (a poll now shows what the last did not).
         """
-        with contextlib.suppress(Exception):  # no new listing: it stays unexplained
+        # Bounded, and shielded so that a cancel arriving meanwhile does not skip the job's
+        # boundary: a site that does not answer now leaves the 404 unexplained.
+        with anyio.move_on_after(EXPLAIN_S, shield=True), contextlib.suppress(Exception):
             await self.poller.refresh()
         if worker.memory.disturbed(listed.foreign_mark, names):
             for e in vanished:

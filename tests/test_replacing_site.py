@@ -6,7 +6,9 @@ Each sweep must end with every job byte for byte what the site made for it."""
 from __future__ import annotations
 
 import errno
+import json
 import logging
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import replace
@@ -400,8 +402,11 @@ def test_a_task_that_never_ends_sets_its_model_aside(
     [stuck] = site.running.site.stuck
     model = site.running.site.store.task(stuck)
     assert model is not None and list(summary.models_refused) == [model.model]
-    assert "has not ended" in summary.models_refused[model.model] if whose == "own" \
-        else "started elsewhere" in summary.models_refused[model.model]
+    # The browser's task holds model 1 from the start: it gives up on the task, or the
+    # other model has done every job first (the reserved-job test below makes the wait).
+    why = summary.models_refused[model.model]
+    assert "has not ended" in why if whose == "own" else (
+        "started elsewhere" in why or "still busy" in why)
 
 
 @pytest.mark.slow
@@ -442,3 +447,47 @@ def test_a_job_undone_by_browser_tasks_more_often_than_unexplained_losses_allow(
     summary = run_sweep(site, jobs, [1], wrap=wrap)
     assert summary.outcomes["b"] is Outcome.FAILED and gone
     assert summary.reasons["b"].startswith("results kept vanishing (4 times)")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(150)
+def test_a_job_reserved_for_a_model_found_stuck_at_the_start_still_runs(
+    tmp_path: Path, make_site: Callable[..., ThreadedSite]
+) -> None:
+    """Model 1 holds most of job a (a first run), so the next run reserves a for it; a
+    task started elsewhere and stuck there makes model 1 give up while it settles. The
+    job goes back to the queue, and model 2, idle by then, must still be there to run
+    it (it had ended its work as soon as the queue was empty)."""
+    jobs = tmp_path / "jobs"
+    write_job(jobs, "a", tiny_job_files())
+    site = make_site(strict=True, warm=True)
+    assert run_sweep(site, jobs, [1]).outcomes == {"a": Outcome.COMPLETE}
+    plot1 = jobs / "a" / "plot1.json"
+    plot1.write_text(json.dumps({**json.loads(plot1.read_text()), "plot_size": "medium"}))
+    site.running.site.faults.script("stuck", "task:")
+    site.call(lambda: site.running.site.click("alice", 1, "galaxy1"))
+    summary = run_sweep(site, jobs, [1, 2], retry=STUCK_RETRY)
+    assert list(summary.models_refused) == [1]
+    assert_all_right(summary, jobs, site)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(200)
+def test_a_run_with_nothing_left_to_do_does_not_wait_on_a_stuck_task(
+    tmp_path: Path, make_site: Callable[..., ThreadedSite]
+) -> None:
+    """A first run leaves its task stuck on model 1 (another model completed the job).
+    The next run adopts it on model 1, and may wait up to `stuck_after_s` for it; once
+    every job is done elsewhere, nothing is worth that wait: the run ends."""
+    jobs = tmp_path / "jobs"
+    write_job(jobs, "a", tiny_job_files())
+    site = make_site(strict=True, warm=True)
+    site.running.site.faults.script("stuck", "task:interact")
+    assert run_sweep(site, jobs, [1, 2], retry=STUCK_RETRY).outcomes == {
+        "a": Outcome.COMPLETE}
+    write_job(jobs, "b", tiny_job_files(**{"interact.json": {"mass_2": 3.0}}))
+    started = time.monotonic()
+    summary = run_sweep(site, jobs, [1, 2], retry=replace(FAST_RETRY, stuck_after_s=600.0))
+    assert summary.outcomes["b"] is Outcome.COMPLETE, summary.reasons
+    assert time.monotonic() - started < 120  # not the 600 s of the stuck task's wait
+    assert "still busy" in summary.models_refused[1]
