@@ -265,20 +265,23 @@ _SP = "[\t\n\r\f ]"  # what ends a tag's name for html.parser
 _ATTRS = f"""(?:{_SP}(?:[^<>"'/\\x00]|"[^"<>]*+"|'[^'<>]*+')*+)?>"""
 _INLINE = f"</?(?:a|abbr|b|br|code|em|font|i|small|span|strong|time){_ATTRS}"
 _CONTENT = f"[^<]*+(?:{_INLINE}[^<]*+)*+"  # a cell's
+# Tag names are ASCII (html.parser's start with [a-zA-Z]): a case-insensitive match must
+# not fold `ı` to `i` or `ſ` to `s`, or text like `<ſpan>` would be read as a tag.
+_NOCASE = re.I | re.A
 _ANY_CELL = f"<t[dh]{_ATTRS}{_CONTENT}</t[dh]{_SP}*+>\\s*+"
 _CELL = f"<t[dh]{_ATTRS}({_CONTENT})</t[dh]{_SP}*+>\\s*+"  # its content as a group
 _GROUP = f"(?:</t(?:head|body){_SP}*+>\\s*+)?(?:<t(?:head|body){_ATTRS}\\s*+)?"
 _ROWS = f"(?:<tr{_ATTRS}\\s*+(?:{_ANY_CELL})*+(?:</tr{_SP}*+>\\s*+)?{_GROUP})*+"
-_PLAIN_TABLE = re.compile(f"\\s*+{_GROUP}{_ROWS}", re.I)  # between the table's tags
-_PLAIN_MORE = re.compile(_ROWS, re.I)  # from a row on
-_FIRST_ROW = re.compile(f"\\s*+{_GROUP}<tr{_ATTRS}\\s*+((?:{_ANY_CELL})*+)", re.I)
-_HEADER_CELL = re.compile(f"<th{_ATTRS}({_CONTENT})</t[dh]", re.I)
-_ROW4 = re.compile(f"<tr{_ATTRS}\\s*+{_CELL * 4}", re.I)  # a row's first four cells
-_INLINE_TAG = re.compile(_INLINE, re.I)
-_TR = re.compile(f"<tr{_ATTRS}", re.I)
-_TABLE_OPEN = re.compile("<table", re.I)
-_TABLE_TAG = re.compile(f"<table{_ATTRS}", re.I)
-_TABLE_END = re.compile(f"</table{_SP}*>", re.I)
+_PLAIN_TABLE = re.compile(f"\\s*+{_GROUP}{_ROWS}", _NOCASE)  # between the table's tags
+_PLAIN_MORE = re.compile(_ROWS, _NOCASE)  # from a row on
+_FIRST_ROW = re.compile(f"\\s*+{_GROUP}<tr{_ATTRS}\\s*+((?:{_ANY_CELL})*+)", _NOCASE)
+_HEADER_CELL = re.compile(f"<th{_ATTRS}({_CONTENT})</t[dh]", _NOCASE)
+_ROW4 = re.compile(f"<tr{_ATTRS}\\s*+{_CELL * 4}", _NOCASE)  # a row's first four cells
+_INLINE_TAG = re.compile(_INLINE, _NOCASE)
+_TR = re.compile(f"<tr{_ATTRS}", _NOCASE)
+_TABLE_OPEN = re.compile("<table", _NOCASE)
+_TABLE_TAG = re.compile(f"<table{_ATTRS}", _NOCASE)
+_TABLE_END = re.compile(f"</table{_SP}*>", _NOCASE)
 _TABLES_BEFORE_TASKS = 8
 # The table is read in pieces of about this many characters, whole rows each: a regex
 # holds the GIL throughout, and an 11 MB table at once would stall the event loop.

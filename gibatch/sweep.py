@@ -300,7 +300,9 @@ def write_sweep(base: Path, out: Path, points: Sequence[Point], *, how: Mapping[
             elif old.exists():
                 shutil.rmtree(old)
             (Path(staging) / name).rename(old)
-    record = {"base": str(base.resolve()), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-              **(how or {}), "jobs": dict(named)}
-    (out / SWEEP_FILE).write_text(json.dumps(record, indent=2) + "\n")
+        record = {"base": str(base.resolve()), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                  **(how or {}), "jobs": dict(named)}
+        staged = Path(staging) / SWEEP_FILE
+        staged.write_text(json.dumps(record, indent=2) + "\n")
+        staged.replace(out / SWEEP_FILE)  # a link there is replaced, never written through
     return [out / n for n, _ in named]

@@ -284,6 +284,15 @@ def test_sweep_force_replaces_a_linked_job_folder_not_its_target(tmp_path: Path)
         assert job.is_dir() and not job.is_symlink() and (job / "merge.json").is_file()
     assert sorted(p.name for p in elsewhere.iterdir()) == sorted(
         p.name for p in first.iterdir())  # the link's target is left as it was
+    # sweep.json, a link to someone's file: replaced, never written through
+    victim = tmp_path / "precious.json"
+    victim.write_text('{"mine": true}\n')
+    (out / "sweep.json").unlink()
+    (out / "sweep.json").symlink_to(victim)
+    code, text = invoke(*args, "--force")
+    assert code == 0, text
+    assert victim.read_text() == '{"mine": true}\n'
+    assert not (out / "sweep.json").is_symlink() and "jobs" in (out / "sweep.json").read_text()
 
 
 def _fifo(tmp_path: Path) -> Path:

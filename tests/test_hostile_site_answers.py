@@ -434,6 +434,12 @@ OTHER_TABLES = {
     "a header of td cells": "<table><tr><td>Job Type</td></tr>" + ROW.format(1) + "</table>",
     "no end of the table": f"<table>{HEADER}{ROW.format(1)}",
     "no task table": "<table><tr><td>1</td></tr></table>",
+    # not tags for html.parser (a name starts with an ASCII letter), though a Unicode
+    # case-insensitive match folds them to <i> and <span>
+    "a dotless-i 'tag'": f"<table>{HEADER}<tr><td><\u0131>7</\u0131></td><td>G</td><td>1</td>"
+                         "<td>Running</td></tr></table>",
+    "a long-s 'span'": f"<table>{HEADER}<tr><td>7<\u017fpan></td><td>G</td><td>1</td>"
+                       "<td>Running</td></tr></table>",
 }
 
 
