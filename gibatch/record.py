@@ -47,7 +47,7 @@ from typing import Any, NamedTuple
 from gibatch import discovery
 from gibatch.database import Database
 from gibatch.errors import LocalError
-from gibatch.jobs import OUTPUT_DIR, STATE_DIR, Job
+from gibatch.jobs import OUTPUT_DIR, STATE_DIR, Job, read_regular
 from gibatch.transfer import PART_SUFFIX, FileRecord
 
 RECORD_FILE = ".gibatch-complete.json"
@@ -99,10 +99,18 @@ def write(job: Job, files: dict[str, list[FileRecord]], site: str, model: int,
     os.replace(tmp, record_path(job))
 
 
+MAX_RECORD_BYTES = 64 << 20  # about 500,000 listed files: more is no record of ours
+
+
 def read(job: Job) -> dict[str, Any] | None:
+    """The record as JSON, or None: missing, not a regular file (a FIFO there must not
+    hang, a link to /dev/zero not fill the memory), too large, or not JSON at all."""
     try:
-        data = json.loads(record_path(job).read_text())
-    except (OSError, ValueError):
+        raw = read_regular(record_path(job), MAX_RECORD_BYTES + 1)
+        if len(raw) > MAX_RECORD_BYTES:
+            return None
+        data = json.loads(raw)
+    except (OSError, ValueError, RecursionError):
         return None
     return data if isinstance(data, dict) else None
 
@@ -135,7 +143,7 @@ def _whole(job: Job, data: dict[str, Any]) -> bool:
             try:
                 if os.stat(path).st_size != f["size"]:
                     return False
-            except OSError:
+            except (OSError, ValueError):  # ValueError: a NUL in the name
                 return False
     return True
 
@@ -242,7 +250,7 @@ def _stats(output: str, sections: list[str]) -> list[os.stat_result] | None:
     try:
         return [os.stat(f"{output}/{RECORD_FILE}"),
                 *[os.stat(f"{output}/{section}") for section in sections]]
-    except OSError:
+    except (OSError, ValueError):  # ValueError: a NUL in a name
         return None
 
 
@@ -274,7 +282,7 @@ def _proven(output: str, files: list[str], proof: str, chain: str) -> bool:
     try:
         head = os.stat(f"{output}/{RECORD_FILE}")
         sizes = [os.stat(output + f).st_size for f in files]
-    except OSError:
+    except (OSError, ValueError):  # ValueError: a NUL in a name
         return False
     return _proof(head, chain, sizes) == proof
 
