@@ -392,7 +392,10 @@ def whole(root: Path, jobs: Iterable[Job]) -> set[str]:
         cache: _Completions | None = _Completions(root)
     except (OSError, sqlite3.Error):
         cache = None
-    known = cache.proofs() if cache is not None else {}
+    known: dict[str, tuple[list[str], str]] = {}
+    if cache is not None:
+        with contextlib.suppress(sqlite3.Error):  # then every record is read
+            known = cache.proofs()
     done: set[str] = set()
     fresh: list[Stored] = []
     gone: list[str] = []  # remembered, read again, and found not whole

@@ -142,6 +142,8 @@ def test_without_a_usable_database_every_record_is_read(tmp_path: Path,
     assert record.completed(root, sweep.jobs) == {"j0": 1}
     assert record.completed(root, sweep.jobs) == {"j0": 1}
     assert reads.count("j0") == 2
+    assert record.whole(root, sweep.jobs) == record.whole(root, sweep.jobs) == {"j0"}
+    assert reads.count("j0") == 4
 
 
 # -- record.whole: what `run` skips, judged as is_complete judges it, records not read
@@ -314,6 +316,23 @@ def test_a_second_run_reads_no_record_and_redoes_a_file_cut_short(
     assert outcomes == {"a": Outcome.ALREADY_COMPLETE, "b": Outcome.COMPLETE}
     assert (job.output / section / files[0]["name"]).stat().st_size == files[0]["size"]
     assert record.is_complete(job)
+
+
+def test_a_database_that_fails_when_asked_makes_run_read_every_record(
+        tmp_path: Path, reads: list[str], settled: None,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    root = tmp_path / "jobs"
+    sweep = sweep_of(root, 2)
+    finish(sweep.jobs[0])
+    assert record.whole(root, sweep.jobs) == {"j0"}  # remembered
+
+    def fails(self: object) -> None:
+        raise sqlite3.OperationalError("database disk image is malformed")
+
+    monkeypatch.setattr(record._Completions, "proofs", fails)
+    reads.clear()
+    assert record.whole(root, sweep.jobs) == {"j0"}
+    assert reads == ["j0"]
 
 
 # -- sweep_status: the journal queried for what it needs, against reading every event
