@@ -344,7 +344,10 @@ def completions(root: Path, jobs: Iterable[Job]) -> dict[str, Completion]:
         cache: _Completions | None = _Completions(root)
     except (OSError, sqlite3.Error):
         cache = None
-    known = cache.load() if cache is not None else {}
+    known: dict[str, tuple[str, str, str, int | None]] = {}
+    if cache is not None:
+        with contextlib.suppress(sqlite3.Error):  # then every record is read
+            known = cache.load()
     done: dict[str, Completion] = {}
     fresh: list[Stored] = []
     gone = set(known)  # rows of records no longer found whole

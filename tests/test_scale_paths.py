@@ -318,7 +318,7 @@ def test_a_second_run_reads_no_record_and_redoes_a_file_cut_short(
     assert record.is_complete(job)
 
 
-def test_a_database_that_fails_when_asked_makes_run_read_every_record(
+def test_a_database_that_fails_when_asked_makes_every_record_read(
         tmp_path: Path, reads: list[str], settled: None,
         monkeypatch: pytest.MonkeyPatch) -> None:
     root = tmp_path / "jobs"
@@ -330,9 +330,11 @@ def test_a_database_that_fails_when_asked_makes_run_read_every_record(
         raise sqlite3.OperationalError("database disk image is malformed")
 
     monkeypatch.setattr(record._Completions, "proofs", fails)
+    monkeypatch.setattr(record._Completions, "load", fails)
     reads.clear()
     assert record.whole(root, sweep.jobs) == {"j0"}
-    assert reads == ["j0"]
+    assert record.completed(root, sweep.jobs) == {"j0": 1}
+    assert reads == ["j0", "j0"]
 
 
 # -- sweep_status: the journal queried for what it needs, against reading every event
