@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,21 +24,15 @@ from gibatch.site import RemoteFile, RetryPolicy, SiteClient, Timeouts, parse_se
 from gibatch.transfer import PART_SUFFIX, fetch, local_files, safe_name
 from tests.test_hostile_server import (  # noqa: F401  (serve is a fixture)
     BODY,
+    JOBS_TABLE,
     PREFIX,
-    Handler,
-    Server,
+    Serve,
     logged_in,
     login_routes,
     serve,
 )
 
 pytestmark = pytest.mark.anyio
-
-Serve = Callable[[dict[str, Handler]], Awaitable[Server]]
-
-JOBS_TABLE = ("<table><thead><tr><th>ID</th><th>Job Type</th><th>Model</th><th>Status</th>"
-              "</tr></thead><tbody><tr><td>1</td><td>Galaxy 1</td><td>1</td>"
-              "<td>Completed</td></tr></tbody></table>")
 
 
 # 1. The login page's GET follows redirects on its own (aiohttp's default), with the

@@ -66,6 +66,12 @@ class Server:
     url: str
     seen: Seen
 
+Serve = Callable[[dict[str, Handler]], Awaitable[Server]]
+
+JOBS_TABLE = ("<table><thead><tr><th>ID</th><th>Job Type</th><th>Model</th><th>Status</th>"
+              "</tr></thead><tbody><tr><td>1</td><td>Galaxy 1</td><td>1</td>"
+              "<td>Completed</td></tr></tbody></table>")
+
 
 @pytest.fixture
 async def serve() -> AsyncIterator[Callable[[dict[str, Handler]], Awaitable[Server]]]:

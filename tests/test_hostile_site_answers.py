@@ -30,21 +30,16 @@ from gibatch.site import RemoteFile, SiteClient, TaskRow, parse_sections, parse_
 from gibatch.transfer import PART_SUFFIX, FileRecord, fetch, local_files
 from tests.conftest import FAST_RETRY
 from tests.test_hostile_server import (  # noqa: F401  (serve is a fixture)
+    JOBS_TABLE,
     PREFIX,
     Handler,
-    Server,
+    Serve,
     logged_in,
     login_routes,
     serve,
 )
 
 pytestmark = pytest.mark.anyio
-
-Serve = Callable[[dict[str, Handler]], Awaitable[Server]]
-
-JOBS_TABLE = ("<table><thead><tr><th>ID</th><th>Job Type</th><th>Model</th><th>Status</th>"
-              "</tr></thead><tbody><tr><td>1</td><td>Galaxy 1</td><td>1</td>"
-              "<td>Completed</td></tr></tbody></table>")
 TASK_PAGE = '<script>window.CSRF_TOKEN = "tok";</script>'
 FILE = secrets.token_bytes(2000)
 
