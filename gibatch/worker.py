@@ -153,14 +153,12 @@ class ModelWorker:
             if own.job_id is not None:
                 self.emit(Event.STEP_ADOPTED, intent.job, self.model, intent.step,
                           f"task {own.job_id} found after a restart")
-                stuck_by = time.monotonic() + self.client.retry.stuck_after_s
+                stuck_by = self._stuck_by()
                 ended = await self.poller.wait(
                     lambda _rows: own.row or (time.monotonic() > stuck_by or None), 0.0)
                 if not isinstance(ended, TaskRow):
-                    raise ModelStuck(f"task {own.job_id} ({intent.step} of job {intent.job}, "
-                                     "posted before a restart) has not ended within "
-                                     f"{self.client.retry.stuck_after_s:.0f} s",
-                                     model=self.model)
+                    raise self._stuck(f"task {own.job_id} ({intent.step} of job {intent.job}, "
+                                      "posted before a restart)")
             self.memory.expected = None
             self.journal.clear_intent(self.memory.site, self.model)
         if self.memory.last_task_id < 0:  # never seen this model: nothing is known held
@@ -187,20 +185,26 @@ class ModelWorker:
     async def _wait_idle(self) -> None:
         """Until the model's current task (someone else's) has ended; ModelStuck if it
         has not within `stuck_after_s`."""
-        limit = self.client.retry.stuck_after_s
-        until = time.monotonic() + limit
+        stuck_by = self._stuck_by()
 
         def idle(rows: list[TaskRow]) -> TaskRow | bool | None:
             top = newest(rows, self.model)
             if top is None or top.state is not TaskState.ACTIVE:
                 return True
-            return top if time.monotonic() > until else None
+            return top if time.monotonic() > stuck_by else None
 
         found = await self.poller.wait(idle, 0.0)
         if isinstance(found, TaskRow):
-            raise ModelStuck(f"task {found.job_id} ({found.job_type}), started elsewhere, "
-                             f"has been {found.status} for over {limit:.0f} s",
-                             model=self.model)
+            raise self._stuck(f"task {found.job_id} ({found.job_type}), started elsewhere "
+                              f"and still {found.status},")
+
+    def _stuck_by(self) -> float:
+        """When a task queued or running from now on holds the model for good."""
+        return time.monotonic() + self.client.retry.stuck_after_s
+
+    def _stuck(self, task: str, job: str | None = None) -> ModelStuck:
+        return ModelStuck(f"{task} has not ended within "
+                          f"{self.client.retry.stuck_after_s:.0f} s", job=job, model=self.model)
 
     # -- one job
 
@@ -292,7 +296,7 @@ class ModelWorker:
             self.counts.tasks_submitted += 1
             self.emit(Event.STEP_SUBMITTED, job.name, self.model, step.name)
             listed_by = time.monotonic() + self.client.retry.listing_grace_s
-            stuck_by = time.monotonic() + self.client.retry.stuck_after_s
+            stuck_by = self._stuck_by()
 
             def outcome(_rows: list[TaskRow]) -> TaskRow | _Overdue | None:
                 if own.row is not None:
@@ -310,10 +314,8 @@ class ModelWorker:
                     f"never listed it within {self.client.retry.listing_grace_s:.0f} s",
                     job=job.name, model=self.model, elsewhere=True)
             if not isinstance(row, TaskRow):  # its intent stays: a later run adopts it
-                raise ModelStuck(
-                    f"its {step.name} task {own.job_id or '(id unknown)'} has not ended "
-                    f"within {self.client.retry.stuck_after_s:.0f} s",
-                    job=job.name, model=self.model)
+                raise self._stuck(f"its {step.name} task {own.job_id or '(id unknown)'}",
+                                  job.name)
         except BaseException:
             # A task that may be on the site keeps its intent, for the next run to adopt.
             if own.posting is Posting.UNSENT:
