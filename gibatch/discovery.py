@@ -162,22 +162,16 @@ class JobCache(Database):
         (folder stat, name) their new stat, keep `order` (unless None: unchanged)."""
         if not (fresh or gone or restated or order is not None):
             return  # no write lock taken while a run may be writing
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                self._db.executemany(
-                    "INSERT OR REPLACE INTO known_jobs VALUES (?, ?, ?, ?, ?, ?, ?)", fresh)
-                self._db.executemany("DELETE FROM known_jobs WHERE name = ?",
-                                     [(n,) for n in gone])
-                self._db.executemany("UPDATE known_jobs SET folder = ? WHERE name = ?",
-                                     restated)
-                if order is not None:
-                    self._db.execute("INSERT OR REPLACE INTO job_order VALUES (0, ?)",
-                                     ("/".join(order),))
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
+        with self.transaction() as db:
+            db.executemany(
+                "INSERT OR REPLACE INTO known_jobs VALUES (?, ?, ?, ?, ?, ?, ?)", fresh)
+            db.executemany("DELETE FROM known_jobs WHERE name = ?",
+                                 [(n,) for n in gone])
+            db.executemany("UPDATE known_jobs SET folder = ? WHERE name = ?",
+                                 restated)
+            if order is not None:
+                db.execute("INSERT OR REPLACE INTO job_order VALUES (0, ?)",
+                                 ("/".join(order),))
 
 
 def _open(root: Path) -> JobCache | None:

@@ -181,21 +181,15 @@ class Journal(Database):
 
     def set_held(self, site: str, model: int, held: dict[str, str], last_task_id: int) -> None:
         """Replace the memory of one model number, atomically."""
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                self._db.execute("DELETE FROM held WHERE site = ? AND model = ?", (site, model))
-                self._db.executemany(
-                    "INSERT INTO held VALUES (?, ?, ?, ?)",
-                    [(site, model, s, lineage) for s, lineage in held.items()],
-                )
-                self._db.execute(
-                    "INSERT OR REPLACE INTO accounted VALUES (?, ?, ?)", (site, model, last_task_id)
-                )
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
+        with self.transaction() as db:
+            db.execute("DELETE FROM held WHERE site = ? AND model = ?", (site, model))
+            db.executemany(
+                "INSERT INTO held VALUES (?, ?, ?, ?)",
+                [(site, model, s, lineage) for s, lineage in held.items()],
+            )
+            db.execute(
+                "INSERT OR REPLACE INTO accounted VALUES (?, ?, ?)", (site, model, last_task_id)
+            )
 
     def last_task_id(self, site: str, model: int) -> int | None:
         rows = self._exec("SELECT last_task_id FROM accounted WHERE site = ? AND model = ?",

@@ -190,26 +190,20 @@ class _Completions(Database):
     def store(self, fresh: list[Stored], gone: list[str]) -> None:
         if not (fresh or gone):
             return  # no write lock taken while a run may be writing
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                ids: dict[str | None, int | None] = {None: None}
-                for files in {row[5] for row in fresh} - {None}:
-                    self._db.execute("INSERT OR IGNORE INTO listings (files) VALUES (?)",
-                                     (files,))
-                    ids[files] = self._db.execute("SELECT id FROM listings WHERE files = ?",
-                                                  (files,)).fetchone()[0]
-                self._db.executemany(
-                    "INSERT OR REPLACE INTO completions VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    [(*row[:5], ids[row[5]], row[6]) for row in fresh])
-                self._db.executemany("DELETE FROM completions WHERE name = ?",
-                                     [(n,) for n in gone])
-                self._db.execute("DELETE FROM listings WHERE id NOT IN (SELECT listing "
-                                 "FROM completions WHERE listing IS NOT NULL)")
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
+        with self.transaction() as db:
+            ids: dict[str | None, int | None] = {None: None}
+            for files in {row[5] for row in fresh} - {None}:
+                db.execute("INSERT OR IGNORE INTO listings (files) VALUES (?)",
+                                 (files,))
+                ids[files] = db.execute("SELECT id FROM listings WHERE files = ?",
+                                              (files,)).fetchone()[0]
+            db.executemany(
+                "INSERT OR REPLACE INTO completions VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [(*row[:5], ids[row[5]], row[6]) for row in fresh])
+            db.executemany("DELETE FROM completions WHERE name = ?",
+                                 [(n,) for n in gone])
+            db.execute("DELETE FROM listings WHERE id NOT IN (SELECT listing "
+                             "FROM completions WHERE listing IS NOT NULL)")
 
 
 def _hash(text: str) -> str:

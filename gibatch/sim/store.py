@@ -56,7 +56,7 @@ class Submission:
 # holds this mark and the section it asks for (`Plot ?`: the next plot).
 _WAITING = "?"
 _NEXT_PLOT = "Plot ?"
-STAGE_OF_TASK = {"galaxy1": Stage.GALAXY, "galaxy2": Stage.GALAXY, "merge": Stage.MERGE,
+_STAGE_OF_TASK = {"galaxy1": Stage.GALAXY, "galaxy2": Stage.GALAXY, "merge": Stage.MERGE,
                  "interact": Stage.INTERACT, "plot": Stage.PLOT}
 
 
@@ -144,40 +144,27 @@ class Store(Database):
         """Take a task, atomically. On a free model number it starts at once (see
         `_start_unlocked`); on a busy one it raises Busy, or with `queue` waits, listed as
         Queued, until `start` is called for it when the tasks before it have ended."""
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                busy = self._busy_unlocked(username, model)
-                if busy and not queue:
-                    raise Busy()
-                if plot_number is not None:
-                    self._plot_section_unlocked(username, model, plot_number)  # checked now
-                cur = self._db.execute(
-                    f"INSERT INTO tasks ({self._TASK_COLS.replace('job_id, ', '')}) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                    (username, model, step.name if step.stage is not Stage.PLOT else "plot",
-                     step.job_type, _WAITING + _section_hint(step, plot_number), payload,
-                     TaskStatus.QUEUED.value, _now()),
-                )
-                job_id = int(cur.lastrowid or 0)
-                replaced = None if busy else self._start_unlocked(job_id)
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
+        with self.transaction() as db:
+            busy = self._busy_unlocked(username, model)
+            if busy and not queue:
+                raise Busy()
+            if plot_number is not None:
+                self._plot_section_unlocked(username, model, plot_number)  # checked now
+            cur = db.execute(
+                f"INSERT INTO tasks ({self._TASK_COLS.replace('job_id, ', '')}) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (username, model, step.name if step.stage is not Stage.PLOT else "plot",
+                 step.job_type, _WAITING + _section_hint(step, plot_number), payload,
+                 TaskStatus.QUEUED.value, _now()),
+            )
+            job_id = int(cur.lastrowid or 0)
+            replaced = None if busy else self._start_unlocked(job_id)
         return Submission(job_id, replaced)
 
     def start(self, job_id: int) -> tuple[int, ...]:
         """A queued task's turn has come: it takes its section now (see `submit`)."""
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                replaced = self._start_unlocked(job_id)
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-        return replaced
+        with self.transaction():
+            return self._start_unlocked(job_id)
 
     def _plot_section_unlocked(self, username: str, model: int, plot_number: int | None) -> str:
         """`Plot k`: k = plot_number when given (replacing it), else one more than the
@@ -196,7 +183,7 @@ class Store(Database):
             "SELECT username, model, step, section FROM tasks WHERE job_id = ?", (job_id,)
         ).fetchone()
         hint = str(hint).removeprefix(_WAITING)
-        stage = STAGE_OF_TASK[str(step_name)]
+        stage = _STAGE_OF_TASK[str(step_name)]
         section = hint
         if stage is Stage.PLOT:
             wanted = int(hint.rsplit(" ", 1)[-1]) if hint != _NEXT_PLOT else None
@@ -230,21 +217,15 @@ class Store(Database):
     def lose(self, username: str, model: int, step: Step, payload: str) -> int:
         """A task the site takes and then loses: its id is used up, nothing is listed or run
         (the `lost` fault). AUTOINCREMENT never hands the id out again."""
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                cur = self._db.execute(
-                    f"INSERT INTO tasks ({self._TASK_COLS.replace('job_id, ', '')}) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                    (username, model, step.name, step.job_type, step.section, payload,
-                     TaskStatus.QUEUED.value, _now()),
-                )
-                job_id = int(cur.lastrowid or 0)
-                self._db.execute("DELETE FROM tasks WHERE job_id = ?", (job_id,))
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
+        with self.transaction() as db:
+            cur = db.execute(
+                f"INSERT INTO tasks ({self._TASK_COLS.replace('job_id, ', '')}) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (username, model, step.name, step.job_type, step.section, payload,
+                 TaskStatus.QUEUED.value, _now()),
+            )
+            job_id = int(cur.lastrowid or 0)
+            db.execute("DELETE FROM tasks WHERE job_id = ?", (job_id,))
         return job_id
 
     def is_busy(self, username: str, model: int) -> bool:
