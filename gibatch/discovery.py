@@ -165,13 +165,10 @@ class JobCache(Database):
         with self.transaction() as db:
             db.executemany(
                 "INSERT OR REPLACE INTO known_jobs VALUES (?, ?, ?, ?, ?, ?, ?)", fresh)
-            db.executemany("DELETE FROM known_jobs WHERE name = ?",
-                                 [(n,) for n in gone])
-            db.executemany("UPDATE known_jobs SET folder = ? WHERE name = ?",
-                                 restated)
+            db.executemany("DELETE FROM known_jobs WHERE name = ?", [(n,) for n in gone])
+            db.executemany("UPDATE known_jobs SET folder = ? WHERE name = ?", restated)
             if order is not None:
-                db.execute("INSERT OR REPLACE INTO job_order VALUES (0, ?)",
-                                 ("/".join(order),))
+                db.execute("INSERT OR REPLACE INTO job_order VALUES (0, ?)", ("/".join(order),))
 
 
 def _open(root: Path) -> JobCache | None:

@@ -180,12 +180,19 @@ class _Completions(Database):
     def proofs(self) -> dict[str, tuple[list[str], str]]:
         """name -> (the record's files, each as `/section/name`, and proof) of every
         record remembered with them (one list for all records listing the same files)."""
+        # One read transaction: both tables from one snapshot, so a listing id that
+        # another process's `store` freed and gave to other files meanwhile cannot pair
+        # a record's proof with files it does not list.
         with self._lock:
-            listings = {i: [f"/{f}" for f in files.split(_FILES_SEP)] if files else []
-                        for i, files in self._db.execute("SELECT id, files FROM listings")}
-            return {name: (listings[i], proof) for name, i, proof in self._db.execute(
-                        "SELECT name, listing, proof FROM completions WHERE proof IS NOT NULL")
-                    if i in listings}
+            self._db.execute("BEGIN")
+            try:
+                listings = {i: [f"/{f}" for f in files.split(_FILES_SEP)] if files else []
+                            for i, files in self._db.execute("SELECT id, files FROM listings")}
+                rows = self._db.execute("SELECT name, listing, proof FROM completions "
+                                        "WHERE proof IS NOT NULL").fetchall()
+            finally:
+                self._db.execute("COMMIT")
+        return {name: (listings[i], proof) for name, i, proof in rows if i in listings}
 
     def store(self, fresh: list[Stored], gone: list[str]) -> None:
         if not (fresh or gone):
@@ -193,17 +200,15 @@ class _Completions(Database):
         with self.transaction() as db:
             ids: dict[str | None, int | None] = {None: None}
             for files in {row[5] for row in fresh} - {None}:
-                db.execute("INSERT OR IGNORE INTO listings (files) VALUES (?)",
-                                 (files,))
+                db.execute("INSERT OR IGNORE INTO listings (files) VALUES (?)", (files,))
                 ids[files] = db.execute("SELECT id FROM listings WHERE files = ?",
-                                              (files,)).fetchone()[0]
+                                        (files,)).fetchone()[0]
             db.executemany(
                 "INSERT OR REPLACE INTO completions VALUES (?, ?, ?, ?, ?, ?, ?)",
                 [(*row[:5], ids[row[5]], row[6]) for row in fresh])
-            db.executemany("DELETE FROM completions WHERE name = ?",
-                                 [(n,) for n in gone])
+            db.executemany("DELETE FROM completions WHERE name = ?", [(n,) for n in gone])
             db.execute("DELETE FROM listings WHERE id NOT IN (SELECT listing "
-                             "FROM completions WHERE listing IS NOT NULL)")
+                       "FROM completions WHERE listing IS NOT NULL)")
 
 
 def _hash(text: str) -> str:
