@@ -214,11 +214,17 @@ class _Tables(HTMLParser):
             self._link[1].append(data)
 
 
+# A task id, model number or size of the site's: at most 18 digits, below 2**63, what
+# SQLite stores as an INTEGER. A job id in a POST answer is bounded alike: one outside
+# what the listing reads could never be matched to its row.
+_DIGITS = 18
+MAX_NUMBER = 10**_DIGITS - 1
+
+
 def number(text: str) -> int | None:
-    """A number of the site's pages (task id, model number, size): ASCII digits only
-    (`'²'.isdigit()` is True, but int('²') fails), at most 18 of them (below 2**63, what
-    SQLite stores as an INTEGER); None otherwise."""
-    return int(text) if len(text) <= 18 and text.isascii() and text.isdigit() else None
+    """A number of the site's pages: ASCII digits only (`'²'.isdigit()` is True, but
+    int('²') fails), at most _DIGITS of them; None otherwise."""
+    return int(text) if len(text) <= _DIGITS and text.isascii() and text.isdigit() else None
 
 
 def parse_task_rows(html: str) -> list[TaskRow]:
@@ -751,7 +757,6 @@ class SiteClient:
 # A POST answer worth reading as JSON is small (`{"job_id": 123}`, `{"error": "..."}`):
 # a larger one is not parsed, on the loop, at all.
 MAX_ANSWER_JSON_CHARS = 4096
-MAX_TASK_ID = 2**63 - 1  # what SQLite stores as an INTEGER
 
 
 def _answer_json(text: str) -> dict[str, Any] | None:
@@ -780,7 +785,7 @@ async def _off_the_loop(parse: Callable[..., T], html: str, *args: Any) -> T:
 def _job_id_of(text: str) -> int | None:
     value = (_answer_json(text) or {}).get("job_id")
     # `true` is no job id (bool is an int in Python, and True == 1 is task 1).
-    return value if type(value) is int and 0 < value <= MAX_TASK_ID else None
+    return value if type(value) is int and 0 < value <= MAX_NUMBER else None
 
 
 def _error_of(text: str) -> str:
