@@ -44,7 +44,7 @@ from gibatch.errors import (
     leaves,
     local_io,
 )
-from gibatch.site import RemoteFile, SiteClient, translate
+from gibatch.site import RemoteFile, SiteClient, number, translate
 
 PART_SUFFIX = ".part"
 WRITE_BATCH_BYTES = 1 << 20  # bytes gathered before one write+hash off the event loop
@@ -431,15 +431,12 @@ def _content_range(content_range: str) -> tuple[int, int | None] | None:
     START-END/TOTAL`; None if unreadable."""
     unit, _, spec = content_range.strip().partition(" ")
     span, _, total = spec.partition("/")
-    first = span.partition("-")[0].strip()
+    first = number(span.partition("-")[0].strip())
     total = total.strip()
-    if unit != "bytes" or not _digits(first) or not (_digits(total) or total == "*"):
+    size = None if total == "*" else number(total)
+    if unit != "bytes" or first is None or (size is None and total != "*"):
         return None
-    return int(first), int(total) if total != "*" else None
-
-
-def _digits(text: str) -> bool:
-    return 0 < len(text) <= 18 and text.isascii() and text.isdigit()
+    return first, size
 
 
 def _room_for(path: Path, size: int, name: str) -> None:
