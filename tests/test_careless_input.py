@@ -8,7 +8,7 @@ import os
 import resource
 import shutil
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 from gibatch.cli import app
 from gibatch.journal import Event, Journal
-from tests.conftest import BASE_JOB, tiny_job_files, write_job
+from tests.conftest import BASE_JOB, ThreadedSite, tiny_job_files, write_job
 
 runner = CliRunner()
 WIDE = {"COLUMNS": "250"}  # rich tables wrap cells to the terminal's width
@@ -394,3 +394,22 @@ def test_plain_lines_of_plan_status_and_search_are_escaped() -> None:
                         match_settings.Metric.SSIM)
     assert "\x1b" not in line and "\x07" not in line
     assert "(j\\x1b]0;pwned\\x07\\x1b[2J: k\\x1b[2J=v\\x07)" in line
+
+
+# -- --server without the site's path: the login page is not found
+
+def test_a_server_address_missing_the_sites_path_names_the_login_page(
+        tmp_path: Path, make_site: Callable[..., ThreadedSite]) -> None:
+    """`--server http://HOST` for a site under `/ast80011`: the login page answers 404,
+    which says the address is wrong (not that the page lacks a form field)."""
+    jobs = tmp_path / "jobs"
+    write_job(jobs, "1", tiny_job_files())
+    site = make_site()
+    root = site.running.url.split("/ast80011")[0]
+    code, text = invoke("run", "--jobs", str(jobs), "--models", "1", "--server", root,
+                        "--username", "alice",
+                        env={"GIBATCH_PASSWORD": "pw",
+                             "GIBATCH_LOCK_DIR": str(tmp_path / "locks")})
+    assert code != 0 and "Traceback" not in text, text
+    assert f"the login page {root}/accounts/login/ answered 404" in text, text
+    assert "is --server the site's base address" in text
