@@ -597,7 +597,7 @@ class SiteClient:
             # Redirects followed by hand, on the site's origin only: the jar holds the
             # session at a re-login, and cookies are scoped by host, not port or scheme.
             async with self.session.get(url, allow_redirects=False) as resp:
-                form = await self._follow_same_origin(resp, page=url)
+                form = await self._follow_same_origin(resp, form_url=url)
             match = _CSRF_IN_FORM.search(form)
             token = (match.group(1) or match.group(2)) if match else None
             token = token or self._cookie("csrftoken")
@@ -619,9 +619,9 @@ class SiteClient:
             raise LoginFailed(f"the site did not accept the login of {self.username!r}")
 
     async def _follow_same_origin(self, resp: aiohttp.ClientResponse,
-                                  page: str | None = None) -> str:
+                                  form_url: str | None = None) -> str:
         """Follow the login pages' redirects by hand: same origin only, a bounded number;
-        the final page's text. `page`: the login form's address, which must be found
+        the final page's text. `form_url`: the login form's address, which must be found
         (a 4xx there is a wrong --server, not a wrong password)."""
         status, location, url = resp.status, resp.headers.get("Location", ""), str(resp.url)
         body = await page_text(resp)
@@ -641,9 +641,9 @@ class SiteClient:
                 body = await page_text(page)
         if status >= 500:
             raise ServerError(status)
-        if page is not None and 400 <= status < 500:
+        if form_url is not None and 400 <= status < 500:
             raise ProtocolError(
-                f"the login page {page} answered {status}: is --server the site's base "
+                f"the login page {form_url} answered {status}: is --server the site's base "
                 f"address, the one its pages are under (e.g. https://HOST/ast80011)?")
         if status in _REDIRECTS:
             raise ProtocolError(f"the login kept redirecting (more than {MAX_LOGIN_REDIRECTS} "
