@@ -16,13 +16,17 @@ status, report and match work on it; it runs through the same scheduler as `giba
 run` (`Scheduler.add` while the run is open), and when it completes its best match
 score is told to the study; a failed job is told as failed. The study lives in
 `DIR/.gibatch/search/study.log` (Optuna's journal storage: appends under a file lock,
-so a `kill -9` leaves it readable), named by the target and the space, so the same
-command resumes the same study. Resuming loses no trial and runs none twice: a trial
-asked but not yet told is RUNNING in the study, and its folder is written from the
-trial's own parameters if the kill came before it was; a folder already complete is
-scored and told; any other goes back to the scheduler, which finishes what it started.
-Complete jobs of the folder that are no trial yet (a first grid) are told to the study
-before anything is asked, when their values lie in the space.
+so a `kill -9` leaves it readable), named by the target, the space and how trials are
+scored (`--metric`, `--views`, `--kpc-per-px`: one study never mixes two metrics), so
+the same command resumes the same study. Another study in the same folder (a new
+target image, the centres given again, an edited space) numbers its folders on from
+the highest `search-NNNN` already there: its trial 0 is never another study's folder.
+Resuming loses no trial and runs none twice: a trial asked but not yet told is
+RUNNING in the study, and its folder is written from the trial's own parameters if the
+kill came before it was; a folder already complete is scored and told; any other goes
+back to the scheduler, which finishes what it started. Complete jobs of the folder that
+are no trial yet (a first grid) are told to the study before anything is asked, when
+their values lie in the space.
 """
 
 from __future__ import annotations
@@ -31,6 +35,8 @@ import hashlib
 import json
 import logging
 import math
+import os
+import re
 import shutil
 import tempfile
 import tomllib
@@ -209,10 +215,31 @@ def job_values(files: Mapping[str, Any], dims: list[Dimension]) -> dict[str, Val
 # -- the study and its job folders
 
 
-def trial_job(trial: FrozenTrial) -> str:
-    """The job folder of a trial: its own name if told from an existing job."""
+FIRST_JOB_ATTR = "first_job"  # a study's user attribute: its trial 0's folder number
+_TRIAL_FOLDER = re.compile(re.escape(JOB_PREFIX) + r"([0-9]{1,9})")
+
+
+def trial_job(trial: FrozenTrial, first: int = 0) -> str:
+    """The job folder of a trial: its own name if told from an existing job, else
+    `search-NNNN` numbered from the study's `first`."""
     name = trial.user_attrs.get("job")
-    return str(name) if name else f"{JOB_PREFIX}{trial.number:04d}"
+    return str(name) if name else f"{JOB_PREFIX}{first + trial.number:04d}"
+
+
+def next_free_number(root: Path) -> int:
+    """One past the highest `search-NNNN` folder in `root` (0 if none)."""
+    found = [int(m[1]) for name in os.listdir(root) if (m := _TRIAL_FOLDER.fullmatch(name))]
+    return max(found, default=-1) + 1
+
+
+def scoring_key(settings: match_settings.Settings) -> str:
+    """What decides a trial's score besides the target, as a study name's suffix (none
+    for the defaults, so studies begun before it resume): scores by another metric, from
+    other views or within another scale are not to be compared."""
+    how = [settings.metric.value, settings.views, settings.kpc_per_px]
+    if how == [match_settings.Metric.SSIM.value, 0, None]:
+        return ""
+    return "-" + hashlib.sha256(json.dumps(how).encode()).hexdigest()[:8]
 
 
 def write_job(root: Path, name: str, base: Mapping[str, Any], point: Mapping[str, Value]
@@ -285,8 +312,9 @@ class Search:
             raise SearchError(f"another gibatch search is running on {root}") from None
         storage = JournalStorage(JournalFileBackend(str(folder / STUDY_FILE)))
         self.study = optuna.create_study(
-            study_name=f"{target.key}-{space_key(dims)}", storage=storage,
-            direction="maximize", load_if_exists=True)
+            study_name=f"{target.key}-{space_key(dims)}{scoring_key(settings)}",
+            storage=storage, direction="maximize", load_if_exists=True)
+        self.first = self._first_number()
         self.study.sampler = optuna.samplers.TPESampler(
             seed=sampler_seed(seed, len(self.study.get_trials(deepcopy=False))),
             n_startup_trials=startup_trials(budget))
@@ -298,6 +326,22 @@ class Search:
 
     def close(self) -> None:
         self._lock.release()
+
+    def _first_number(self) -> int:
+        """The folder number of this study's trial 0, kept in the study. A new study
+        starts past every `search-NNNN` folder (another study's trials); a study begun
+        before this was kept, with trials already, starts at 0 as it did. A kill before
+        it is stored leaves a study with no trial, hence no folder: the same number is
+        found again."""
+        first = self.study.user_attrs.get(FIRST_JOB_ATTR)
+        if isinstance(first, int) and not isinstance(first, bool) and first >= 0:
+            return first
+        first = 0 if self.study.get_trials(deepcopy=False) else next_free_number(self.root)
+        self.study.set_user_attr(FIRST_JOB_ATTR, first)
+        return first
+
+    def _name(self, trial: FrozenTrial) -> str:
+        return trial_job(trial, self.first)
 
     # -- what the study holds
 
@@ -313,13 +357,13 @@ class Search:
         p.failed = sum(1 for t in trials if t.state is TrialState.FAIL)
         if done:
             best = max(done, key=lambda t: t.value or 0.0)
-            p.best_value, p.best_params, p.best_job = best.value, best.params, trial_job(best)
+            p.best_value, p.best_params, p.best_job = best.value, best.params, self._name(best)
         if self._on_progress:
             self._on_progress(p)
 
     def tell_existing(self) -> int:
         """Tell the study every complete job of the folder that is no trial yet."""
-        known = {trial_job(t) for t in self.study.get_trials(deepcopy=False)}
+        known = {self._name(t) for t in self.study.get_trials(deepcopy=False)}
         told = 0
         for job in load_sweep(self.root).jobs:
             if job.name in known or job.name.startswith(JOB_PREFIX) or not record.is_complete(
@@ -351,16 +395,40 @@ class Search:
         return self._job_of(self.study.get_trials(deepcopy=False)[trial.number]), trial.number
 
     def _job_of(self, trial: FrozenTrial) -> Job:
-        """The trial's job folder, written from its parameters if a kill came first."""
-        name = trial_job(trial)
+        """The trial's job folder, written from its parameters if a kill came first; one
+        already there must hold them (not another study's trial, nor a user's job)."""
+        name = self._name(trial)
         folder = self.root / name
         if folder.exists():
             try:
-                return load_job(folder)
+                job = load_job(folder)
             except JobInvalid as exc:
                 raise SearchError(f"trial {trial.number}: its folder {name} is not a valid "
                                   f"job: {exc}") from None
+            self._check_holds(job, trial)
+            return job
         return write_job(self.root, name, self.base, self._all_params(trial))
+
+    def _check_holds(self, job: Job, trial: FrozenTrial) -> None:
+        """Raise SearchError unless `job` holds `trial`'s values of every searched key
+        (orbit keys to the rounding of the position and velocity they are written as)."""
+        files = job_files(job)
+        for dim in self.dims:
+            asked = trial.params.get(dim.key)
+            stem, _, sub = dim.key.partition(".")
+            try:
+                held = (orbit_of(files["merge"])[sub] if stem == "orbit"
+                        else lookup(files, dim.key))
+            except (KeyError, TypeError, ValueError, ZeroDivisionError):
+                held = None
+            same = (isinstance(asked, int | float) and isinstance(held, int | float)
+                    and math.isclose(asked, held, rel_tol=1e-4, abs_tol=1e-3)
+                    if stem == "orbit" else asked == held)
+            if asked is not None and not same:
+                raise SearchError(f"{self.root / job.name}: holds {dim.key} = {held!r}, but "
+                                  f"it is trial {trial.number}'s folder, which asked "
+                                  f"{asked!r} (a folder of another search?); move it away "
+                                  "or search in another --jobs folder")
 
     def _all_params(self, trial: FrozenTrial) -> dict[str, Any]:
         """The trial's parameters, every dimension's. `ask` stores them one by one, so a
