@@ -34,6 +34,7 @@ only what is new, and a job run again with other results is scored again.
 
 from __future__ import annotations
 
+import cmath
 import csv
 import gzip
 import hashlib
@@ -427,9 +428,26 @@ def snapshot_digest(job: Job) -> str | None:
     return None
 
 
+_SNAPSHOT_DATASETS = ("time", "position", "component", "mass", "galaxy")
+
+
 def load_snapshots(path: Path) -> Snapshots:
-    """Stars only: the halo is dark, and its particles are most of the file."""
+    """Stars only: the halo is dark, and its particles are most of the file.
+
+    Raises ValueError naming the dataset when the file is not laid out as the
+    simulator writes it (frames x particles x 3 positions, one component, mass and
+    galaxy per particle, one time per frame), OSError when it cannot be read."""
     with h5py.File(path, "r") as f:
+        for name in _SNAPSHOT_DATASETS:
+            if not isinstance(f.get(name), h5py.Dataset):
+                raise ValueError(f"{path.name}: no dataset {name!r}")
+        frames, particles = f["time"].shape[:1] or (0,), f["component"].shape[:1] or (0,)
+        shapes = {"time": frames, "position": (*frames, *particles, 3),
+                  "component": particles, "mass": particles, "galaxy": particles}
+        for name, shape in shapes.items():
+            if f[name].shape != shape:
+                raise ValueError(f"{path.name}: dataset {name!r} has shape {f[name].shape}, "
+                                 f"not {shape} (frames, particles)")
         component = np.asarray(f["component"][()])
         stars = component != 2
         position = np.asarray(f["position"][()], dtype=np.float64)[:, stars, :]
@@ -437,7 +455,8 @@ def load_snapshots(path: Path) -> Snapshots:
         galaxy = np.asarray(f["galaxy"][()], dtype=np.int8)[stars]
         time_gyr = np.asarray(f["time"][()], dtype=np.float64)
         centres = (np.asarray(f["centres"][()], dtype=np.float64)
-                   if "centres" in f and f["centres"].shape == (len(time_gyr), 2, 3) else None)
+                   if isinstance(f.get("centres"), h5py.Dataset)
+                   and f["centres"].shape == (len(time_gyr), 2, 3) else None)
     # Massless test stars (restricted physics) are drawn equally bright.
     weight = mass if mass.sum() > 0 else np.ones_like(mass)
     return Snapshots(time_gyr, position, galaxy, weight, centres)
@@ -490,7 +509,9 @@ def sky(points: F64, view: View, mirror: bool) -> NDArray[np.complex128]:
 def transform(c1: complex, c2: complex, target: Target, mirror: bool) -> Transform | None:
     """The similarity putting sky points c1, c2 on the target's centres (None if they
     coincide in projection: no scale would do)."""
-    if abs(c2 - c1) < MIN_SEPARATION_KPC:
+    # Not `< MIN_SEPARATION_KPC`: stars gone to NaN or inf (an integration that blew
+    # up) would give a transform of NaN, and a blank render a real-looking score.
+    if not (cmath.isfinite(c1) and cmath.isfinite(c2) and abs(c2 - c1) >= MIN_SEPARATION_KPC):
         return None
     t1, t2 = (_pixels_complex(c) for c in target.centres)
     a = (t2 - t1) / (c2 - c1)
@@ -893,22 +914,30 @@ def _result(job: str, scores: list[Score], metric: Metric, target: Target) -> Re
     return Result(job, None if best is None else target.as_given(best), len(scores))
 
 
+# What a snapshots file the scorer cannot use raises (one job's problem, not the sweep's).
+_SNAPSHOT_ERRORS = (OSError, KeyError, ValueError, IndexError, TypeError)
+
+
 def _score_job(job_name: str, path: Path, views: list[View], target: Target,
                cached: list[Score], settings: Settings,
-               kpc_per_px: tuple[float, float] | None) -> tuple[str, list[Score]]:
+               kpc_per_px: tuple[float, float] | None) -> tuple[str, list[Score], str]:
     """The scores the job's frame search needs that `cached` lacks (`kpc_per_px`: the
-    scale range on the comparison grid)."""
-    snaps = load_snapshots(path)
+    scale range on the comparison grid), and why there are none if its snapshots
+    cannot be used ("" otherwise)."""
     new: list[Score] = []
+    try:
+        snaps = load_snapshots(path)
 
-    def fresh(keys: list[Key]) -> list[Score]:
-        scores = score_keys(snaps, views, target, keys, kpc_per_px=kpc_per_px)
-        new.extend(scores)
-        return scores
+        def fresh(keys: list[Key]) -> list[Score]:
+            scores = score_keys(snaps, views, target, keys, kpc_per_px=kpc_per_px)
+            new.extend(scores)
+            return scores
 
-    frame_search(len(snaps.time_gyr), views, settings.metric, settings.coarse_frames,
-                 _cached_first(cached, fresh))
-    return job_name, new
+        frame_search(len(snaps.time_gyr), views, settings.metric, settings.coarse_frames,
+                     _cached_first(cached, fresh))
+    except _SNAPSHOT_ERRORS as exc:
+        return job_name, [], f"unusable snapshots: {exc}"
+    return job_name, new, ""
 
 
 def cache_key(target: Target, settings: Settings) -> str:
@@ -958,7 +987,7 @@ def match_jobs(root: Path, jobs: Sequence[Job], target: Target, settings: Settin
             views = views_for(job, settings.views)
             try:
                 digest, cached, frames = _unscored(cache, key, job, views)
-            except (OSError, KeyError) as exc:
+            except _SNAPSHOT_ERRORS as exc:
                 results[job.name] = Result(job.name, None, reason=f"unreadable snapshots: {exc}")
                 continue
             if digest is None:
@@ -973,11 +1002,14 @@ def match_jobs(root: Path, jobs: Sequence[Job], target: Target, settings: Settin
         if progress:
             progress(finished, total)
         scale = None if settings.kpc_per_px is None else target.on_grid(settings.kpc_per_px)
-        for work, scores in _run_pool(list(todo.values()), target, settings, scale,
-                                      workers):
-            cache.put(key, work.job.name, work.digest, scores)
-            results[work.job.name] = _result(work.job.name, [*work.cached, *scores],
-                                             settings.metric, target)
+        for work, scores, reason in _run_pool(list(todo.values()), target, settings, scale,
+                                              workers):
+            if reason:
+                results[work.job.name] = Result(work.job.name, None, reason=reason)
+            else:
+                cache.put(key, work.job.name, work.digest, scores)
+                results[work.job.name] = _result(work.job.name, [*work.cached, *scores],
+                                                 settings.metric, target)
             finished += 1
             if progress:
                 progress(finished, total)
@@ -988,8 +1020,9 @@ def match_jobs(root: Path, jobs: Sequence[Job], target: Target, settings: Settin
 
 def _run_pool(todo: Sequence[_Work], target: Target, settings: Settings,
               kpc_per_px: tuple[float, float] | None, workers: int | None
-              ) -> Iterable[tuple[_Work, list[Score]]]:
+              ) -> Iterable[tuple[_Work, list[Score], str]]:
     """Score the jobs in `todo`: in this process for one job or one worker, else a pool.
+    Each comes with its scores and why it has none ("" if it has).
 
     The pool uses `spawn`: a fork of a process with threads (an event loop's) may
     inherit a held lock.
@@ -997,16 +1030,17 @@ def _run_pool(todo: Sequence[_Work], target: Target, settings: Settings,
     count = workers if workers is not None else (os.cpu_count() or 1)
     if count <= 1 or len(todo) <= 1:
         for work in todo:
-            yield work, _score_job(work.job.name, snapshot_path(work.job), work.views, target,
-                                   work.cached, settings, kpc_per_px)[1]
+            _, scores, reason = _score_job(work.job.name, snapshot_path(work.job), work.views,
+                                           target, work.cached, settings, kpc_per_px)
+            yield work, scores, reason
         return
     by_name = {work.job.name: work for work in todo}
     with process_pool(min(count, len(todo))) as pool:
         futures = [pool.submit(_score_job, work.job.name, snapshot_path(work.job), work.views,
                                target, work.cached, settings, kpc_per_px) for work in todo]
         for future in as_completed(futures):
-            name, scores = future.result()
-            yield by_name[name], scores
+            name, scores, reason = future.result()
+            yield by_name[name], scores, reason
 
 
 def rank(results: list[Result], metric: Metric) -> list[Result]:

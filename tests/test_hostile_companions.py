@@ -5,11 +5,20 @@ Each test failed before its fix (see /work/notes/review9.md, probes in
 
 from __future__ import annotations
 
+import hashlib
+import json
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 
+import h5py
+import numpy as np
 import pytest
+from PIL import Image
+from typer.testing import CliRunner, Result
 
 from gibatch import match, match_settings, search
+from gibatch.cli import app
 from gibatch.jobs import job_files
 from tests.conftest import tiny_job_files, write_job
 from tests.test_search import MASS, THETA, tiny_search
@@ -88,3 +97,105 @@ def test_a_folder_that_holds_other_values_is_not_taken_for_the_trial(
             finder._ask()
     finally:
         finder.close()
+
+
+# -- match: one job's unusable snapshots are that job's problem
+
+
+def _rewrite_snapshots(job: Path, mutate: Callable[[dict[str, np.ndarray]], None]) -> None:
+    """JOB's snapshots.h5 with `mutate` applied, vouched for by its completion record (as
+    when a site served such a file)."""
+    path = job / "output" / match.SNAPSHOT_SECTION / match.SNAPSHOT_FILE
+    with h5py.File(path, "r") as f:
+        data = {k: np.asarray(f[k][()]) for k in f}
+    mutate(data)
+    path.unlink()
+    with h5py.File(path, "w") as f:
+        for k, v in data.items():
+            f[k] = v
+    record = job / "output" / ".gibatch-complete.json"
+    rec = json.loads(record.read_text())
+    body = path.read_bytes()
+    for entry in rec["sections"][match.SNAPSHOT_SECTION]:
+        if entry["name"] == match.SNAPSHOT_FILE:
+            entry["size"], entry["sha256"] = len(body), hashlib.sha256(body).hexdigest()
+    record.write_text(json.dumps(rec))
+
+
+@pytest.fixture(scope="module")
+def complete(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Three complete jobs (run once), copied by `sweep`."""
+    from gibatch.run import Outcome
+    from gibatch.sim.app import SiteConfig
+    from gibatch.sim.server import ThreadedSite
+    from tests.conftest import run_sweep
+    from tests.test_match import small_job
+
+    root = tmp_path_factory.mktemp("companions")
+    for theta in (0, 45, 90):
+        write_job(root / "jobs", f"theta-{theta}", small_job(theta))
+    site = ThreadedSite(SiteConfig(data_dir=root / "site", accounts={"alice": "pw"},
+                                   workers=2))
+    try:
+        summary = run_sweep(site, root / "jobs", [1, 2])
+    finally:
+        site.stop()
+    assert set(summary.outcomes.values()) == {Outcome.COMPLETE}, summary.reasons
+    return root / "jobs"
+
+
+@pytest.fixture
+def sweep(complete: Path, tmp_path: Path) -> Path:
+    shutil.copytree(complete, tmp_path / "jobs")
+    shutil.rmtree(tmp_path / "jobs" / ".gibatch" / "match", ignore_errors=True)
+    return tmp_path / "jobs"
+
+
+@pytest.fixture
+def target(tmp_path: Path) -> tuple[Path, str]:
+    """A target of two blobs, and its --centres."""
+    pixels = np.zeros((60, 80), np.uint8)
+    pixels[15:25, 15:25] = 200
+    pixels[30:40, 50:60] = 150
+    Image.fromarray(pixels).save(tmp_path / "target.png")
+    return tmp_path / "target.png", "20,20,55,35"
+
+
+def _match(jobs: Path, target: Path, centres: str, *more: str) -> Result:
+    return CliRunner().invoke(app, ["match", "--jobs", str(jobs), "--target", str(target),
+                                    "--centres", centres, *more])
+
+
+def _drop_component(d: dict[str, np.ndarray]) -> None:
+    del d["component"]
+
+
+def _two_frames_of_positions(d: dict[str, np.ndarray]) -> None:
+    d["position"] = d["position"][:2]
+
+
+def _stars_gone_to_nan(d: dict[str, np.ndarray]) -> None:
+    d["position"] = np.full_like(d["position"], np.nan)
+    del d["centres"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mutate", [_drop_component, _two_frames_of_positions,
+                                    _stars_gone_to_nan])
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_one_unusable_snapshot_file_costs_its_job_only(
+        sweep: Path, target: tuple[Path, str], mutate: Callable[[dict[str, np.ndarray]], None],
+        workers: str) -> None:
+    """A missing dataset or frames that disagree ended the whole match (and search) in a
+    traceback; stars gone to NaN were scored as a blank render (SSIM 0.79, scale nan)."""
+    _rewrite_snapshots(sweep / "theta-45", mutate)
+    result = _match(sweep, *target, "--workers", workers)
+    assert result.exit_code == 0, (result.output, repr(result.exception))
+    assert "2 jobs scored, 1 not" in result.output
+    ranking = (sweep / ".gibatch" / "match" / "ranking.csv").read_text()
+    line = next(r for r in ranking.splitlines() if ",theta-45," in r)
+    assert line.startswith(",")  # unranked
+    if mutate is _stars_gone_to_nan:
+        assert line.endswith("no usable frame")
+    else:
+        assert "unusable snapshots: snapshots.h5: " in line, line
