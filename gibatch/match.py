@@ -182,7 +182,7 @@ def load_target(path: Path, centres: tuple[tuple[float, float], tuple[float, flo
         raise MatchError(f"--target {path}: larger than {TARGET_BYTES_MAX >> 20} MiB; "
                          "crop or bin the image")
     fits = is_fits(data)
-    image = _fits_image(data, path) if fits else _pil_image(data, path)
+    image = _fits_image(data, path) if fits else _finite(_pil_image(data, path), path)
     width, height = image.size
     # Where the centres lie in the image as stored top row first, pixel x spanning x..x+1.
     on_image = (tuple((x - 0.5, height + 0.5 - y) for x, y in centres) if fits
@@ -227,6 +227,23 @@ def _pil_image(data: bytes, path: Path) -> Image.Image:
             Image.DecompressionBombError) as exc:
         raise MatchError(f"--target {path}: not an image PIL can read (PNG, JPEG, ...) "
                          f"nor FITS: {exc}") from None
+
+
+def _finite(image: Image.Image, path: Path) -> Image.Image:
+    """A float image (a 32-bit TIFF) with its undefined pixels (NaN, inf: blanked stars,
+    a mosaic's edge) set to the median, as FITS targets have: one NaN made the median,
+    hence the whole normalised target, NaN, and every job's score with it."""
+    if image.mode != "F":
+        return image
+    values = np.asarray(image, dtype=np.float32).copy()
+    finite = np.isfinite(values)
+    if finite.all():
+        return image
+    if not finite.any():
+        raise MatchError(f"--target {path}: no pixel of the image has a value (all NaN "
+                         "or infinite)")
+    values[~finite] = np.median(values[finite])
+    return Image.fromarray(values, mode="F")
 
 
 # -- FITS targets: the first 2-D image of an uncompressed (or gzipped) file
@@ -903,10 +920,17 @@ class Result:
     params: dict[str, Any] = field(default_factory=dict)
 
 
+def _finite_value(score: Score, metric: Metric) -> float | None:
+    value = score.value(metric)
+    return value if value is not None and math.isfinite(value) else None
+
+
 def best_of(scores: Iterable[Score], metric: Metric) -> Score | None:
-    """The highest score by `metric` (ties: the earliest frame, then view order)."""
-    found = [s for s in scores if s.value(metric) is not None]
-    return max(found, key=lambda s: s.value(metric) or 0.0, default=None)
+    """The highest score by `metric`, whatever order the scores come in (ties: the
+    earliest frame, then unmirrored, then by view name); NaN is no score."""
+    found = [s for s in scores if _finite_value(s, metric) is not None]
+    return min(found, key=lambda s: (-(_finite_value(s, metric) or 0.0), s.frame, s.mirror,
+                                     s.view), default=None)
 
 
 def _result(job: str, scores: list[Score], metric: Metric, target: Target) -> Result:
@@ -1044,10 +1068,14 @@ def _run_pool(todo: Sequence[_Work], target: Target, settings: Settings,
 
 
 def rank(results: list[Result], metric: Metric) -> list[Result]:
-    """Scored jobs best first, then the unscorable ones (by name)."""
-    scored = [r for r in results if r.best is not None]
-    scored.sort(key=lambda r: -(r.best.value(metric) or 0.0) if r.best else 0.0)
-    rest = sorted((r for r in results if r.best is None), key=lambda r: r.job)
+    """Scored jobs best first (ties by name: not in the order the pool finished them),
+    then the unscorable ones (by name); a NaN score is none."""
+    def value(r: Result) -> float | None:
+        return None if r.best is None else _finite_value(r.best, metric)
+
+    scored = sorted((r for r in results if value(r) is not None),
+                    key=lambda r: (-(value(r) or 0.0), r.job))
+    rest = sorted((r for r in results if value(r) is None), key=lambda r: r.job)
     return scored + rest
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -199,3 +200,46 @@ def test_one_unusable_snapshot_file_costs_its_job_only(
         assert line.endswith("no usable frame")
     else:
         assert "unusable snapshots: snapshots.h5: " in line, line
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_a_float_target_with_undefined_pixels_ranks_by_the_others(
+        sweep: Path, tmp_path: Path, bad: float) -> None:
+    """A float TIFF with a blanked strip made every job's score NaN: the median, hence
+    the whole normalised target, was NaN; "3 jobs scored", ranked in any order."""
+    pixels = np.zeros((60, 80), np.float32)
+    pixels[15:25, 15:25] = 200
+    pixels[30:40, 50:60] = 150
+    pixels[0:3] = bad
+    Image.fromarray(pixels, mode="F").save(tmp_path / "blanked.tif")
+    result = _match(sweep, tmp_path / "blanked.tif", "20,20,55,35", "--workers", "1")
+    assert result.exit_code == 0, (result.output, repr(result.exception))
+    rows = (sweep / ".gibatch" / "match" / "ranking.csv").read_text().splitlines()[1:]
+    assert len(rows) == 3 and not any("nan" in row for row in rows), rows
+    pixels[:] = np.nan
+    Image.fromarray(pixels, mode="F").save(tmp_path / "blank.tif")
+    with pytest.raises(match_settings.MatchError, match="no pixel of the image has a value"):
+        match.load_target(tmp_path / "blank.tif", match_settings.parse_centres("20,20,55,35"))
+
+
+def _score(frame: int, value: float, view: str = "x-y", mirror: bool = False) -> match.Score:
+    return match.Score(frame, 0.1 * frame, view, mirror, value, 0.5, 1.5, 1.0, 0.0, 1.0, 1.0)
+
+
+def test_the_ranking_is_a_function_of_the_scores() -> None:
+    """Ties came in the order the pool finished the jobs; a NaN first in the list was a
+    job's best (max() never replaces NaN) and sorted anywhere among the jobs."""
+    a, b, c = (match.Result(name, _score(0, v)) for name, v in (("a", .5), ("b", .5), ("c", .9)))
+    orders = {tuple(r.job for r in match.rank(list(p), match_settings.Metric.SSIM))
+              for p in ([a, b, c], [b, c, a], [c, b, a])}
+    assert orders == {("c", "a", "b")}
+    nan = match.Result("n", _score(0, math.nan))
+    assert [r.job for r in match.rank([nan, a, c], match_settings.Metric.SSIM)] == ["c", "a", "n"]
+    best = match.best_of([_score(0, math.nan), _score(1, 0.4)], match_settings.Metric.SSIM)
+    assert best is not None and best.frame == 1
+    assert match.best_of([_score(0, math.nan)], match_settings.Metric.SSIM) is None
+    ties = [_score(7, .5), _score(2, .5, "y-z", True), _score(2, .5, "x-z"), _score(2, .5, "y-z")]
+    for order in (ties, ties[::-1]):
+        best = match.best_of(order, match_settings.Metric.SSIM)
+        assert best is not None and (best.frame, best.view, best.mirror) == (2, "x-z", False)
