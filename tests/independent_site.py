@@ -170,6 +170,11 @@ class Site:
         self.o = options
         self.v = options.variations
         self.rng = random.Random(options.seed)
+        # A generator of its own for the browser task just before a POST: the draws of
+        # `rng` interleave as the requests come (their timing), so drawn from it, the k-th
+        # POST's chance fell differently each run and a budget was sometimes never spent.
+        # Drawn from this one, the k-th POST that may meet it always draws the same.
+        self.before_post_rng = random.Random(options.seed)
         self.data_dir = data_dir
         self.ledger = Ledger()
         self.sessions: dict[str, Session] = {}
@@ -336,10 +341,10 @@ class Site:
         if busy:
             self.ledger.count("post_queued")
         job_type = self.job_type(page, body)
-        if not busy and self.before_post_left > 0 and self.chance(
-                self.v.browser_before_post_rate) and (
+        if not busy and self.before_post_left > 0 and (
                 not self.v.browser_before_post_types
-                or job_type in self.v.browser_before_post_types):
+                or job_type in self.v.browser_before_post_types) and (
+                self.before_post_rng.random() < self.v.browser_before_post_rate):
             self.before_post_left -= 1
             if self.v.queue_when_busy:  # still running: the client's task queues behind
                 self.ledger.count("browser_task_before_post")
