@@ -42,6 +42,7 @@ import io
 import json
 import math
 import os
+import tempfile
 import zlib
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import as_completed
@@ -918,6 +919,7 @@ class Result:
     scored: int = 0
     reason: str = ""
     params: dict[str, Any] = field(default_factory=dict)
+    snapshot: str = ""  # the sha256 of the snapshots scored (the report checks it)
 
 
 def _finite_value(score: Score, metric: Metric) -> float | None:
@@ -933,9 +935,11 @@ def best_of(scores: Iterable[Score], metric: Metric) -> Score | None:
                                      s.view), default=None)
 
 
-def _result(job: str, scores: list[Score], metric: Metric, target: Target) -> Result:
+def _result(job: str, scores: list[Score], metric: Metric, target: Target, snapshot: str
+            ) -> Result:
     best = best_of(scores, metric)
-    return Result(job, None if best is None else target.as_given(best), len(scores))
+    return Result(job, None if best is None else target.as_given(best), len(scores),
+                  snapshot=snapshot)
 
 
 # What a snapshots file the scorer cannot use raises (one job's problem, not the sweep's).
@@ -1020,7 +1024,7 @@ def match_jobs(root: Path, jobs: Sequence[Job], target: Target, settings: Settin
             if not search_is_cached(frames, views, settings, cached):
                 todo[job.name] = _Work(job, digest, views, cached)
             else:
-                results[job.name] = _result(job.name, cached, settings.metric, target)
+                results[job.name] = _result(job.name, cached, settings.metric, target, digest)
         total = len(jobs)
         finished = total - len(todo)
         if progress:
@@ -1033,7 +1037,7 @@ def match_jobs(root: Path, jobs: Sequence[Job], target: Target, settings: Settin
             else:
                 cache.put(key, work.job.name, work.digest, scores)
                 results[work.job.name] = _result(work.job.name, [*work.cached, *scores],
-                                                 settings.metric, target)
+                                                 settings.metric, target, work.digest)
             finished += 1
             if progress:
                 progress(finished, total)
@@ -1083,37 +1087,60 @@ def rank(results: list[Result], metric: Metric) -> list[Result]:
 
 
 CSV_COLUMNS = ["rank", "job", "score", "ssim", "iou", "nmi", "time_gyr", "frame", "view",
-               "mirror", "kpc_per_px", "rotation_deg", "offset_x_px", "offset_y_px", "note"]
+               "mirror", "kpc_per_px", "rotation_deg", "offset_x_px", "offset_y_px", "note",
+               "snapshot"]
+RANKING_DIGEST = "ranking_sha256"  # match.json's name for the ranking it goes with
 
 
 def write_results(root: Path, results: Sequence[Result], target: Target, settings: Settings
                   ) -> Path:
     """`DIR/.gibatch/match/ranking.csv` and `match.json` (the target and the settings).
 
-    Scale and offsets are in pixels of the target as given (FITS: 1-based, y up).
+    Scale and offsets are in pixels of the target as given (FITS: 1-based, y up); each
+    ranked row names the snapshots it scored (their sha256). Both files are written
+    whole and renamed into place, the settings naming the ranking's sha256: a kill
+    between the two renames leaves a pair the report sees does not belong together
+    (it showed the new ranking's renders against the old target).
     """
     folder = match_dir(root)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / RANKING_FILE
-    tmp = path.with_suffix(".tmp")
-    with tmp.open("w", newline="") as f:
-        out = csv.writer(f)
-        out.writerow(CSV_COLUMNS)
-        for index, r in enumerate(results, start=1):
-            b = r.best
-            if b is None:
-                out.writerow(["", r.job, *[""] * 12, r.reason or "no usable frame"])
-                continue
-            out.writerow([index, r.job, _num(b.value(settings.metric)), _num(b.ssim),
-                          _num(b.iou), _num(b.nmi), _num(b.time_gyr), b.frame, b.view,
-                          int(b.mirror), _num(b.kpc_per_px), _num(b.rotation_deg),
-                          _num(b.offset_x_px), _num(b.offset_y_px), ""])
-    os.replace(tmp, path)
+    out = io.StringIO(newline="")
+    rows = csv.writer(out)
+    rows.writerow(CSV_COLUMNS)
+    for index, r in enumerate(results, start=1):
+        b = r.best
+        if b is None:
+            rows.writerow(["", r.job, *[""] * 12, r.reason or "no usable frame", ""])
+            continue
+        rows.writerow([index, r.job, _num(b.value(settings.metric)), _num(b.ssim),
+                       _num(b.iou), _num(b.nmi), _num(b.time_gyr), b.frame, b.view,
+                       int(b.mirror), _num(b.kpc_per_px), _num(b.rotation_deg),
+                       _num(b.offset_x_px), _num(b.offset_y_px), "", r.snapshot])
+    ranking = out.getvalue().encode("utf-8", "surrogateescape")
     meta = {"target": str(target.path), "target_key": target.key,
             "centres": target.given or target.centres, "blur_px": target.blur_px,
-            **asdict(settings)}
-    (folder / SETTINGS_FILE).write_text(json.dumps(meta, indent=1) + "\n")
+            **asdict(settings), RANKING_DIGEST: hashlib.sha256(ranking).hexdigest()}
+    staged = [(_staged(folder, ranking), path),
+              (_staged(folder, (json.dumps(meta, indent=1) + "\n").encode()),
+               folder / SETTINGS_FILE)]
+    try:
+        for tmp, dest in staged:
+            os.replace(tmp, dest)
+    finally:
+        for tmp, _ in staged:
+            tmp.unlink(missing_ok=True)
     return path
+
+
+def _staged(folder: Path, data: bytes) -> Path:
+    """`data` in a new temporary file of `folder` (flushed to disk), for os.replace."""
+    fd, name = tempfile.mkstemp(dir=folder, prefix=".", suffix=".tmp")
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    return Path(name)
 
 
 def _num(value: float | None) -> str:

@@ -17,6 +17,7 @@ import contextlib
 import csv
 import hashlib
 import html
+import io
 import json
 import logging
 import math
@@ -726,7 +727,7 @@ class Ranking:
 
 def load_ranking(root: Path) -> Ranking | None:
     """What `gibatch match` or `gibatch search` ranked, if it did (None otherwise, or if
-    it cannot be read: a warning then)."""
+    it cannot be read, or no longer goes with its target: a warning then)."""
     from gibatch import match_settings
 
     folder = match_settings.match_dir(root)
@@ -736,12 +737,21 @@ def load_ranking(root: Path) -> Ranking | None:
 
     try:
         meta = json.loads((folder / match_settings.SETTINGS_FILE).read_text())
-        with (folder / match_settings.RANKING_FILE).open(newline="") as f:
-            ranking = [r for r in csv.DictReader(f) if r["rank"]]
+        data = (folder / match_settings.RANKING_FILE).read_bytes()
+        digest = meta.get(match.RANKING_DIGEST) if isinstance(meta, dict) else None
+        if digest is not None and digest != hashlib.sha256(data).hexdigest():
+            raise ValueError("the ranking and its settings are of two runs (one was cut "
+                             "short); run gibatch match again")
+        text = data.decode("utf-8", "surrogateescape")
+        ranking = [r for r in csv.DictReader(io.StringIO(text, newline="")) if r["rank"]]
         (c1, c2) = (tuple(c) for c in meta["centres"])
         target = match.load_target(Path(meta["target"]), (c1, c2), float(meta["blur_px"]))
+        if "target_key" in meta and target.key != meta["target_key"]:
+            raise ValueError(f"the target {printable(meta['target'])} has changed since "
+                             "the ranking; run gibatch match again")
         scores = {r["job"]: float(r["score"]) for r in ranking}
-    except (OSError, ValueError, KeyError, TypeError, match_settings.MatchError) as exc:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, csv.Error,
+            RecursionError, match_settings.MatchError) as exc:
         log.warning("report: match results not shown: %s", exc)
         return None
     return Ranking(meta, ranking, scores, target)
@@ -762,12 +772,16 @@ def match_section(sweep: Sweep, ranking: Ranking, values: dict[str, dict[str, Va
         if job is None:
             continue
         views = {v.name: v for v in match.views_for(job, int(meta.get("views", 0)))}
+        if r.get("snapshot") and match.snapshot_digest(job) != r["snapshot"]:
+            log.warning("report: no render for %s: its results changed since the ranking",
+                        printable(job.name))
+            continue
         try:
             snaps = match.load_snapshots(match.snapshot_path(job))
             done = match.render_one(snaps, int(r["frame"]), views[r["view"]],
                                     r["mirror"] == "1", target)
-        except (OSError, KeyError, ValueError) as exc:
-            log.warning("report: no render for %s: %s", job.name, exc)
+        except (OSError, KeyError, ValueError, IndexError, TypeError) as exc:
+            log.warning("report: no render for %s: %s", printable(job.name), exc)
             continue
         if done is None:
             continue

@@ -5,9 +5,12 @@ Each test failed before its fix (see /work/notes/review9.md, probes in
 
 from __future__ import annotations
 
+import csv
 import hashlib
+import io
 import json
 import math
+import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -18,9 +21,9 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner, Result
 
-from gibatch import match, match_settings, search
+from gibatch import match, match_settings, report, search
 from gibatch.cli import app
-from gibatch.jobs import job_files
+from gibatch.jobs import job_files, load_sweep
 from tests.conftest import tiny_job_files, write_job
 from tests.test_search import MASS, THETA, tiny_search
 
@@ -243,3 +246,82 @@ def test_the_ranking_is_a_function_of_the_scores() -> None:
     for order in (ties, ties[::-1]):
         best = match.best_of(order, match_settings.Metric.SSIM)
         assert best is not None and (best.frame, best.view, best.mirror) == (2, "x-z", False)
+
+
+# -- what match leaves for report: whole, of one run, of this target and these results
+
+
+def _other_target(tmp_path: Path) -> Path:
+    pixels = np.zeros((50, 50), np.uint8)
+    pixels[5:15, 5:15] = 255
+    pixels[30:45, 30:45] = 120
+    Image.fromarray(pixels).save(tmp_path / "other.png")
+    return tmp_path / "other.png"
+
+
+@pytest.mark.slow
+def test_a_kill_between_ranking_and_settings_never_pairs_them(
+        sweep: Path, target: tuple[Path, str], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """ranking.csv was renamed into place, then match.json written in place: a kill in
+    between left the new ranking beside the old target, and the report rendered the
+    new ranking's jobs against the old target under its name."""
+    assert _match(sweep, *target).exit_code == 0
+    assert report.load_ranking(sweep) is not None
+    replace = os.replace
+
+    def killed(src: str | Path, dest: str | Path) -> None:
+        if Path(dest).name == match_settings.SETTINGS_FILE:
+            raise KeyboardInterrupt  # the kill, as the settings are renamed into place
+        replace(src, dest)
+
+    goal = match.load_target(_other_target(tmp_path), match_settings.parse_centres("10,10,37,37"))
+    results = match.match_jobs(sweep, load_sweep(sweep).jobs, goal, match_settings.Settings(),
+                               workers=1)
+    monkeypatch.setattr(match.os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        match.write_results(sweep, results, goal, match_settings.Settings())
+    monkeypatch.undo()
+    assert report.load_ranking(sweep) is None
+    assert sorted(p.name for p in match_settings.match_dir(sweep).iterdir()) == [
+        match_settings.SETTINGS_FILE, match_settings.RANKING_FILE, "scores.db"]
+    match.write_results(sweep, results, goal, match_settings.Settings())
+    shown = report.load_ranking(sweep)
+    assert shown is not None and shown.target.path.name == "other.png"
+
+
+@pytest.mark.slow
+def test_a_target_changed_since_the_ranking_is_not_shown_beside_it(
+        sweep: Path, target: tuple[Path, str]) -> None:
+    assert _match(sweep, *target).exit_code == 0
+    pixels = np.asarray(Image.open(target[0])).copy()
+    pixels[45:55, 5:15] = 255  # the image edited after matching
+    Image.fromarray(pixels).save(target[0])
+    assert report.load_ranking(sweep) is None
+
+
+@pytest.mark.slow
+def test_a_ranking_older_than_a_jobs_results_is_no_traceback(
+        sweep: Path, target: tuple[Path, str]) -> None:
+    """A ranking naming a frame the job's snapshots no longer have (the job rerun with
+    fewer frames) ended the report in an IndexError traceback."""
+    assert _match(sweep, *target).exit_code == 0
+    folder = match_settings.match_dir(sweep)
+    first = next(csv.DictReader(io.StringIO((folder / "ranking.csv").read_text())))
+    _rewrite_snapshots(sweep / first["job"], lambda d: None)  # results of another run
+    made = CliRunner().invoke(app, ["report", "--jobs", str(sweep)])
+    assert made.exit_code == 0, (made.output, repr(made.exception))
+    page = (sweep / "report.html").read_text()
+    assert "Match against target.png" in page and f"1. {first['job']}: score" not in page
+    # a ranking written before the rows named their snapshots: the frame is checked
+    rows = list(csv.reader(io.StringIO((folder / "ranking.csv").read_text())))
+    for row in rows[1:]:
+        row[7], row[15] = "39", ""
+    out = io.StringIO()
+    csv.writer(out).writerows(rows)
+    (folder / "ranking.csv").write_text(out.getvalue())
+    meta = json.loads((folder / "match.json").read_text())
+    del meta[match.RANKING_DIGEST]
+    (folder / "match.json").write_text(json.dumps(meta))
+    made = CliRunner().invoke(app, ["report", "--jobs", str(sweep)])
+    assert made.exit_code == 0, (made.output, repr(made.exception))
