@@ -1063,12 +1063,17 @@ def _run_pool(todo: Sequence[_Work], target: Target, settings: Settings,
             yield work, scores, reason
         return
     by_name = {work.job.name: work for work in todo}
-    with process_pool(min(count, len(todo))) as pool:
+    pool = process_pool(min(count, len(todo)))
+    try:
         futures = [pool.submit(_score_job, work.job.name, snapshot_path(work.job), work.views,
                                target, work.cached, settings, kpc_per_px) for work in todo]
         for future in as_completed(futures):
             name, scores, reason = future.result()
             yield by_name[name], scores, reason
+    finally:
+        # Jobs not started are dropped, not run: on Ctrl-C (the workers ignore SIGINT)
+        # the pool's own exit scored every job still queued before the command ended.
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def rank(results: list[Result], metric: Metric) -> list[Result]:

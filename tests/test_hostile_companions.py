@@ -12,6 +12,10 @@ import json
 import math
 import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -325,3 +329,27 @@ def test_a_ranking_older_than_a_jobs_results_is_no_traceback(
     (folder / "match.json").write_text(json.dumps(meta))
     made = CliRunner().invoke(app, ["report", "--jobs", str(sweep)])
     assert made.exit_code == 0, (made.output, repr(made.exception))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_ctrl_c_stops_match_within_a_job_per_worker(sweep: Path, target: tuple[Path, str]
+                                                    ) -> None:
+    """The pool's exit waited for every job still queued (the workers ignore SIGINT):
+    Ctrl-C stopped `gibatch match` only when the whole sweep was scored."""
+    for k in range(10):  # copies of a complete job are complete jobs
+        shutil.copytree(sweep / "theta-45", sweep / f"copy-{k}")
+    args = [sys.executable, "-m", "gibatch", "match", "--jobs", str(sweep), "--target",
+            str(target[0]), "--centres", target[1], "--workers", "2", "--views", "120",
+            "--coarse-frames", "0"]
+    start = time.monotonic()
+    subprocess.run(args, capture_output=True, timeout=280, check=True)
+    whole = time.monotonic() - start
+    shutil.rmtree(match_settings.match_dir(sweep))
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(min(4.0, whole / 4))  # the pool scoring its first jobs
+    sent = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=280)
+    stopped = time.monotonic() - sent
+    assert stopped < whole / 3, f"the sweep takes {whole:.1f} s; Ctrl-C took {stopped:.1f} s"
