@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
@@ -156,12 +158,29 @@ def test_after_kill_9_a_job_stays_on_the_model_that_holds_its_work(
                    env=env).wait(timeout=240) == 0, log.read_text()
     (tmp_path / "a").rename(three_jobs / "a")
     site.running.site.config.stream_rate_mb_s = 0.05  # downloads take seconds: cut them
+    killed = threading.Event()
+    if moment[1] == "interact":
+        # a's interaction (model 2's only one) ends once gibatch is killed, not before:
+        # it took 0.3 s, and a kill landing later than that after the journal shows it
+        # submitted (a poll and a database read away) found it ended, its intent gone.
+        runner = site.running.site.runner
+        assert runner is not None
+        real_end = runner._on_end
+
+        def end_after_the_kill(task: Any, status: Any) -> None:  # on the site's loop
+            if task.step == "interact" and task.model == 2 and not killed.is_set():
+                asyncio.get_running_loop().call_later(0.02, end_after_the_kill, task, status)
+                return
+            real_end(task, status)
+
+        runner._on_end = end_after_the_kill
     first = gibatch(log, "run", "--jobs", str(three_jobs), "--models", "2", *server, env=env)
     try:
         wait_for_event(three_jobs, *moment, deadline_s=90, job="a")
     finally:
         first.send_signal(signal.SIGKILL)
         first.wait(timeout=30)
+        killed.set()
     site.running.site.config.stream_rate_mb_s = 0.0
     second = gibatch(log, "run", "--jobs", str(three_jobs), "--models", "1-2", *server,
                      env=env)
