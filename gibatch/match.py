@@ -80,6 +80,7 @@ SNAPSHOT_FILE = "snapshots.h5"
 # Targets are compared on a grid of at most this many pixels a side: tails and bridges
 # span tens of pixels there, and SSIM's cost grows with the pixel count.
 GRID_PX_MAX = 160
+BLUR_PX_MAX = 32.0  # a blur of half the grid (FWHM 75 px) leaves nothing to compare
 DYNAMIC_RANGE_DEX = 2.5  # log stretch: this many decades below the brightest pixel
 MASK_LEVEL = 0.25  # of the 0..1 brightness: what counts as "galaxy" for IoU
 SSIM_SIGMA_PX = 1.5  # Wang et al.'s Gaussian window
@@ -198,8 +199,12 @@ def load_target(path: Path, centres: tuple[tuple[float, float], tuple[float, flo
     if math.hypot(x2 - x1, y2 - y1) < 1.0:
         raise MatchError("--centres: the two centres are the same point; give galaxy 1's "
                          "centre, then galaxy 2's")
-    if blur_px < 0 or not math.isfinite(blur_px):
-        raise MatchError(f"--blur {blur_px}: must be a finite number of pixels >= 0")
+    # Bounded: the Gaussian's kernel is 8 sigma wide, filtered over every row and column
+    # of the target and of every render (--blur 1e5, a slip for 1.5, ran for hours).
+    if not 0 <= blur_px <= BLUR_PX_MAX:  # NaN too
+        raise MatchError(f"--blur {blur_px:g}: must be a number of pixels from 0 to "
+                         f"{BLUR_PX_MAX:g} (the comparison grid is at most {GRID_PX_MAX} "
+                         "pixels a side)")
     shrink = min(1.0, GRID_PX_MAX / max(width, height))
     if shrink < 1.0:
         size = (max(1, round(width * shrink)), max(1, round(height * shrink)))

@@ -353,3 +353,16 @@ def test_ctrl_c_stops_match_within_a_job_per_worker(sweep: Path, target: tuple[P
     proc.wait(timeout=280)
     stopped = time.monotonic() - sent
     assert stopped < whole / 3, f"the sweep takes {whole:.1f} s; Ctrl-C took {stopped:.1f} s"
+
+
+@pytest.mark.parametrize("blur", ["100000", "33", "nan", "-1"])
+def test_a_blur_out_of_bounds_is_refused_at_once(tmp_path: Path, target: tuple[Path, str],
+                                                 blur: str) -> None:
+    """`--blur 1e5` (a slip for 1.5) filtered the target and every render with an
+    800,001-tap kernel: match ran for hours before scoring anything."""
+    write_job(tmp_path / "jobs", "a", tiny_job_files())
+    start = time.monotonic()
+    result = _match(tmp_path / "jobs", *target, "--blur", blur)
+    assert result.exit_code == 2, (result.output, repr(result.exception))
+    assert "--blur" in result.output and "from 0 to 32" in result.output
+    assert time.monotonic() - start < 10
