@@ -31,6 +31,7 @@ their values lie in the space.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -71,6 +72,7 @@ from gibatch.jobs import (
 )
 from gibatch.run import Outcome, Scheduler
 from gibatch.sweep import SweepError, apply_point, lookup, orbit_of
+from gibatch.text import printable
 
 log = logging.getLogger("gibatch")
 
@@ -292,6 +294,42 @@ def sampler_seed(seed: int | None, trials: int) -> int | None:
     return int.from_bytes(digest[:4], "little")
 
 
+def _mend_journal(path: Path) -> None:
+    """What an abrupt end leaves in Optuna's journal, put right; only under search.lock,
+    which every writer of the journal holds (readers take no lock).
+
+    - A last line cut short (the disk full, the power gone mid-append): Optuna skips
+      it, but appends the next line straight after it, making one undecodable line in
+      the middle that every later read raises on; it is cut off (never read, so no
+      trial loses what the study knew).
+    - Optuna's own lock (`study.log.lock`, a symlink held only inside an append) left
+      by a kill -9 mid-append: the next append waited 30 s (its grace period) for it.
+    """
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(f"{path}.lock")
+    try:
+        with path.open("r+b") as f:
+            size = f.seek(0, os.SEEK_END)
+            if size == 0:
+                return
+            f.seek(size - 1)
+            if f.read(1) == b"\n":
+                return
+            keep = 0  # past the last whole line
+            for start in range(size, 0, -(1 << 16)):
+                f.seek(max(0, start - (1 << 16)))
+                chunk = f.read(start - max(0, start - (1 << 16)))
+                if (newline := chunk.rfind(b"\n")) >= 0:
+                    keep = max(0, start - (1 << 16)) + newline + 1
+                    break
+            log.warning("%s: its last line was cut short (the disk full, or the power "
+                        "lost mid-write); dropped", printable(str(path)))
+            f.truncate(keep)
+            os.fsync(f.fileno())
+    except FileNotFoundError:
+        return
+
+
 class Search:
     """One study over one folder; `drive` feeds a scheduler until the budget is told."""
 
@@ -310,6 +348,7 @@ class Search:
             self._lock.acquire(timeout=0)
         except Timeout:
             raise SearchError(f"another gibatch search is running on {root}") from None
+        _mend_journal(folder / STUDY_FILE)
         storage = JournalStorage(JournalFileBackend(str(folder / STUDY_FILE)))
         self.study = optuna.create_study(
             study_name=f"{target.key}-{space_key(dims)}{scoring_key(settings)}",

@@ -26,6 +26,7 @@ from PIL import Image
 from typer.testing import CliRunner, Result
 
 from gibatch import match, match_settings, report, search
+from gibatch import sweep as sweep_module
 from gibatch.cli import app
 from gibatch.jobs import job_files, load_sweep
 from tests.conftest import tiny_job_files, write_job
@@ -365,4 +366,59 @@ def test_a_blur_out_of_bounds_is_refused_at_once(tmp_path: Path, target: tuple[P
     result = _match(tmp_path / "jobs", *target, "--blur", blur)
     assert result.exit_code == 2, (result.output, repr(result.exception))
     assert "--blur" in result.output and "from 0 to 32" in result.output
+    assert time.monotonic() - start < 10
+
+
+# -- search: the study's journal after an abrupt end
+
+
+def _search(tmp_path: Path, found: Path) -> search.Search:
+    if not (tmp_path / "base").exists():
+        tiny_search(tmp_path, THETA)
+    base = sweep_module.read_base(tmp_path / "base")
+    dims = search.load_space(tmp_path / "space.toml", base)
+    goal = match.load_target(tmp_path / "t.png", match_settings.parse_centres("12,12,40,30"))
+    return search.Search(found, base, dims, goal, match_settings.Settings(), 8, seed=1)
+
+
+def test_a_cut_last_line_of_the_study_is_dropped_not_built_upon(
+        tmp_path: Path, found: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Optuna skips a cut last line, but appended the next line straight after it:
+    one undecodable line in the middle, and every later read raised JSONDecodeError."""
+    finder = _search(tmp_path, found)
+    finder._ask()
+    finder.close()
+    journal = found / ".gibatch" / search.SEARCH_DIR / search.STUDY_FILE
+    whole = journal.read_bytes()
+    with journal.open("ab") as f:
+        f.write(b'{"op_code":5,"worker_id":"x","trial_id":0,"par')  # the disk filled
+    for _ in range(2):
+        finder = _search(tmp_path, found)
+        try:
+            finder._ask()
+        finally:
+            finder.close()
+    assert journal.read_bytes().startswith(whole)
+    assert "its last line was cut short" in caplog.text
+    finder = _search(tmp_path, found)
+    try:
+        assert [t.number for t in finder.study.get_trials()] == [0, 1, 2]
+    finally:
+        finder.close()
+
+
+@pytest.mark.timeout(60)
+def test_optunas_lock_left_by_a_kill_does_not_stall_the_next_search(
+        tmp_path: Path, found: Path) -> None:
+    """A kill -9 inside an append (it fsyncs) left Optuna's symlink lock: the next
+    search waited its 30 s grace period before the first trial."""
+    _search(tmp_path, found).close()
+    journal = found / ".gibatch" / search.SEARCH_DIR / search.STUDY_FILE
+    os.symlink(journal, f"{journal}.lock")
+    start = time.monotonic()
+    finder = _search(tmp_path, found)
+    try:
+        finder._ask()
+    finally:
+        finder.close()
     assert time.monotonic() - start < 10
