@@ -161,6 +161,11 @@ def random_points(varies: Sequence[Vary], count: int, seed: int,
         raise SweepError(f"--random {count}: more than {_GRID_LIMIT} jobs (as a grid)")
     rng = random.Random(seed)
     integer = {v.key: isinstance(lookup(base or {}, v.key), int) for v in varies}
+    for v in varies:  # random.randint(5, 4) would raise a bare ValueError
+        if (integer[v.key] and not v.values and v.step is None and v.low is not None
+                and v.high is not None and math.ceil(v.low) > math.floor(v.high)):
+            raise SweepError(f"--vary {v.text}: {v.key} is an integer in the base job, "
+                             "and this range holds none")
     return [{v.key: v.sample(rng, integer[v.key]) for v in varies} for _ in range(count)]
 
 

@@ -29,7 +29,7 @@ from gibatch import match, match_settings, report, search
 from gibatch import sweep as sweep_module
 from gibatch.cli import app
 from gibatch.jobs import job_files, load_sweep
-from tests.conftest import tiny_job_files, write_job
+from tests.conftest import BASE_JOB, tiny_job_files, write_job
 from tests.test_search import MASS, THETA, tiny_search
 
 # -- search: one study's trials are its own
@@ -422,3 +422,19 @@ def test_optunas_lock_left_by_a_kill_does_not_stall_the_next_search(
     finally:
         finder.close()
     assert time.monotonic() - start < 10
+
+
+# -- sweep
+
+
+def test_random_over_an_integer_key_whose_range_holds_no_integer(tmp_path: Path) -> None:
+    """random.randint(5, 4) raised a ValueError traceback."""
+    result = CliRunner().invoke(app, ["sweep", str(BASE_JOB), "--out", str(tmp_path / "o"),
+                                      "--vary", "interact.nFrames=4.2:4.8", "--random", "2"])
+    assert result.exit_code == 2, (result.output, repr(result.exception))
+    assert "--vary interact.nFrames=4.2:4.8: interact.nFrames is an integer in the base " \
+           "job, and this range holds none" in result.output
+    assert not (tmp_path / "o").exists()
+    made = CliRunner().invoke(app, ["sweep", str(BASE_JOB), "--out", str(tmp_path / "o"),
+                                    "--vary", "interact.nFrames=4.2:5.8", "--random", "2"])
+    assert made.exit_code == 0, made.output
