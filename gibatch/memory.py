@@ -14,7 +14,10 @@
   merge, interaction and plots) with an unknown lineage, so nothing it touched is ever
   taken for a job's result. A task of a type gibatch does not know voids everything.
   gibatch's own task that ran on top of a foreign result is not the job's result either:
-  its section is recorded only if its inputs still held the job's lineages.
+  its section is recorded only if its inputs still held the job's lineages. Job ids
+  increase across the whole site, so gibatch's tasks on other model numbers bound
+  where its own can be (`PostOrder`): a row newer than a task gibatch posted after this
+  POST's answer, or older than one whose answer came before this POST, is not its own.
 - **Readers**: a per-section count of jobs still downloading it. No task that would
   replace or clear a section is submitted while its count is above zero.
 """
@@ -93,6 +96,89 @@ class Expected:
     section: str | None = None  # where the site put its result
     intact: bool = True  # whether it ran on the job's own inputs
     unknown: str | None = None  # why its result cannot be told (then not intact)
+    # Its place among gibatch's POSTs on every model number (`PostOrder`): when its
+    # first POST went out and when an answer came, and the ids its row lies between.
+    sent_at: int | None = None
+    answered_at: int | None = None
+    above: int = -1
+    below: float = float("inf")
+
+
+class PostOrder:
+    """gibatch's own POSTs on every model number of a run, in the order they went out
+    and were answered, and the ids of those whose rows are known.
+
+    Job ids increase across the whole site. A task posted after another POST had its
+    answer was made after that POST's task (if the site took it), so it has the higher
+    id: a row of this model newer than such a task of any model is not this POST's, nor
+    is a row older than a task whose POST was answered before this one was sent.
+    Without that, a POST the site lost (or one answered 502 and never taken), with a
+    browser's task of the same type started on that model a moment later, took the
+    browser's task for gibatch's: the only new row of its type.
+
+    A row known wrongly (a foreign one taken for a task) can only bound a POST too
+    tightly: its own row is then taken as foreign and the step runs again.
+    """
+
+    def __init__(self) -> None:
+        self._clock = 0
+        self._highest_known = -1  # the newest task of gibatch's whose id is known
+        self._open: list[Expected] = []  # posted, row not yet known
+
+    def _tick(self) -> int:
+        self._clock += 1
+        return self._clock
+
+    def sent(self, own: Expected) -> None:
+        """A POST of it is going out (its first: every task known so far had its answer
+        before; a repeat: its answer is awaited again)."""
+        if own.sent_at is None:
+            own.sent_at = self._tick()
+            own.above = max(own.above, self._highest_known)
+        own.answered_at = None
+        if own not in self._open:
+            self._open.append(own)
+
+    def answered(self, own: Expected, before_run: bool = False) -> None:
+        """An answer came (accepted or ambiguous). `before_run`: a task posted by an
+        earlier run (an intent adopted after a crash), older than all of this run's."""
+        own.answered_at = 0 if before_run else self._tick()
+        if before_run:
+            own.sent_at = 0
+            if own not in self._open:
+                self._open.append(own)
+
+    def known(self, own: Expected) -> None:
+        """Its row's id is known (`own.job_id`): it bounds the POSTs still open."""
+        job_id = own.job_id
+        assert job_id is not None
+        self._highest_known = max(self._highest_known, job_id)
+        self._open = [o for o in self._open if o is not own]
+        for other in self._open:
+            if (other.answered_at is not None and own.sent_at is not None
+                    and other.answered_at < own.sent_at):
+                other.below = min(other.below, job_id)
+            if (own.answered_at is not None and other.sent_at is not None
+                    and own.answered_at < other.sent_at):
+                other.above = max(other.above, job_id)
+
+    def closed(self, own: Expected) -> None:
+        """Its row will not be looked for any more (refused, lost, or done with)."""
+        self._open = [o for o in self._open if o is not own]
+
+    def undecided(self, own: Expected) -> bool:
+        """Whether a POST sent after `own`'s answer still awaits its own answer: its task,
+        if taken, would bound `own`'s row, so no row is pinned on `own` until then."""
+        answered = own.answered_at
+        if not answered:  # unanswered; or an intent a crash left, which waits for no POST
+            return False
+        return any(o.answered_at is None and o.sent_at is not None and o.sent_at > answered
+                   for o in self._open)
+
+    def rank(self, own: Expected | None) -> int:
+        """Observe order within one listing: the latest-sent first, so that a task known
+        in this listing bounds the earlier POSTs before their rows are looked at."""
+        return 0 if own is None or own.sent_at is None else -own.sent_at
 
 
 @dataclass
@@ -107,15 +193,16 @@ class ModelMemory:
     foreign: list[Step | None] = field(default_factory=list)  # in the order seen
     readers: Counter[str] = field(default_factory=Counter)
     readonly: bool = False  # `plan` looks without writing: a run may own the journal
+    posts: PostOrder = field(default_factory=PostOrder)  # shared by a run's models
     _released: anyio.Event = field(default_factory=anyio.Event)
 
     @classmethod
-    def load(cls, model: int, site: str, journal: Journal, readonly: bool = False
-             ) -> ModelMemory:
+    def load(cls, model: int, site: str, journal: Journal, readonly: bool = False,
+             posts: PostOrder | None = None) -> ModelMemory:
         last = journal.last_task_id(site, model)
         return cls(model, site, journal, journal.held(site, model),
                    -1 if last is None else last, names_known=last is not None,
-                   readonly=readonly)
+                   readonly=readonly, posts=posts or PostOrder())
 
     def persist(self) -> None:
         if not self.readonly:
@@ -173,10 +260,36 @@ class ModelMemory:
             self.last_task_id if after_task_id is None else after_task_id, len(self.foreign))
         return self.expected
 
+    def sending(self, own: Expected) -> None:
+        """Its POST is going out: a matching row may be its own from now on."""
+        own.posting = Posting.SENT
+        self.posts.sent(own)
+
+    def answered(self, own: Expected, job_id: int | None = None,
+                 before_run: bool = False) -> None:
+        """The POST had an answer that may mean its task was taken: a 2xx (with the job
+        id it gave, if any), an ambiguous one, or (`before_run`) an intent a crash left."""
+        own.posting = Posting.ACCEPTED
+        self.posts.answered(own, before_run)
+        if job_id is not None and job_id > own.after_task_id:
+            own.job_id = job_id
+            self.posts.known(own)
+
     def refused(self, own: Expected) -> None:
         """The POST was not accepted (409, 4xx, or not found after an ambiguous answer):
         a row taken for it meanwhile is somebody else's."""
         own.posting, own.job_id = Posting.UNSENT, None
+        self.posts.closed(own)
+
+    def done_expecting(self) -> None:
+        """The expected task is accounted for, or given up: no row is looked for."""
+        if self.expected is not None:
+            self.posts.closed(self.expected)
+        self.expected = None
+
+    def observe_rank(self) -> int:
+        """Where this model's memory comes in a listing's observers (`PostOrder.rank`)."""
+        return self.posts.rank(self.expected)
 
     def observe(self, rows: Iterable[TaskRow]) -> list[TaskRow]:
         """Account, in id order, for this model's rows newer than the last accounted:
@@ -190,12 +303,17 @@ class ModelMemory:
                 self._unattributable(own, row, new)
             if (own is not None and own.row is None and own.posting is not Posting.UNSENT
                     and self._is_expected(own, row)):
-                if own.posting is Posting.SENT:
+                if own.posting is Posting.SENT or (own.job_id is None
+                                                   and self.posts.undecided(own)):
                     # Maybe ours, maybe a task of its type started elsewhere just before:
                     # nothing is pinned until the POST has its answer (an id, or none and
-                    # then every new row of its type is looked at together).
+                    # then every new row of its type is looked at together), nor while
+                    # a POST sent since then awaits its own (its task may bound ours).
                     break
-                own.job_id, own.listed = row.job_id, True
+                if own.job_id is None:
+                    own.job_id = row.job_id
+                    self.posts.known(own)
+                own.listed = True
                 if row.state is TaskState.ACTIVE:
                     break  # accounted for once it ends
                 self._apply_own(own, row)
@@ -213,7 +331,8 @@ class ModelMemory:
     def _is_expected(self, own: Expected, row: TaskRow) -> bool:
         if own.job_id is not None:
             return row.job_id == own.job_id
-        return row.job_id > own.after_task_id and row.job_type.strip() == own.step.job_type
+        return (max(own.after_task_id, own.above) < row.job_id < own.below
+                and row.job_type.strip() == own.step.job_type)
 
     def _unattributable(self, own: Expected, row: TaskRow, new: list[TaskRow]) -> None:
         """Close `own` with an unknown result when the listing cannot show which task is
@@ -294,4 +413,5 @@ class ModelMemory:
             await self._released.wait()
 
 
-__all__ = ["FAILED_MARK", "UNKNOWN", "Expected", "ModelMemory", "inputs_of", "step_of_type"]
+__all__ = ["FAILED_MARK", "UNKNOWN", "Expected", "ModelMemory", "PostOrder", "inputs_of",
+           "step_of_type"]

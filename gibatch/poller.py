@@ -60,7 +60,7 @@ class Poller:
         self.rows: list[TaskRow] = []
         self.polled_at = float("-inf")
         self.polls = 0
-        self.observers: list[Observer] = []
+        self._observers: list[tuple[Callable[[], int], Observer]] = []
         self._waiters: list[_Waiter] = []
         self._wake = anyio.Event()
 
@@ -69,7 +69,8 @@ class Poller:
         rows = await self.client.tasks()
         self.rows, self.polled_at = rows, time.monotonic()
         self.polls += 1
-        for observe in self.observers:
+        for _, observe in sorted(((rank(), i), see) for i, (rank, see)
+                                 in enumerate(self._observers)):
             observe(rows)
         for w in list(self._waiters):
             found = w.check(rows)
@@ -78,6 +79,11 @@ class Poller:
                 w.done.set()
                 self._waiters.remove(w)
         return rows
+
+    def observe(self, see: Observer, rank: Callable[[], int] = lambda: 0) -> None:
+        """Give every answer to `see`, before the waiters; observers of a lower `rank()`
+        (asked at each answer) see it first, the others in the order they came."""
+        self._observers.append((rank, see))
 
     async def recent(self, max_age_s: float) -> list[TaskRow]:
         """The task list, polled anew only if the last answer is older than `max_age_s`."""

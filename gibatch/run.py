@@ -43,7 +43,7 @@ from gibatch.errors import (
 from gibatch.holdings import saving
 from gibatch.jobs import Job, Sweep
 from gibatch.journal import Event, Journal
-from gibatch.memory import ModelMemory
+from gibatch.memory import ModelMemory, PostOrder
 from gibatch.pending import PendingJobs
 from gibatch.poller import Poller
 from gibatch.site import RemoteFile, Section, SiteClient, TaskState
@@ -138,6 +138,7 @@ class Scheduler:
         self.journal = journal
         self.site = client.site_key
         self.poller = Poller(client)
+        self.posts = PostOrder()  # gibatch's POSTs on all its model numbers, in order
         self.summary = Summary()
         self.durations = Durations(journal)
         self.pending = PendingJobs()
@@ -268,7 +269,7 @@ class Scheduler:
         for model in self.options.models:
             lock = ModelLock(self.site, model, self.options.jobs_dir)
             if await anyio.to_thread.run_sync(lock.acquire):
-                memory = ModelMemory.load(model, self.site, self.journal)
+                memory = ModelMemory.load(model, self.site, self.journal, posts=self.posts)
                 workers.append(ModelWorker(self.client, self.poller, memory, lock,
                                            self.durations, self.summary.counts, self.emit,
                                            lambda: self.stopping))

@@ -125,7 +125,7 @@ class ModelWorker:
         # does: the scheduler may start downloading that section while later steps run.
         self.on_ready: Callable[[Job, Step, str], None] | None = None
         self._last_finish: float | None = None
-        poller.observers.append(self._observe)
+        poller.observe(self._observe, rank=memory.observe_rank)
 
     @property
     def journal(self) -> Journal:
@@ -147,7 +147,7 @@ class ModelWorker:
         if intent is not None:
             own = self.memory.expect(_step_named(intent.step), intent.lineage, None,
                                      intent.after_task_id)
-            own.posting = Posting.ACCEPTED  # it may have been: the first matching row is it
+            self.memory.answered(own, before_run=True)  # maybe: the first matching row is it
         await self.poller.refresh()
         if intent is not None and own is not None:
             if own.job_id is not None:
@@ -159,7 +159,7 @@ class ModelWorker:
                 if not isinstance(ended, TaskRow):
                     raise self._stuck(f"task {own.job_id} ({intent.step} of job {intent.job}, "
                                       "posted before a restart)")
-            self.memory.expected = None
+            self.memory.done_expecting()
             self.journal.clear_intent(self.memory.site, self.model)
         if self.memory.last_task_id < 0:  # never seen this model: nothing is known held
             self.memory.last_task_id = max((r.job_id for r in self.poller.rows
@@ -322,7 +322,7 @@ class ModelWorker:
                 self.journal.clear_intent(self.memory.site, self.model)
             raise
         finally:
-            self.memory.expected = None
+            self.memory.done_expecting()
         self.journal.clear_intent(self.memory.site, self.model)
         finished = time.monotonic()
         self._last_finish = finished
@@ -354,7 +354,7 @@ class ModelWorker:
         give_up = time.monotonic() + self.client.retry.give_up_after_s
         delay = self.client.retry.base_s
         while True:
-            own.posting = Posting.SENT
+            self.memory.sending(own)
             try:
                 job_id = await self.client.submit(step, self.model, job.payload(step))
             except ModelBusy as exc:
@@ -364,7 +364,7 @@ class ModelWorker:
                 raise _ForeignRestart() from exc
             except AmbiguousSubmit as exc:
                 last: Exception = exc
-                own.posting = Posting.ACCEPTED  # maybe: the first matching new row is it
+                self.memory.answered(own)  # maybe: the first matching new row is it
                 await self.poller.refresh()
                 if own.job_id is not None:
                     self.emit(Event.STEP_ADOPTED, job.name, self.model, step.name,
@@ -378,9 +378,7 @@ class ModelWorker:
                 self.memory.refused(own)
                 raise
             else:
-                if job_id is not None and job_id > own.after_task_id:
-                    own.job_id = job_id
-                own.posting = Posting.ACCEPTED
+                self.memory.answered(own, job_id)
                 return
             if time.monotonic() + delay > give_up:
                 raise JobFailed(f"the site kept refusing {step.name} on model {self.model}: "

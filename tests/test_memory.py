@@ -5,11 +5,14 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any, cast
 
+import anyio
 import pytest
 
 from gibatch.journal import Journal
-from gibatch.memory import UNKNOWN, ModelMemory, Posting
+from gibatch.memory import UNKNOWN, ModelMemory, Posting, PostOrder
+from gibatch.poller import Poller
 from gibatch.site import TaskRow
 from gibatch.steps import INTERACT, MERGE, plot
 
@@ -76,3 +79,89 @@ def test_its_row_running_with_a_newer_one_queued_behind(memory: ModelMemory) -> 
     assert own.row is None and own.listed  # waits for its own row to finish
     memory.observe([row(11, INTERACT.job_type), row(12, MERGE.job_type, "Running")])
     assert own.row == row(11, INTERACT.job_type) and own.intact
+
+
+# -- gibatch's own tasks on other model numbers bound where its row can be (`PostOrder`)
+
+class _Listing:
+    """The task list a poller reads (its client's one call), as the test sets it."""
+
+    def __init__(self) -> None:
+        self.rows: list[TaskRow] = []
+
+    async def tasks(self) -> list[TaskRow]:
+        return self.rows
+
+
+def _two_models(tmp_path: Path) -> tuple[Journal, ModelMemory, ModelMemory]:
+    journal = Journal(tmp_path)
+    posts = PostOrder()
+    return journal, *(ModelMemory(m, "site", journal, dict(HELD), last_task_id=10,
+                                  names_known=True, posts=posts) for m in (1, 3))
+
+
+def test_a_row_newer_than_a_task_posted_after_the_answer_is_not_own(tmp_path: Path) -> None:
+    """Model 1's plot POST had its answer (no id) and the site lost it; model 3 then
+    posted its interaction (id 51); a browser plot (52) followed on model 1. 52 is the
+    only new plot there, but newer than 51, so not model 1's: seen in one listing, in
+    whichever order the models observe it (model 1 registered first here)."""
+    journal, m1, m3 = _two_models(tmp_path)
+    try:
+        listing = _Listing()
+        poller = Poller(cast(Any, listing))
+        for memory in (m1, m3):
+            poller.observe(memory.observe, rank=memory.observe_rank)
+        lost = m1.expect(plot(1), "p1", {"Galaxy Interaction": "i"})
+        m1.sending(lost)
+        m1.answered(lost)
+        later = m3.expect(INTERACT, "i2", {"Galaxy Merge": "m"})
+        m3.sending(later)
+        m3.answered(later)
+        listing.rows = [TaskRow(51, "Galaxy Interaction", 3, "Completed"),
+                        TaskRow(52, "Plot", 1, "Completed")]
+        anyio.run(poller.refresh)
+        assert later.job_id == 51 and later.row is not None
+        assert lost.job_id is None and lost.row is None and m1.foreign[-1] is not None
+        assert m1.held["Plot 1"] == UNKNOWN  # the browser's plot, applied as foreign
+    finally:
+        journal.close()
+
+
+def test_no_row_is_pinned_while_a_later_post_awaits_its_answer(tmp_path: Path) -> None:
+    """A POST sent after this one's answer is still in flight: its task, if the site
+    took it, bounds this one's row, so the only new row of this type waits; the answer
+    (id 51) then shows that row (52) is not this POST's."""
+    journal, m1, m3 = _two_models(tmp_path)
+    try:
+        own = m1.expect(plot(1), "p1", {"Galaxy Interaction": "i"})
+        m1.sending(own)
+        m1.answered(own)
+        later = m3.expect(INTERACT, "i2", {"Galaxy Merge": "m"})
+        m3.sending(later)
+        rows = [TaskRow(51, "Galaxy Interaction", 3, "Running"),
+                TaskRow(52, "Plot", 1, "Completed")]
+        assert m1.observe(rows) == [] and own.job_id is None and m1.last_task_id == 10
+        m3.answered(later, 51)
+        assert [r.job_id for r in m1.observe(rows)] == [52] and own.job_id is None
+    finally:
+        journal.close()
+
+
+def test_a_row_older_than_a_task_answered_before_the_post_is_not_own(
+        tmp_path: Path) -> None:
+    """Model 3's task (id 60) had its answer before model 1 posted its plot: model 1's
+    plot row is newer than 60, so a plot 55 that model 1 had not yet seen is a foreign
+    one (started before gibatch's POST); 61 is its own."""
+    journal, m1, m3 = _two_models(tmp_path)
+    try:
+        earlier = m3.expect(INTERACT, "i2", {"Galaxy Merge": "m"})
+        m3.sending(earlier)
+        m3.answered(earlier, 60)
+        own = m1.expect(plot(1), "p1", {"Galaxy Interaction": "i"})
+        m1.sending(own)
+        m1.answered(own)
+        foreign = m1.observe([TaskRow(55, "Plot", 1, "Completed"),
+                              TaskRow(61, "Plot", 1, "Completed")])
+        assert [r.job_id for r in foreign] == [55] and own.job_id == 61
+    finally:
+        journal.close()

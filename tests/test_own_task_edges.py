@@ -135,6 +135,46 @@ def test_e2e_one_row_listing_without_job_ids(
         assert_jobs_match_ledger(jobs, site.running.site.config.data_dir)
 
 
+# --- 1d. a lost POST, then a browser task of its type: the only new row of its type -----------
+
+@pytest.mark.timeout(120)
+def test_e2e_a_lost_plot_then_a_browser_plot_newer_than_another_models_task(
+    tmp_path: Path, make_site: Callable[..., ThreadedSite]
+) -> None:
+    """Strict site (no job id in POST answers). The site loses gibatch's first plot POST
+    (accepted, never listed); just after gibatch's next POST on the other model number has
+    its answer, someone starts a plot in the browser on the first. That plot is the only
+    new plot row there, and was taken for gibatch's; but job ids increase across the
+    site, and it is newer than the task gibatch posted after its plot's answer, so it
+    cannot be that plot's. The step runs again and every job ends with its own plots."""
+    jobs = tmp_path / "jobs"
+    for i in range(3):
+        write_job(jobs, f"{i}", tiny_job_files(**{"interact.json": {"mass_2": 1.0 + i}}))
+    site = make_site(strict=True, faults=Faults(browser_step="plot"))
+    site.running.site.faults.script("lost", "/gi/plotgalaxies")
+    lost: list[int] = []  # the model number whose plot POST the site lost
+    clicked: list[int] = []
+
+    def wrap(client: SiteClient) -> None:
+        submit = client.submit
+
+        async def patched(step: Any, model: int, payload: dict[str, Any]) -> int | None:
+            answer = await submit(step, model, payload)
+            if step.stage is Stage.PLOT and not lost:
+                lost.append(model)
+            elif lost and model != lost[0] and not clicked:
+                site.call(lambda: site.running.site.click("alice", lost[0], "plot"))
+                clicked.append(site.running.site.clicked[-1])
+            return answer
+
+        client.submit = patched  # type: ignore[method-assign]
+
+    summary = run_sweep(site, jobs, [1, 2], concurrency=2, wrap=wrap)
+    assert lost and clicked
+    assert set(summary.outcomes.values()) == {Outcome.COMPLETE}, summary.reasons
+    assert_jobs_match_ledger(jobs, site.running.site.config.data_dir)
+
+
 # --- 1c. rule (a) on a task the site lost: a phantom section shifts later plot names ---------
 
 def test_unit_lost_task_behind_a_newer_row_adds_a_phantom_section(memory: ModelMemory) -> None:
