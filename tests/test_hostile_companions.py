@@ -438,3 +438,14 @@ def test_random_over_an_integer_key_whose_range_holds_no_integer(tmp_path: Path)
     made = CliRunner().invoke(app, ["sweep", str(BASE_JOB), "--out", str(tmp_path / "o"),
                                     "--vary", "interact.nFrames=4.2:5.8", "--random", "2"])
     assert made.exit_code == 0, made.output
+
+
+def test_a_target_of_too_many_pixels_is_refused_from_its_header(tmp_path: Path) -> None:
+    """A 0.7 MB PNG of 13000x13000 pixels (under twice Pillow's bomb limit: only a
+    warning) was decoded whole and copied: 1.4 GB and 10 s before any answer."""
+    Image.new("1", (13000, 13000), 0).save(tmp_path / "big.png")
+    start = time.monotonic()
+    with pytest.raises(match_settings.MatchError, match=r"big.png: more pixels than a "
+                       r"target needs \(at most 89478485\); crop or bin the image"):
+        match.load_target(tmp_path / "big.png", ((100.0, 100.0), (5000.0, 5000.0)))
+    assert time.monotonic() - start < 5
