@@ -902,16 +902,24 @@ class ScoreCache(Database):
         folder.mkdir(parents=True, exist_ok=True)
         super().__init__(folder / "scores.db", _SCHEMA)
 
+    @staticmethod
+    def _text(job: str) -> str:
+        """A job's name as SQLite text: a name of undecodable bytes holds surrogates,
+        which SQLite refuses (such a job was never scored). Two names may read alike
+        here, but a row is also keyed by the snapshots' sha256: equal keys, equal scores."""
+        return job.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
     def get(self, target: str, job: str, snapshot: str) -> list[Score]:
         with self._lock:
             rows = self._db.execute(
                 f"SELECT {', '.join(_FIELDS)} FROM scores WHERE target=? AND job=? AND "
-                "snapshot=?", (target, job, snapshot)).fetchall()
+                "snapshot=?", (target, self._text(job), snapshot)).fetchall()
         return [Score(**{**dict(zip(_FIELDS, r, strict=True)), "mirror": bool(r[3])})
                 for r in rows]
 
     def put(self, target: str, job: str, snapshot: str, scores: Iterable[Score]) -> None:
-        rows = [(target, job, snapshot, *(getattr(s, f) for f in _FIELDS)) for s in scores]
+        rows = [(target, self._text(job), snapshot, *(getattr(s, f) for f in _FIELDS))
+                for s in scores]
         marks = ", ".join("?" * (3 + len(_FIELDS)))
         with self._lock:
             self._db.execute("BEGIN")

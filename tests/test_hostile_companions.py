@@ -449,3 +449,18 @@ def test_a_target_of_too_many_pixels_is_refused_from_its_header(tmp_path: Path) 
                        r"target needs \(at most 89478485\); crop or bin the image"):
         match.load_target(tmp_path / "big.png", ((100.0, 100.0), (5000.0, 5000.0)))
     assert time.monotonic() - start < 5
+
+
+@pytest.mark.slow
+def test_a_job_whose_name_is_not_utf8_is_ranked_and_shown(
+        sweep: Path, target: tuple[Path, str]) -> None:
+    """The score cache bound the name as SQLite text, which refuses its surrogates: a
+    UnicodeEncodeError traceback ended the match (then: the job left unranked)."""
+    odd = os.fsdecode(os.fsencode(sweep) + b"/odd\xff")
+    os.rename(sweep / "theta-90", odd)
+    for _ in range(2):  # scored, then from the cache
+        result = _match(sweep, *target, "--workers", "1")
+        assert result.exit_code == 0, (result.output, repr(result.exception))
+        assert "3 jobs scored" in result.output
+    shown = report.load_ranking(sweep)
+    assert shown is not None and "odd\udcff" in shown.scores
