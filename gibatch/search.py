@@ -89,6 +89,11 @@ class SearchError(Exception):
     """A search that cannot start as asked; the message names the key or the file."""
 
 
+class TrialRefused(SearchError):
+    """A trial's values make no valid job (the job checks refuse them together, as a
+    plot's minimum past its maximum): the trial fails, the search goes on."""
+
+
 # -- the space
 
 
@@ -253,8 +258,8 @@ def write_job(root: Path, name: str, base: Mapping[str, Any], point: Mapping[str
             (staging / f"{stem}.json").write_text(json.dumps(obj, indent=2) + "\n")
         load_job(staging)  # a value the base job's own checks refuse fails here
         staging.rename(root / name)
-    except JobInvalid as exc:
-        raise SearchError(f"trial {name}: {exc}") from None
+    except JobInvalid as exc:  # named as the folder it would have been, not the staging's
+        raise TrialRefused(str(exc).replace(staging.name, name)) from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return load_job(root / name)
@@ -430,8 +435,24 @@ class Search:
     # -- the loop
 
     def _ask(self) -> tuple[Job, int]:
+        """A new trial and its job folder; TrialRefused (the trial told failed) if its
+        values make no valid job."""
         trial = self.study.ask({d.key: d.distribution for d in self.dims})
-        return self._job_of(self.study.get_trials(deepcopy=False)[trial.number]), trial.number
+        return self._folder_of(self.study.get_trials(deepcopy=False)[trial.number]), \
+            trial.number
+
+    def _folder_of(self, trial: FrozenTrial) -> Job:
+        """`_job_of`, a trial whose values make no valid job told as failed (it stopped
+        the search, and every rerun on resuming it: the region fails, the search goes
+        on)."""
+        try:
+            return self._job_of(trial)
+        except TrialRefused as exc:
+            self.study.tell(trial.number, state=TrialState.FAIL)
+            log.warning("trial %d failed: its values make no valid job: %s", trial.number,
+                        exc)
+            self._refresh()
+            raise
 
     def _job_of(self, trial: FrozenTrial) -> Job:
         """The trial's job folder, written from its parameters if a kill came first; one
@@ -518,7 +539,10 @@ class Search:
                 await self._settle(scheduler)
                 while (len(self._asked()) < self.budget and len(self._in_flight) < slots
                        and not (scheduler.stopping or self._stopped)):
-                    job, number = self._ask()
+                    try:
+                        job, number = self._ask()
+                    except TrialRefused:
+                        continue  # told failed: the budget counts it
                     self._in_flight[job.name] = number
                     scheduler.add(job)
                     self._refresh()
@@ -542,7 +566,10 @@ class Search:
                 await self._resume(scheduler, trial)
 
     async def _resume(self, scheduler: Scheduler, trial: FrozenTrial) -> None:
-        job = self._job_of(trial)
+        try:
+            job = self._folder_of(trial)
+        except TrialRefused:
+            return
         self._in_flight[job.name] = trial.number
         if record.is_complete(job):
             await self._tell(job.name, Outcome.COMPLETE, "")

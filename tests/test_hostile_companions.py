@@ -19,16 +19,18 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import anyio
 import h5py
 import numpy as np
 import pytest
+from optuna.trial import TrialState
 from PIL import Image
 from typer.testing import CliRunner, Result
 
 from gibatch import match, match_settings, report, search
 from gibatch import sweep as sweep_module
 from gibatch.cli import app
-from gibatch.jobs import job_files, load_sweep
+from gibatch.jobs import Job, job_files, load_sweep
 from tests.conftest import BASE_JOB, tiny_job_files, write_job
 from tests.test_search import MASS, THETA, tiny_search
 
@@ -464,3 +466,46 @@ def test_a_job_whose_name_is_not_utf8_is_ranked_and_shown(
         assert "3 jobs scored" in result.output
     shown = report.load_ranking(sweep)
     assert shown is not None and "odd\udcff" in shown.scores
+
+
+class _Queue:
+    """What `Search.resume` needs of a scheduler: somewhere to add jobs."""
+
+    def __init__(self) -> None:
+        self.added: list[str] = []
+
+    def add(self, job: Job) -> None:
+        self.added.append(job.name)
+
+
+def test_a_trial_whose_values_make_no_valid_job_fails_and_the_search_goes_on(
+        tmp_path: Path, found: Path) -> None:
+    """plot1.x_min up to 150 beside the base's x_max of 100: the first trial past it
+    raised SearchError out of the search (exit 1), left RUNNING with no folder, and
+    every rerun died resuming it."""
+    base, dims, target = tiny_search(tmp_path, '"plot1.x_min" = {low = -150, high = 150}\n')
+    finder = search.Search(found, base, dims, target, match_settings.Settings(), 12, seed=3)
+    try:
+        refused = 0
+        for _ in range(8):
+            try:
+                finder._ask()
+            except search.TrialRefused as exc:
+                assert "plot1.json" in str(exc) and "search-job-" not in str(exc)
+                refused += 1
+        states = [t.state for t in finder.study.get_trials()]
+        assert refused and states.count(TrialState.FAIL) == refused
+        assert states.count(TrialState.RUNNING) == 8 - refused
+        # a kill after asking such a trial, before its folder was written
+        finder.study.enqueue_trial({"plot1.x_min": 120.0})
+        killed = finder.study.ask({d.key: d.distribution for d in dims}).number
+    finally:
+        finder.close()
+    again = search.Search(found, base, dims, target, match_settings.Settings(), 12, seed=3)
+    try:
+        queue = _Queue()
+        anyio.run(again.resume, queue)
+        assert again.study.get_trials()[killed].state is TrialState.FAIL
+        assert len(queue.added) == 8 - refused
+    finally:
+        again.close()
