@@ -480,18 +480,23 @@ def test_a_job_reserved_for_a_model_found_stuck_at_the_start_still_runs(
 def test_a_run_with_nothing_left_to_do_does_not_wait_on_a_stuck_task(
     tmp_path: Path, make_site: Callable[..., ThreadedSite]
 ) -> None:
-    """A first run leaves its task stuck on model 1 (another model completed the job).
-    The next run adopts it on model 1, and may wait up to `stuck_after_s` for it; once
-    every job is done elsewhere, nothing is worth that wait: the run ends."""
+    """A first run leaves its task stuck on the model that took the job (another model
+    completed it). The next run adopts it there, and may wait up to `stuck_after_s` for
+    it; once every job is done elsewhere, nothing is worth that wait: the run ends."""
     jobs = tmp_path / "jobs"
     write_job(jobs, "a", tiny_job_files())
     site = make_site(strict=True, warm=True)
     site.running.site.faults.script("stuck", "task:interact")
     assert run_sweep(site, jobs, [1, 2], retry=STUCK_RETRY).outcomes == {
         "a": Outcome.COMPLETE}
+    # Model 1 or 2: whichever read its sections first took the job (two answers racing).
+    [stuck] = site.running.site.stuck
+    task = site.running.site.store.task(stuck)
+    assert task is not None
     write_job(jobs, "b", tiny_job_files(**{"interact.json": {"mass_2": 3.0}}))
     started = time.monotonic()
     summary = run_sweep(site, jobs, [1, 2], retry=replace(FAST_RETRY, stuck_after_s=600.0))
     assert summary.outcomes["b"] is Outcome.COMPLETE, summary.reasons
     assert time.monotonic() - started < 120  # not the 600 s of the stuck task's wait
-    assert "still busy" in summary.models_refused[1]
+    assert list(summary.models_refused) == [task.model], summary.models_refused
+    assert "still busy" in summary.models_refused[task.model]
