@@ -353,15 +353,23 @@ class Search:
             self._lock.acquire(timeout=0)
         except Timeout:
             raise SearchError(f"another gibatch search is running on {root}") from None
-        _mend_journal(folder / STUDY_FILE)
-        storage = JournalStorage(JournalFileBackend(str(folder / STUDY_FILE)))
-        self.study = optuna.create_study(
-            study_name=f"{target.key}-{space_key(dims)}{scoring_key(settings)}",
-            storage=storage, direction="maximize", load_if_exists=True)
-        self.first = self._first_number()
+        journal = folder / STUDY_FILE
+        try:
+            _mend_journal(journal)
+            storage = JournalStorage(JournalFileBackend(str(journal)))
+            self.study = optuna.create_study(
+                study_name=f"{target.key}-{space_key(dims)}{scoring_key(settings)}",
+                storage=storage, direction="maximize", load_if_exists=True)
+            self.first = self._first_number()
+            trials = len(self.study.get_trials(deepcopy=False))
+        except (OSError, ValueError, KeyError, IndexError, TypeError) as exc:
+            self._lock.release()  # a line damaged in the middle, a folder in its place
+            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+            raise SearchError(f"{printable(str(journal))}: the study cannot be read "
+                              f"({printable(str(why))}); move it away to start the search "
+                              "anew") from None
         self.study.sampler = optuna.samplers.TPESampler(
-            seed=sampler_seed(seed, len(self.study.get_trials(deepcopy=False))),
-            n_startup_trials=startup_trials(budget))
+            seed=sampler_seed(seed, trials), n_startup_trials=startup_trials(budget))
         self.progress = Progress(budget=budget)
         self._on_progress = on_progress
         self._in_flight: dict[str, int] = {}  # job name -> trial number

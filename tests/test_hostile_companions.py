@@ -509,3 +509,25 @@ def test_a_trial_whose_values_make_no_valid_job_fails_and_the_search_goes_on(
         assert len(queue.added) == 8 - refused
     finally:
         again.close()
+
+
+@pytest.mark.parametrize("damage", ["line", "folder"])
+def test_a_study_that_cannot_be_read_is_one_line(tmp_path: Path, damage: str) -> None:
+    """A line damaged in the middle of study.log, or a folder in its place: a
+    JSONDecodeError or IsADirectoryError traceback."""
+    tiny_search(tmp_path, THETA)
+    journal = tmp_path / "found" / ".gibatch" / search.SEARCH_DIR / search.STUDY_FILE
+    journal.parent.mkdir(parents=True)
+    if damage == "line":
+        journal.write_text('{"op_code":0,"worker_id":"w","study_name":"x","directions":[1]}\n'
+                           '{"op_code": garbage\n'
+                           '{"op_code":0,"worker_id":"w","study_name":"y","directions":[1]}\n')
+    else:
+        journal.mkdir()
+    result = CliRunner().invoke(app, [
+        "search", "--jobs", str(tmp_path / "found"), "--base", str(tmp_path / "base"),
+        "--space", str(tmp_path / "space.toml"), "--target", str(tmp_path / "t.png"),
+        "--centres", "12,12,40,30", "--budget", "2", "--models", "1"])
+    assert result.exit_code == 2, (result.output, repr(result.exception))
+    assert f"{journal}: the study cannot be read (" in result.output
+    assert "move it away to start the search anew" in result.output
