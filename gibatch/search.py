@@ -335,6 +335,26 @@ def _mend_journal(path: Path) -> None:
         return
 
 
+def _difference(key: str, a: float, b: float) -> float:
+    """a - b, angles the short way round."""
+    return (a - b + 180.0) % 360.0 - 180.0 if key in ("azimuth", "approach") else a - b
+
+
+def _orbit_slack(key: str, orbit: Mapping[str, float]) -> float:
+    """How far an orbit key read back (`orbit_of`) may lie from the value written: the
+    position and velocity are rounded to 1e-4 (kpc, km/s), which moves an angle by up to
+    about 1e-4 over the length it is measured on (tenfold here, for safety); an angle
+    measured on a length of 0 is not held at all."""
+    def turned(*lengths: float) -> float:
+        return sum(math.degrees(1e-3 / n) if n > 1e-9 else math.inf for n in lengths)
+
+    distance, speed = orbit["distance"], orbit["speed"]
+    across = distance * math.cos(math.radians(orbit["elevation"]))
+    slack = {"distance": 1e-3, "speed": 1e-3, "azimuth": turned(across),
+             "elevation": turned(distance), "approach": turned(across, speed)}
+    return slack[key] + 1e-9
+
+
 class Search:
     """One study over one folder; `drive` feeds a scheduler until the budget is told."""
 
@@ -479,24 +499,35 @@ class Search:
 
     def _check_holds(self, job: Job, trial: FrozenTrial) -> None:
         """Raise SearchError unless `job` holds `trial`'s values of every searched key
-        (orbit keys to the rounding of the position and velocity they are written as)."""
+        (orbit keys as far as the rounding of the position and velocity they are written
+        as lets them be read back: `_orbit_slack`)."""
         files = job_files(job)
+        try:
+            orbit = orbit_of(files["merge"]) if any(
+                d.key.startswith("orbit.") for d in self.dims) else {}
+        except (KeyError, TypeError, ValueError, ZeroDivisionError):
+            orbit = {}
         for dim in self.dims:
             asked = trial.params.get(dim.key)
             stem, _, sub = dim.key.partition(".")
-            try:
-                held = (orbit_of(files["merge"])[sub] if stem == "orbit"
-                        else lookup(files, dim.key))
-            except (KeyError, TypeError, ValueError, ZeroDivisionError):
-                held = None
-            same = (isinstance(asked, int | float) and isinstance(held, int | float)
-                    and math.isclose(asked, held, rel_tol=1e-4, abs_tol=1e-3)
-                    if stem == "orbit" else asked == held)
-            if asked is not None and not same:
-                raise SearchError(f"{self.root / job.name}: holds {dim.key} = {held!r}, but "
-                                  f"it is trial {trial.number}'s folder, which asked "
-                                  f"{asked!r} (a folder of another search?); move it away "
-                                  "or search in another --jobs folder")
+            if asked is None:
+                continue
+            if stem != "orbit":
+                held = lookup(files, dim.key)
+                same = asked == held
+            else:
+                held = orbit.get(sub)
+                same = isinstance(held, float) and isinstance(asked, int | float) and abs(
+                    _difference(sub, asked, held)) <= _orbit_slack(sub, orbit)
+            if not same:
+                raise self._not_the_trials(job, trial, f"{dim.key} = {held!r}", f"{asked!r}")
+
+    def _not_the_trials(self, job: Job, trial: FrozenTrial, held: str, asked: str
+                        ) -> SearchError:
+        return SearchError(f"{self.root / job.name}: holds {held}, but it is trial "
+                           f"{trial.number}'s folder, which asked {asked} (a folder of "
+                           "another search?); move it away or search in another --jobs "
+                           "folder")
 
     def _all_params(self, trial: FrozenTrial) -> dict[str, Any]:
         """The trial's parameters, every dimension's. `ask` stores them one by one, so a

@@ -531,3 +531,36 @@ def test_a_study_that_cannot_be_read_is_one_line(tmp_path: Path, damage: str) ->
     assert result.exit_code == 2, (result.output, repr(result.exception))
     assert f"{journal}: the study cannot be read (" in result.output
     assert "move it away to start the search anew" in result.output
+
+
+@pytest.mark.parametrize("space", [
+    '"orbit.distance" = {low = 0.3, high = 3}\n"orbit.elevation" = {low = -89.9, high = 89.9}\n',
+    '"orbit.speed" = {low = 0.01, high = 3}\n"orbit.approach" = {low = 0, high = 90}\n'
+    '"orbit.azimuth" = {low = -180, high = 180}\n"orbit.distance" = {low = 0.01, high = 5}\n'])
+def test_a_trials_own_folder_holds_its_orbit_whatever_the_rounding(
+        tmp_path: Path, found: Path, space: str) -> None:
+    """Orbit keys are written as a position and velocity rounded to 1e-4, and read back
+    an angle may move far (at a small distance or speed): the folder is still the
+    trial's, as on resuming."""
+    base, dims, target = tiny_search(tmp_path, space)
+    finder = search.Search(found, base, dims, target, match_settings.Settings(), 30, seed=4)
+    try:
+        for _ in range(30):
+            job, number = finder._ask()
+            assert finder._job_of(finder.study.get_trials(deepcopy=False)[number]) == job
+    finally:
+        finder.close()
+
+
+def test_a_folder_of_another_orbit_is_not_taken_for_the_trial(tmp_path: Path,
+                                                              found: Path) -> None:
+    base, dims, target = tiny_search(tmp_path, '"orbit.distance" = {low = 200, high = 300}\n')
+    write_job(found, "search-0000", tiny_job_files())  # galaxy 2 at 104 kpc
+    finder = search.Search(found, base, dims, target, match_settings.Settings(), 4, seed=1)
+    try:
+        finder.first = 0  # as a study begun before the numbering was kept
+        with pytest.raises(search.SearchError, match=r"search-0000: holds orbit.distance = "
+                           r"104.40\d*, but it is trial 0.s folder"):
+            finder._ask()
+    finally:
+        finder.close()
