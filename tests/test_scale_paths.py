@@ -35,6 +35,15 @@ def settled(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.fixture
+def young(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A clock stopped as the test starts: whatever it writes is younger than SETTLE_NS
+    when looked at, however long the machine takes (the real clock passed it after a
+    stall of 2 s, and "just now" was no longer)."""
+    now = time.time_ns()
+    monkeypatch.setattr(discovery, "clock_ns", lambda: now)
+
+
+@pytest.fixture
 def reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """The job of every completion record read."""
     seen: list[str] = []
@@ -120,7 +129,8 @@ def test_every_change_to_a_remembered_record_is_seen(tmp_path: Path, reads: list
     assert plain(sweep) == {"j3": 4}
 
 
-def test_a_record_changed_just_now_is_read_again(tmp_path: Path, reads: list[str]) -> None:
+def test_a_record_changed_just_now_is_read_again(tmp_path: Path, reads: list[str],
+                                                young: None) -> None:
     """Coarse timestamps: a record or section younger than SETTLE_NS is not remembered."""
     root = tmp_path / "jobs"
     sweep = sweep_of(root, 2)
@@ -208,7 +218,7 @@ def listings(root: Path) -> int:
 
 
 def test_whole_reads_a_record_changed_just_now_and_keeps_other_rows(
-        tmp_path: Path, reads: list[str]) -> None:
+        tmp_path: Path, reads: list[str], young: None) -> None:
     """Coarse timestamps: a record younger than SETTLE_NS is read each time; `whole` of
     some jobs keeps what is remembered of the others."""
     root = tmp_path / "jobs"
