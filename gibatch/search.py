@@ -181,6 +181,10 @@ def load_space(path: Path, base: Mapping[str, Any]) -> list[Dimension]:
         except SweepError as exc:
             raise SearchError(f"--space: {exc}") from None
         dims.append(dim)
+    try:  # keys that overwrite each other (orbit.* and merge.position_galaxy_2.x)
+        apply_point(base, {d.key: _some_value(d.distribution) for d in dims})
+    except SweepError as exc:
+        raise SearchError(f"--space: {exc}") from None
     return dims
 
 

@@ -131,8 +131,20 @@ def parse_vary(text: str) -> Vary:
     return Vary(key, values=values)
 
 
+def distinct(varies: Sequence[Vary]) -> None:
+    """Raise SweepError for a key varied twice: a point holds one value per key, so the
+    second list silently replaced the first (4 jobs of which 2 were duplicates)."""
+    seen: set[str] = set()
+    for v in varies:
+        if v.key in seen:
+            raise SweepError(f"--vary {v.key}: given twice; give all its values at once "
+                             "(a,b,c)")
+        seen.add(v.key)
+
+
 def grid(varies: Sequence[Vary]) -> list[Point]:
     """Every combination (the first key varies slowest)."""
+    distinct(varies)
     keys = [v.key for v in varies]
     lists = [v.grid_values() for v in varies]
     if math.prod(len(v) for v in lists) > _GRID_LIMIT:
@@ -142,6 +154,7 @@ def grid(varies: Sequence[Vary]) -> list[Point]:
 
 def zipped(varies: Sequence[Vary]) -> list[Point]:
     """The k-th value of every key together; all must have as many values."""
+    distinct(varies)
     lists = [v.grid_values() for v in varies]
     if len({len(v) for v in lists}) > 1:
         raise SweepError("--zip needs as many values for every key: " + ", ".join(
@@ -159,6 +172,7 @@ def random_points(varies: Sequence[Vary], count: int, seed: int,
     """
     if count > _GRID_LIMIT:
         raise SweepError(f"--random {count}: more than {_GRID_LIMIT} jobs (as a grid)")
+    distinct(varies)
     rng = random.Random(seed)
     integer = {v.key: isinstance(lookup(base or {}, v.key), int) for v in varies}
     for v in varies:  # random.randint(5, 4) would raise a bare ValueError
@@ -210,10 +224,17 @@ def orbit_state(o: Mapping[str, float]) -> tuple[dict[str, float], dict[str, flo
             {k: round(c, 4) + 0.0 for k, c in zip(("vx", "vy", "vz"), vel, strict=True)})
 
 
+_ORBIT_SETS = ("merge.position_galaxy_2", "merge.velocity_galaxy_2")  # what orbit.* sets
+
+
 def apply_point(base: Mapping[str, Any], point: Mapping[str, Value]) -> dict[str, Any]:
     """The job files (stem -> JSON object) of `base` with `point`'s values set."""
     files = copy.deepcopy(dict(base))
     orbit: dict[str, float] = {}
+    overwritten = [k for k in point if k.startswith(_ORBIT_SETS)]
+    if overwritten and any(k.startswith("orbit.") for k in point):
+        raise SweepError(f"{overwritten[0]}: orbit.* keys set galaxy 2's position and "
+                         "velocity whole, overwriting it; vary one or the other")
     for key, value in point.items():
         stem, _, path = key.partition(".")
         if stem == "orbit":
@@ -262,6 +283,13 @@ def read_base(base: Path) -> dict[str, Any]:
         raise SweepError(f"the base job is not valid: {exc}") from None
 
 
+def _check_keys(files: Mapping[str, Any], points: Sequence[Point]) -> None:
+    """Raise SweepError for a key the base job lacks (or keys that overwrite each other)
+    before any folder is made: `out` was left behind, empty, by a typo."""
+    for point in {tuple(p): p for p in points}.values():  # each set of keys once
+        apply_point(files, point)
+
+
 def write_sweep(base: Path, out: Path, points: Sequence[Point], *, how: Mapping[str, Any]
                 | None = None, overwrite: bool = False) -> list[Path]:
     """Write one job folder per point under `out`, and `out/sweep.json`.
@@ -277,6 +305,7 @@ def write_sweep(base: Path, out: Path, points: Sequence[Point], *, how: Mapping[
     named = [(job_name(i + 1, width, p), p) for i, p in enumerate(points)]
     if os.path.lexists(out) and not out.is_dir():
         raise SweepError(f"--out {out}: is not a folder")
+    _check_keys(files, points)
     out.mkdir(parents=True, exist_ok=True)
     clashes = [n for n, _ in named if os.path.lexists(out / n)]
     if os.path.lexists(out / SWEEP_FILE):

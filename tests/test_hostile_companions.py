@@ -564,3 +564,39 @@ def test_a_folder_of_another_orbit_is_not_taken_for_the_trial(tmp_path: Path,
             finder._ask()
     finally:
         finder.close()
+
+
+@pytest.mark.parametrize("varies", [
+    ["merge.theta_galaxy_2=0,30", "merge.theta_galaxy_2=60,90"],
+    ["orbit.distance=100,200", "merge.position_galaxy_2.x=50,80"],
+    ["merge.velocity_galaxy_2.vx=1,2", "orbit.speed=100,200"]])
+@pytest.mark.parametrize("mode", [[], ["--zip"], ["--random", "3"]])
+def test_keys_that_overwrite_each_other_are_a_usage_error(
+        tmp_path: Path, varies: list[str], mode: list[str]) -> None:
+    """A key varied twice kept only its second list (4 jobs, 2 pairs of duplicates);
+    orbit.* overwrote merge.position_galaxy_2.x's values (duplicates again)."""
+    args = ["sweep", str(BASE_JOB), "--out", str(tmp_path / "o"), *mode]
+    for v in varies:
+        args += ["--vary", v]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert ("given twice" in result.output) != ("orbit.* keys set galaxy 2's position and "
+                                                "velocity whole" in result.output)
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_space_of_keys_that_overwrite_each_other_is_refused(tmp_path: Path) -> None:
+    """The pair passed, and the position's dimension changed no trial: the study
+    searched a parameter that did nothing."""
+    (tmp_path / "space.toml").write_text('"orbit.distance" = {low = 100, high = 200}\n'
+                                         '"merge.position_galaxy_2.x" = {low = 50, high = 80}\n')
+    with pytest.raises(search.SearchError, match=r"--space: merge.position_galaxy_2.x: "
+                       r"orbit.\* keys set galaxy 2's position and velocity whole"):
+        search.load_space(tmp_path / "space.toml", sweep_module.read_base(BASE_JOB))
+
+
+def test_a_typo_in_a_key_leaves_no_folder_behind(tmp_path: Path) -> None:
+    result = CliRunner().invoke(app, ["sweep", str(BASE_JOB), "--out", str(tmp_path / "o"),
+                                      "--vary", "merge.theta_galaxy_3=1,2"])
+    assert result.exit_code == 2 and "theta_galaxy_3" in result.output
+    assert not (tmp_path / "o").exists()
