@@ -72,6 +72,7 @@ from gibatch.match_settings import (
     match_dir,
 )
 from gibatch.params import PlotParams
+from gibatch.text import printable
 
 F64 = NDArray[np.float64]
 F32 = NDArray[np.float32]
@@ -348,12 +349,28 @@ def read_fits(data: bytes) -> F64:
             raw = np.frombuffer(data, _FITS_DTYPES[bitpix], count, pos)
             values = raw.astype(np.float64)
             if bitpix > 0 and "BLANK" in header:
-                values[raw == int(header["BLANK"])] = np.nan
-            values = values * float(header.get("BSCALE", "1")) + float(header.get("BZERO", "0"))
+                values[raw == _fits_number(header, "BLANK", hdu)] = np.nan
+            values = (values * _fits_number(header, "BSCALE", hdu, 1.0)
+                      + _fits_number(header, "BZERO", hdu, 0.0))
             return np.asarray(values.reshape(axes[1], axes[0])[::-1])
         pos += -(-size // FITS_BLOCK) * FITS_BLOCK
         hdu += 1
     raise MatchError("no HDU holds a 2-D image")
+
+
+def _fits_number(header: dict[str, str], key: str, hdu: int, default: float = 0.0) -> float:
+    """A card's number, with a Fortran exponent (`1.0D0`: the standard's for doubles) as
+    well; MatchError naming the card if it holds no number (it was a ValueError)."""
+    text = header.get(key)
+    if text is None:
+        return default
+    try:
+        value = float(text.replace("D", "E").replace("d", "e"))
+    except ValueError:
+        raise MatchError(f"HDU {hdu}: {key} = {printable(text)!r} is not a number") from None
+    if not math.isfinite(value):
+        raise MatchError(f"HDU {hdu}: {key} = {printable(text)!r} is not a finite number")
+    return value
 
 
 def _fits_image(data: bytes, path: Path) -> Image.Image:

@@ -11,6 +11,7 @@ import io
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -600,3 +601,33 @@ def test_a_typo_in_a_key_leaves_no_folder_behind(tmp_path: Path) -> None:
                                       "--vary", "merge.theta_galaxy_3=1,2"])
     assert result.exit_code == 2 and "theta_galaxy_3" in result.output
     assert not (tmp_path / "o").exists()
+
+
+def _fits(cards: list[tuple[str, str]], image: np.ndarray) -> bytes:
+    text = "".join(f"{k:<8}= {v:>20}".ljust(80) for k, v in cards) + "END".ljust(80)
+    data = image[::-1].astype(">i2").tobytes()
+    return (text.ljust(-(-len(text) // 2880) * 2880).encode() + data
+            + b"\0" * (-len(data) % 2880))
+
+
+@pytest.mark.parametrize(("cards", "error"), [
+    ([("BSCALE", "2.0D0"), ("BZERO", "1.0d+01")], None),
+    ([("BLANK", "'none'")], "BLANK = 'none' is not a number"),
+    ([("BSCALE", "'x'")], "BSCALE = 'x' is not a number"),
+    ([("BZERO", "1.0D999")], "BZERO = '1.0D999' is not a finite number")])
+def test_a_fits_targets_scaling_cards_are_read_or_named(
+        tmp_path: Path, cards: list[tuple[str, str]], error: str | None) -> None:
+    """A Fortran exponent (the standard's for doubles), or text where BSCALE, BZERO or
+    BLANK belong, ended match in a ValueError traceback."""
+    image = np.zeros((40, 50))
+    image[5:15, 5:15] = 300
+    image[20:30, 30:40] = 200
+    (tmp_path / "t.fits").write_bytes(_fits(
+        [("SIMPLE", "T"), ("BITPIX", "16"), ("NAXIS", "2"), ("NAXIS1", "50"), ("NAXIS2", "40"),
+         *cards], image))
+    if error is None:
+        assert match.read_fits((tmp_path / "t.fits").read_bytes()).max() == 610
+        return
+    with pytest.raises(match_settings.MatchError, match=rf"t.fits: not a FITS image gibatch "
+                       rf"can read: HDU 0: {re.escape(error)}"):
+        match.load_target(tmp_path / "t.fits", ((10.0, 30.0), (35.0, 15.0)))
