@@ -270,10 +270,15 @@ def test_a_queueing_site_runs_each_models_tasks_in_turn_across_a_restart(
              steps.plot(1)]
     site = ThreadedSite(config)
     store = site.running.site.store
+
+    def take_chain() -> tuple[list[int], list[int]]:
+        taken = [site.running.site.submit("s", 1, step, json.dumps(files[f"{step.name}.json"]))
+                 for step in chain]
+        return taken, store.waiting()  # in the same turn: the first cannot have ended yet
+
     try:
-        ids = site.call(lambda: [site.running.site.submit(
-            "s", 1, step, json.dumps(files[f"{step.name}.json"])) for step in chain])
-        assert len(store.waiting()) == len(chain) - 1  # all but the first wait their turn
+        ids, waiting = site.call(take_chain)
+        assert waiting == ids[1:]  # all but the first wait their turn
     finally:
         site.stop()
     site = ThreadedSite(config)
