@@ -332,6 +332,8 @@ def read_fits(data: bytes) -> F64:
             raise MatchError(f"HDU {hdu}: a bad or missing mandatory keyword: {exc}") from None
         if bitpix not in _FITS_DTYPES:
             raise MatchError(f"HDU {hdu}: BITPIX {bitpix} is not a FITS data type")
+        if min(*axes, extra, groups, 0) < 0:  # a negative size walked back: for ever
+            raise MatchError(f"HDU {hdu}: a negative NAXISn, PCOUNT or GCOUNT")
         count = math.prod(axes) if axes else 0
         size = abs(bitpix) // 8 * groups * (extra + count)
         if header.get("ZIMAGE") == "T":

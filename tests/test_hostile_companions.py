@@ -631,3 +631,19 @@ def test_a_fits_targets_scaling_cards_are_read_or_named(
     with pytest.raises(match_settings.MatchError, match=rf"t.fits: not a FITS image gibatch "
                        rf"can read: HDU 0: {re.escape(error)}"):
         match.load_target(tmp_path / "t.fits", ((10.0, 30.0), (35.0, 15.0)))
+
+
+@pytest.mark.timeout(10)
+@pytest.mark.parametrize("card", [("NAXIS1", "-2880"), ("PCOUNT", "-5760"), ("GCOUNT", "-1")])
+def test_a_negative_fits_size_is_refused_not_walked_back_for_ever(
+        tmp_path: Path, card: tuple[str, str]) -> None:
+    """NAXIS1 = -2880 made the HDU's data -2880 bytes long: the next HDU was read where
+    the first began, and match looped for ever on a 5 KB file."""
+    cards = [("SIMPLE", "T"), ("BITPIX", "8"), ("NAXIS", "2"), ("NAXIS1", "1"),
+             ("NAXIS2", "1"), ("PCOUNT", "0"), ("GCOUNT", "1")]
+    cards = [card if key == card[0] else (key, value) for key, value in cards]
+    text = "".join(f"{k:<8}= {v:>20}".ljust(80) for k, v in cards) + "END".ljust(80)
+    (tmp_path / "t.fits").write_bytes(text.ljust(2880).encode() + b"\0" * 2880)
+    with pytest.raises(match_settings.MatchError, match="HDU 0: a negative NAXISn, PCOUNT "
+                       "or GCOUNT"):
+        match.load_target(tmp_path / "t.fits", ((10.0, 30.0), (35.0, 15.0)))
