@@ -60,6 +60,10 @@ def test_sweep_under_faults_is_whole_and_minimal(
 ) -> None:
     site = make_site(session_lifetime_s=1.5, faults=Faults(
         error_rate=0.15, cut_rate=0.4, post_502_rate=0.4, seed=7))
+    # One of each at least: which requests the rates hit depends on the order they draw
+    # in, which their timing decides (post_502 has 11 draws: none hit in 0.4% of runs).
+    for kind, path in (("error", "/gi/view_jobs/"), ("cut", "/media/"), ("post_502", "/gi/")):
+        site.running.site.faults.script(kind, path)
     summary = run_sweep(site, three_jobs, [1])
     assert summary.outcomes == {n: Outcome.COMPLETE for n in "abc"}, summary.reasons
     assert site.running.site.store.task_count() == MINIMUM_TASKS
