@@ -105,6 +105,9 @@ def test_every_fault_at_once_on_a_strict_site(
     site = make_site(strict=True, session_lifetime_s=2.0, faults=Faults(
         error_rate=0.1, cut_rate=0.3, post_502_rate=0.3, browser_rate=0.01, seed=11))
     site.running.site.faults.script("browser", "/gi/view_jobs/", times=2)
+    # One of each at least, whatever order the requests draw the rates in (their timing).
+    site.running.site.faults.script("cut", "/media/")
+    site.running.site.faults.script("post_502", "/gi/")
     summary = run_sweep(site, jobs, [1, 2, 3])
     assert_all_right(summary, jobs, site)
     injected = site.running.site.faults.injected
