@@ -314,7 +314,7 @@ def _fits_header(data: bytes, start: int) -> tuple[dict[str, str], int]:
                 cards.setdefault(key, value)
 
 
-def read_fits(data: bytes) -> F64:
+def read_fits(data: bytes) -> F32:
     """The first HDU holding a 2-D image (axes beyond two must be 1), as floats with
     BSCALE, BZERO and BLANK applied, top row first (FITS stores the bottom row first)."""
     data = _inflated(data, FITS_BYTES_MAX + 1)
@@ -349,15 +349,26 @@ def read_fits(data: bytes) -> F64:
             if len(data) < pos + abs(bitpix) // 8 * count:
                 raise MatchError(f"HDU {hdu}: the data end early (truncated file?)")
             raw = np.frombuffer(data, _FITS_DTYPES[bitpix], count, pos)
-            values = raw.astype(np.float64)
-            if bitpix > 0 and "BLANK" in header:
-                values[raw == _fits_number(header, "BLANK", hdu)] = np.nan
-            values = (values * _fits_number(header, "BSCALE", hdu, 1.0)
-                      + _fits_number(header, "BZERO", hdu, 0.0))
-            return np.asarray(values.reshape(axes[1], axes[0])[::-1])
+            return _fits_pixels(raw.reshape(axes[1], axes[0])[::-1], header, hdu)
         pos += -(-size // FITS_BLOCK) * FITS_BLOCK
         hdu += 1
     raise MatchError("no HDU holds a 2-D image")
+
+
+def _fits_pixels(raw: NDArray[Any], header: dict[str, str], hdu: int) -> F32:
+    """The stored values (rows turned top first) as float32 with BLANK, BSCALE and BZERO
+    applied in place: one copy of the pixels, where three in float64 made a 98 KB
+    .fits.gz of 10,000 x 10,000 pixels take 2.5 GB."""
+    values = raw.astype(np.float32)
+    if raw.dtype.kind in "iu" and "BLANK" in header:
+        values[raw == _fits_number(header, "BLANK", hdu)] = np.nan
+    scale, zero = _fits_number(header, "BSCALE", hdu, 1.0), _fits_number(header, "BZERO", hdu)
+    with np.errstate(over="ignore", invalid="ignore"):  # past float32: inf, then replaced
+        if scale != 1.0:
+            values *= np.float32(scale)
+        if zero != 0.0:
+            values += np.float32(zero)
+    return values
 
 
 def _fits_number(header: dict[str, str], key: str, hdu: int, default: float = 0.0) -> float:
@@ -384,10 +395,12 @@ def _fits_image(data: bytes, path: Path) -> Image.Image:
     except (OSError, EOFError, zlib.error) as exc:
         raise MatchError(f"--target {path}: a broken gzip stream: {exc}") from None
     finite = np.isfinite(values)
-    if not finite.any():
-        raise MatchError(f"--target {path}: no pixel of the FITS image has a value")
-    values[~finite] = np.median(values[finite])
-    return Image.fromarray(values.astype(np.float32), mode="F")
+    if not finite.all():
+        if not finite.any():
+            raise MatchError(f"--target {path}: no pixel of the FITS image has a value")
+        values[~finite] = np.median(values[finite])
+    del finite
+    return Image.fromarray(values, mode="F")
 
 
 # -- views
