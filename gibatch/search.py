@@ -458,6 +458,16 @@ class Search:
         self._refresh()
         return told
 
+    def write_ranking(self) -> Path:
+        """The study's jobs ranked where `match` leaves its ranking, so that `report`
+        shows the target beside the best of them (it never did after a search, though
+        both said it would). Their scores come from the cache: each was scored when
+        told."""
+        names = {self._name(t) for t in self.study.get_trials(deepcopy=False)}
+        jobs = [job for job in load_sweep(self.root).jobs if job.name in names]
+        results = match.match_jobs(self.root, jobs, self.target, self.settings, workers=1)
+        return match.write_results(self.root, results, self.target, self.settings)
+
     def _score(self, job: Job) -> float | None:
         """The job's best score by the ranking metric (cached, so `match` reuses it)."""
         results = match.match_jobs(self.root, [job], self.target, self.settings, workers=1)
@@ -654,3 +664,8 @@ async def run_search(finder: Search, scheduler: Scheduler, slots: int) -> None:
         if len(found) == 1 and isinstance(found[0], Exception):
             raise found[0] from None
         raise
+    try:
+        path = await anyio.to_thread.run_sync(finder.write_ranking)
+        log.info("ranking of the trials in %s", printable(str(path)))
+    except OSError as exc:  # the search's work is in the study: only the ranking is lost
+        log.warning("the ranking could not be written: %s", exc)

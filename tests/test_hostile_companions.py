@@ -679,3 +679,26 @@ def test_a_small_fits_file_of_many_pixels_costs_one_copy_of_them(tmp_path: Path)
                           capture_output=True, text=True, timeout=100, cwd=Path.cwd())
     assert done.returncode == 0, done.stderr
     assert int(done.stdout) < 1300, f"{done.stdout.strip()} MB at the peak"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_search_leaves_its_ranking_for_the_report(tmp_path: Path) -> None:
+    """match_settings and report said a search leaves a ranking the report shows; none
+    was ever written, so a search's report had no match section."""
+    from tests.test_match import small_job
+
+    write_job(tmp_path, "base", small_job(0))
+    (tmp_path / "space.toml").write_text(THETA)
+    pixels = np.zeros((60, 80), np.uint8)
+    pixels[15:25, 15:25] = 200
+    pixels[30:40, 50:60] = 150
+    Image.fromarray(pixels).save(tmp_path / "target.png")
+    found = tmp_path / "found"
+    result = CliRunner().invoke(app, [
+        "search", "--jobs", str(found), "--base", str(tmp_path / "base"), "--space",
+        str(tmp_path / "space.toml"), "--target", str(tmp_path / "target.png"), "--centres",
+        "20,20,55,35", "--budget", "2", "--models", "1", "--seed", "1"])
+    assert result.exit_code == 0, (result.output, repr(result.exception))
+    shown = report.load_ranking(found)
+    assert shown is not None and set(shown.scores) == {"search-0000", "search-0001"}
