@@ -458,13 +458,15 @@ class Search:
         self._refresh()
         return told
 
-    def write_ranking(self) -> Path:
+    def write_ranking(self) -> Path | None:
         """The study's jobs ranked where `match` leaves its ranking, so that `report`
         shows the target beside the best of them (it never did after a search, though
         both said it would). Their scores come from the cache: each was scored when
-        told."""
+        told. None (and an earlier ranking kept) if the study has no job yet."""
         names = {self._name(t) for t in self.study.get_trials(deepcopy=False)}
         jobs = [job for job in load_sweep(self.root).jobs if job.name in names]
+        if not jobs:
+            return None
         results = match.match_jobs(self.root, jobs, self.target, self.settings, workers=1)
         return match.write_results(self.root, results, self.target, self.settings)
 
@@ -666,6 +668,7 @@ async def run_search(finder: Search, scheduler: Scheduler, slots: int) -> None:
         raise
     try:
         path = await anyio.to_thread.run_sync(finder.write_ranking)
-        log.info("ranking of the trials in %s", printable(str(path)))
+        if path is not None:
+            log.info("ranking of the trials in %s", printable(str(path)))
     except OSError as exc:  # the search's work is in the study: only the ranking is lost
         log.warning("the ranking could not be written: %s", exc)
