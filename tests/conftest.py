@@ -3,14 +3,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -113,6 +116,32 @@ def wait_for_event(jobs: Path, event: str, step: str | None, deadline_s: float,
                 journal.close()
         time.sleep(0.05)
     raise AssertionError(f"no {event} {step} within {deadline_s} s")
+
+
+@contextmanager
+def task_ends_held(site: ThreadedSite, held: Callable[[Any], bool]
+                   ) -> Iterator[threading.Event]:
+    """Tasks of `site` for which `held(task)` stay Running until the event yielded is
+    set (on leaving, at the latest), then end as they would have: a test's next move
+    (a kill, a second POST, a second process) cannot come after they end, however
+    slowly the test runs. An event, where a wait on the clock would be a race."""
+    runner = site.running.site.runner
+    assert runner is not None
+    real_end = runner._on_end
+    release = threading.Event()
+
+    def end_later(task: Any, status: Any) -> None:  # on the site's loop
+        if held(task) and not release.is_set():
+            asyncio.get_running_loop().call_later(0.02, end_later, task, status)
+            return
+        real_end(task, status)
+
+    runner._on_end = end_later
+    try:
+        yield release
+    finally:
+        release.set()
+        runner._on_end = real_end
 
 
 def assert_jobs_match_ledger(jobs: Path, site_dir: Path, only: set[str] | None = None) -> None:

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import hashlib
 import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
@@ -30,6 +28,7 @@ from tests.conftest import (
     assert_jobs_match_ledger,
     gibatch,
     run_sweep,
+    task_ends_held,
     tiny_job_files,
     wait_for_event,
     write_job,
@@ -162,29 +161,17 @@ def test_after_kill_9_a_job_stays_on_the_model_that_holds_its_work(
                    env=env).wait(timeout=240) == 0, log.read_text()
     (tmp_path / "a").rename(three_jobs / "a")
     site.running.site.config.stream_rate_mb_s = 0.05  # downloads take seconds: cut them
-    killed = threading.Event()
-    if moment[1] == "interact":
-        # a's interaction (model 2's only one) ends once gibatch is killed, not before:
-        # it took 0.3 s, and a kill landing later than that after the journal shows it
-        # submitted (a poll and a database read away) found it ended, its intent gone.
-        runner = site.running.site.runner
-        assert runner is not None
-        real_end = runner._on_end
-
-        def end_after_the_kill(task: Any, status: Any) -> None:  # on the site's loop
-            if task.step == "interact" and task.model == 2 and not killed.is_set():
-                asyncio.get_running_loop().call_later(0.02, end_after_the_kill, task, status)
-                return
-            real_end(task, status)
-
-        runner._on_end = end_after_the_kill
-    first = gibatch(log, "run", "--jobs", str(three_jobs), "--models", "2", *server, env=env)
-    try:
-        wait_for_event(three_jobs, *moment, deadline_s=90, job="a")
-    finally:
-        first.send_signal(signal.SIGKILL)
-        first.wait(timeout=30)
-        killed.set()
+    # a's interaction (model 2's only one) ends once gibatch is killed, not before: it
+    # took 0.3 s, and a kill landing later than that after the journal shows it
+    # submitted (a poll and a database read away) found it ended, its intent gone.
+    with task_ends_held(site, lambda task: moment[1] == "interact" == task.step):
+        first = gibatch(log, "run", "--jobs", str(three_jobs), "--models", "2", *server,
+                        env=env)
+        try:
+            wait_for_event(three_jobs, *moment, deadline_s=90, job="a")
+        finally:
+            first.send_signal(signal.SIGKILL)
+            first.wait(timeout=30)
     site.running.site.config.stream_rate_mb_s = 0.0
     second = gibatch(log, "run", "--jobs", str(three_jobs), "--models", "1-2", *server,
                      env=env)
@@ -358,15 +345,21 @@ def test_two_processes_on_overlapping_model_numbers(
             mass = {"interact.json": {"mass_2": 1 + k + j / 4}}
             write_job(folder, f"j{j}", tiny_job_files(**mass))
     logs = [tmp_path / "first.log", tmp_path / "second.log"]
-    first = gibatch(logs[0], "run", "--jobs", str(folders[0]), "--models", "1-2", *server, env=env)
-    try:
-        wait_for_event(folders[0], "step-submitted", None, deadline_s=60)  # it holds 1 and 2
-        second = gibatch(logs[1], "run", "--jobs", str(folders[1]), "--models", "2-3", *server,
-                         env=env)
-        second.wait(timeout=240)
-        first.wait(timeout=240)
-    finally:
-        first.kill()
+    # The first process's tasks end once the second has found model 2 held: it cannot
+    # have finished (and let model 2 go) before the second starts, however slowly.
+    with task_ends_held(site, lambda task: task.model in (1, 2)) as release:
+        first = gibatch(logs[0], "run", "--jobs", str(folders[0]), "--models", "1-2", *server,
+                        env=env)
+        try:
+            wait_for_event(folders[0], "step-submitted", None, deadline_s=60)  # holds 1, 2
+            second = gibatch(logs[1], "run", "--jobs", str(folders[1]), "--models", "2-3",
+                             *server, env=env)
+            _wait_for_text(logs[1], "model 2 is held by another gibatch", deadline_s=60)
+            release.set()
+            second.wait(timeout=240)
+            first.wait(timeout=240)
+        finally:
+            first.kill()
     texts = [log.read_text() for log in logs]
     assert [first.returncode, second.returncode] == [0, 0], texts
     assert "model 2 is held by another gibatch (pid" in texts[1]

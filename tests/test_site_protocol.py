@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import re
-import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +15,7 @@ from yarl import URL
 
 from gibatch.sim.app import SiteConfig
 from gibatch.sim.server import ThreadedSite
-from tests.conftest import read_base
+from tests.conftest import read_base, task_ends_held
 
 pytestmark = pytest.mark.anyio
 PASSWORD = "correct horse"
@@ -66,29 +63,6 @@ async def post(http: aiohttp.ClientSession, base: str, page: str, body: dict[str
         return resp.status, json.loads(text) if text.startswith("{") else text
 
 
-@contextmanager
-def tasks_held(site: ThreadedSite, model: int) -> Iterator[None]:
-    """Tasks on `model` end only once the block is left: the model is busy throughout,
-    however slowly the block runs (a task of a second could end between two POSTs)."""
-    runner = site.running.site.runner
-    assert runner is not None
-    real_end = runner._on_end
-    released = threading.Event()
-
-    def end_later(task: Any, status: Any) -> None:  # on the site's loop
-        if task.model == model and not released.is_set():
-            asyncio.get_running_loop().call_later(0.02, end_later, task, status)
-            return
-        real_end(task, status)
-
-    runner._on_end = end_later
-    try:
-        yield
-    finally:
-        released.set()
-        runner._on_end = real_end
-
-
 @pytest.fixture
 async def http(site: ThreadedSite) -> Any:
     async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as session:
@@ -125,7 +99,7 @@ async def test_post_rules_csrf_400_409(site: ThreadedSite, http: Any) -> None:
     merge = {**read_base()["merge.json"], "velocity_galaxy_2": {"x": 1, "y": 1, "z": 0}}
     status, body = await post(http, base, "galacticsmerge", {**merge, "model_number": 2}, token)
     assert status == 400 and "velocity_galaxy_2.x" in body["error"]
-    with tasks_held(site, 2):  # busy when the second POST comes, however late
+    with task_ends_held(site, lambda task: task.model == 2):  # busy for the second POST
         status, body = await post(http, base, "galactic", {**TINY_GALAXY, "model_number": 2},
                                   token)
         assert status == 200 and isinstance(body["job_id"], int)
