@@ -209,7 +209,7 @@ def test_one_unusable_snapshot_file_costs_its_job_only(
     line = next(r for r in ranking.splitlines() if ",theta-45," in r)
     assert line.startswith(",")  # unranked
     if mutate is _stars_gone_to_nan:
-        assert line.endswith("no usable frame")
+        assert ",no usable frame," in line
     else:
         assert "unusable snapshots: snapshots.h5: " in line, line
 
