@@ -100,9 +100,9 @@ def gibatch(log: Path, *args: str, env: dict[str, str] | None = None) -> subproc
 
 
 def wait_for_event(jobs: Path, event: str, step: str | None, deadline_s: float,
-                   job: str | None = None) -> None:
-    """Bounded wait until the journal shows `event` (of `step`, of `job`, where given):
-    a condition, not a sleep."""
+                   job: str | None = None, model: int | None = None) -> None:
+    """Bounded wait until the journal shows `event` (of `step`, of `job`, on `model`,
+    where given): a condition, not a sleep."""
     end = time.monotonic() + deadline_s
     while time.monotonic() < end:
         db = jobs / ".gibatch" / "journal.db"
@@ -110,7 +110,8 @@ def wait_for_event(jobs: Path, event: str, step: str | None, deadline_s: float,
             journal = Journal(jobs)
             try:
                 if any(e.event == event and (step is None or e.step == step)
-                       and (job is None or e.job == job) for e in journal.events()):
+                       and (job is None or e.job == job)
+                       and (model is None or e.model == model) for e in journal.events()):
                     return
             finally:
                 journal.close()

@@ -286,10 +286,17 @@ def test_two_processes_share_one_jobs_folder(
     site = make_site()
     server, env = _site_process_env(site, tmp_path)
     logs = [tmp_path / "p1.log", tmp_path / "p2.log"]
-    procs = [gibatch(logs[i], "run", "--jobs", str(jobs), "--models", str(i + 1), *server,
-                     env=env) for i in range(2)]
-    for p in procs:
-        p.wait(timeout=240)
+    # The first process's tasks end once the second has started a job: alone for the
+    # 4 s the six jobs take, it had done them all before a slow second one began.
+    with task_ends_held(site, lambda task: task.model == 1) as release:
+        procs = [gibatch(logs[i], "run", "--jobs", str(jobs), "--models", str(i + 1), *server,
+                         env=env) for i in range(2)]
+        try:
+            wait_for_event(jobs, "job-start", None, deadline_s=60, model=2)
+        finally:
+            release.set()
+        for p in procs:
+            p.wait(timeout=240)
     texts = [log.read_text() for log in logs]
     assert [p.returncode for p in procs] == [0, 0], texts
     completions: dict[str, list[int]] = {}
