@@ -302,7 +302,8 @@ class ModelWorker:
                 if own.row is not None:
                     return own.row
                 now = time.monotonic()
-                if not own.listed and now > listed_by:
+                # (Not while its row may be listed but waits for a later POST's answer.)
+                if not own.listed and now > listed_by and not self.memory.posts.undecided(own):
                     return _Overdue.UNLISTED
                 return _Overdue.STUCK if now > stuck_by else None
 

@@ -15,13 +15,21 @@ import anyio
 import pytest
 
 from gibatch import poller as poller_mod
+from gibatch.errors import ModelBusy
+from gibatch.journal import Journal
 from gibatch.memory import UNKNOWN, ModelMemory, Posting
 from gibatch.run import Outcome
 from gibatch.sim.faults import Faults
 from gibatch.sim.server import ThreadedSite
 from gibatch.site import SiteClient, TaskRow
 from gibatch.steps import Stage, plot
-from tests.conftest import assert_jobs_match_ledger, run_sweep, tiny_job_files, write_job
+from tests.conftest import (
+    FAST_RETRY,
+    assert_jobs_match_ledger,
+    run_sweep,
+    tiny_job_files,
+    write_job,
+)
 from tests.test_memory import HELD, memory, row  # noqa: F401  (memory is a fixture)
 
 # --- 1. a poll while the POST is in flight pins the first row of its type -------------------
@@ -173,6 +181,59 @@ def test_e2e_a_lost_plot_then_a_browser_plot_newer_than_another_models_task(
     assert lost and clicked
     assert set(summary.outcomes.values()) == {Outcome.COMPLETE}, summary.reasons
     assert_jobs_match_ledger(jobs, site.running.site.config.data_dir)
+
+
+# --- 1e. its row is listed while a POST sent after its answer hangs: not a lost task ----------
+
+@pytest.mark.timeout(120)
+def test_e2e_a_row_waiting_on_a_hanging_post_is_not_taken_for_lost(
+    tmp_path: Path, make_site: Callable[..., ThreadedSite]
+) -> None:
+    """Strict site. Model 1's galaxy POST has its answer; model 2's next POST, sent after
+    it, hangs at the proxy for longer than the listing grace. Model 1's row, listed
+    meanwhile, waits for that answer before it is pinned (the task it brings may bound
+    it); that wait is not the site losing model 1's task: no step is run twice."""
+    jobs = tmp_path / "jobs"
+    for i in range(2):
+        write_job(jobs, f"{i}", tiny_job_files(**{"interact.json": {"mass_2": 1.0 + i}}))
+    site = make_site(strict=True)
+    store = site.running.site.store
+    first_answered = anyio.Event()
+    first: list[int] = []  # model 1's first task
+    hung: list[str] = []
+
+    def wrap(client: SiteClient) -> None:
+        submit, tasks = client.submit, client.tasks
+
+        async def patched(step: Any, model: int, payload: dict[str, Any]) -> int | None:
+            if model == 2 and not first_answered.is_set():
+                await first_answered.wait()
+                raise ModelBusy("the test's 409: post again, after model 1's answer",
+                                model=2)
+            if model == 2 and not hung:
+                hung.append(step.name)  # sent after model 1's answer: held past the grace
+                await anyio.sleep(FAST_RETRY.listing_grace_s + 1.5)
+            answer = await submit(step, model, payload)
+            if model == 1 and not first:
+                first.append(store.task_count())  # ids count up from 1: its id
+                first_answered.set()
+            return answer
+
+        async def listing() -> list[TaskRow]:
+            rows = await tasks()
+            # Until model 2's next POST is out, model 1's row is not listed yet (the
+            # site's answer to a poll can lag a POST); then it is, at once.
+            return rows if hung else [r for r in rows if r.job_id not in first]
+
+        client.submit = patched  # type: ignore[method-assign]
+        client.tasks = listing  # type: ignore[method-assign]
+
+    summary = run_sweep(site, jobs, [1, 2], concurrency=2, wrap=wrap)
+    assert first and hung, summary.reasons
+    assert set(summary.outcomes.values()) == {Outcome.COMPLETE}, summary.reasons
+    events = [e for e in Journal(jobs).events() if e.event == "job-requeued"]
+    assert not events, [e.detail for e in events]
+    assert store.task_count() == 2 * 6  # every step once
 
 
 # --- 1c. rule (a) on a task the site lost: a phantom section shifts later plot names ---------
