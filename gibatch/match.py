@@ -235,13 +235,24 @@ def _pil_image(data: bytes, path: Path) -> Image.Image:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             opened = Image.open(io.BytesIO(data))
             opened.load()
-            return opened
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise MatchError(f"--target {path}: more pixels than a target needs (at most "
                          f"{Image.MAX_IMAGE_PIXELS}); crop or bin the image") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as exc:
         raise MatchError(f"--target {path}: not an image PIL can read (PNG, JPEG, ...) "
                          f"nor FITS: {exc}") from None
+    if opened.mode in _BRIGHTNESS_MODES or opened.mode.startswith("I;16"):
+        return opened
+    try:  # a mode Pillow cannot turn into brightness (LAB) was a ValueError traceback
+        return opened.convert("L")
+    except ValueError:
+        raise MatchError(f"--target {path}: an image in mode {opened.mode}, which has no "
+                         "brightness gibatch can read; save it as greyscale or RGB") from None
+
+
+# Modes `_grey` reads as they are; any other is converted to L when read, or refused.
+_BRIGHTNESS_MODES = ("1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr", "I",
+                     "F")
 
 
 def _finite(image: Image.Image, path: Path) -> Image.Image:

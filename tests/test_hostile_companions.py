@@ -715,3 +715,15 @@ def test_a_search_with_no_job_yet_keeps_the_ranking_there(tmp_path: Path, found:
     finally:
         finder.close()
     assert (folder / match_settings.RANKING_FILE).read_text() == "a ranking of gibatch match\n"
+
+
+def test_a_target_in_a_mode_with_no_brightness_is_one_line(tmp_path: Path) -> None:
+    """A LAB TIFF: Pillow cannot convert LAB to L, and the ValueError was a traceback."""
+    pixels = np.zeros((60, 80), np.uint8)
+    pixels[15:25, 15:25] = 200
+    Image.fromarray(pixels).convert("LAB").save(tmp_path / "lab.tif")
+    with pytest.raises(match_settings.MatchError, match=r"lab.tif: an image in mode LAB, "
+                       r"which has no brightness gibatch can read; save it as greyscale"):
+        match.load_target(tmp_path / "lab.tif", match_settings.parse_centres("20,20,55,35"))
+    Image.fromarray(pixels).convert("RGBA").save(tmp_path / "rgba.png")  # read as it is
+    match.load_target(tmp_path / "rgba.png", match_settings.parse_centres("20,20,55,35"))
