@@ -7,6 +7,7 @@ import json
 import math
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -165,7 +166,12 @@ def ran_sweep(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, 
     proc = gibatch(log, "run", "--jobs", str(jobs), "--models", "1-2", env=env)
     try:
         wait_for_event(jobs, "step-submitted", None, deadline_s=60)
-        code, status_text = run_cli("status", "--jobs", str(jobs))
+        # Stopped while status looks: the run (2 s in all) cannot end before it does.
+        proc.send_signal(signal.SIGSTOP)
+        try:
+            code, status_text = run_cli("status", "--jobs", str(jobs))
+        finally:
+            proc.send_signal(signal.SIGCONT)
         assert code == 0, status_text
         proc.wait(timeout=300)
     finally:
