@@ -320,13 +320,18 @@ def test_sigterm_stops_cleanly_and_the_next_run_finishes(
     server, env = _site_process_env(site, tmp_path)
     args = ("run", "--jobs", str(three_jobs), "--models", "1", "--grace", "60", *server)
     log = tmp_path / "run.log"
-    proc = gibatch(log, *args, env=env)
-    try:
-        wait_for_event(three_jobs, "step-submitted", "interact", deadline_s=90)
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=90)  # the task in flight settles well within the grace period
-    finally:
-        proc.kill()
+    # The interaction in flight ends once the signal is taken: the whole run lasts 3 s,
+    # and a signal landing after it (or between two jobs) had nothing to interrupt.
+    with task_ends_held(site, lambda task: task.step == "interact") as release:
+        proc = gibatch(log, *args, env=env)
+        try:
+            wait_for_event(three_jobs, "step-submitted", "interact", deadline_s=90)
+            proc.send_signal(signal.SIGTERM)
+            _wait_for_text(log, "SIGTERM: no new tasks", deadline_s=30)
+            release.set()
+            proc.wait(timeout=90)  # the task in flight settles well within the grace period
+        finally:
+            proc.kill()
     out = log.read_text()
     assert proc.returncode == 1, out  # some jobs not run
     assert "SIGTERM: no new tasks" in out and "Traceback" not in out
