@@ -150,11 +150,12 @@ def test_e2e_a_lost_plot_then_a_browser_plot_newer_than_another_models_task(
     tmp_path: Path, make_site: Callable[..., ThreadedSite]
 ) -> None:
     """Strict site (no job id in POST answers). The site loses gibatch's first plot POST
-    (accepted, never listed); just after gibatch's next POST on the other model number has
-    its answer, someone starts a plot in the browser on the first. That plot is the only
-    new plot row there, and was taken for gibatch's; but job ids increase across the
-    site, and it is newer than the task gibatch posted after its plot's answer, so it
-    cannot be that plot's. The step runs again and every job ends with its own plots."""
+    (accepted, never listed); just after a POST on the other model number, sent after the
+    lost one's answer, has its own, someone starts a plot in the browser on the first.
+    That plot is the only new plot row there, and was taken for gibatch's; but job ids
+    increase across the site, and it is newer than the task gibatch posted after its
+    plot's answer, so it cannot be that plot's. The step runs again and every job ends
+    with its own plots."""
     jobs = tmp_path / "jobs"
     for i in range(3):
         write_job(jobs, f"{i}", tiny_job_files(**{"interact.json": {"mass_2": 1.0 + i}}))
@@ -167,10 +168,11 @@ def test_e2e_a_lost_plot_then_a_browser_plot_newer_than_another_models_task(
         submit = client.submit
 
         async def patched(step: Any, model: int, payload: dict[str, Any]) -> int | None:
+            after_lost = bool(lost)  # this POST went out after the lost one's answer
             answer = await submit(step, model, payload)
             if step.stage is Stage.PLOT and not lost:
                 lost.append(model)
-            elif lost and model != lost[0] and not clicked:
+            elif after_lost and model != lost[0] and not clicked:
                 site.call(lambda: site.running.site.click("alice", lost[0], "plot"))
                 clicked.append(site.running.site.clicked[-1])
             return answer
