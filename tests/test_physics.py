@@ -15,7 +15,7 @@ from PIL import Image
 from gibatch.params import GalaxyParams, InteractParams, MergeParams, PlotParams
 from gibatch.sim import galaxy, nbody, render, restricted, tasks
 from gibatch.sim.physics import Physics
-from gibatch.sim.units import MODEL_LENGTH_KPC
+from gibatch.sim.units import GYR_PER_TIME_UNIT, MODEL_LENGTH_KPC
 from tests.benchmarks import physics as reference
 from tests.conftest import read_base
 
@@ -290,3 +290,42 @@ def test_tides_strip_the_radial_satellite_for_good() -> None:
     host, satellite = (f.mass for f in state.fields)
     assert history[-1, 1] < 0.5 * satellite
     assert history[-1, 0] / host > history[-1, 1] / satellite
+
+
+
+def _stretches(ic: nbody.InitialCondition, run: InteractParams) -> tuple[np.ndarray, ...]:
+    """Times (Gyr) and each field's stretch (n, 2) at every base step of a run."""
+    times: list[float] = []
+    stretch: list[np.ndarray] = []
+    original = restricted.Stepper.step
+
+    def spy(self: restricted.Stepper, state: restricted.State, base: float) -> int:
+        steps = original(self, state, base)
+        assert state.response is not None
+        times.append(state.time * GYR_PER_TIME_UNIT)
+        stretch.append(state.response.stretch.copy())
+        return steps
+
+    restricted.Stepper.step = spy  # type: ignore[method-assign]
+    try:
+        nbody.interact(ic, run, lambda frame: None, Physics.RESTRICTED, seed=5)
+    finally:
+        restricted.Stepper.step = original  # type: ignore[method-assign]
+    return np.array(times), np.array(stretch)
+
+
+def test_fields_expand_after_a_tidal_shock_read_while_the_galaxies_are_apart() -> None:
+    """The 10:1 radial satellite's field expands just after its passage through the host
+    (the heating of its hot stars, read as it leaves) and never shrinks; the host's
+    hardly changes, nor do the 1:1 pair's, which are never far enough apart to be read
+    before they merge; an isolated galaxy's field is never touched."""
+    times, stretch = _stretches(*reference.encounter("10:1 radial", 1000, 0.75, 2))
+    assert np.all(np.diff(stretch, axis=0) >= 0)
+    assert np.all(stretch[times < 0.46] == 1)
+    assert 1.2 < stretch[-1, 1] < 1.7, stretch[-1]
+    assert stretch[-1, 0] < 1.05, stretch[-1]
+    _, stretch = _stretches(*reference.encounter("1:1 prograde", 1000, 0.75, 2))
+    assert np.all(stretch[-1] < 1.02), stretch[-1]
+    ic, run = _isolated(500, 50)
+    _, stretch = _stretches(ic, run.model_copy(update={"duration": 0.3}))
+    assert np.all(stretch == 1)
