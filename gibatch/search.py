@@ -371,12 +371,15 @@ class Search:
         self.root, self.base, self.dims = root, base, dims
         self.target, self.settings, self.budget = target, settings, budget
         folder = root / STATE_DIR / SEARCH_DIR
-        folder.mkdir(parents=True, exist_ok=True)
         self._lock = FileLock(folder / "search.lock")
         try:
+            folder.mkdir(parents=True, exist_ok=True)
             self._lock.acquire(timeout=0)
         except Timeout:
             raise SearchError(f"another gibatch search is running on {root}") from None
+        except OSError as exc:  # a file of the folder's name, a folder not ours to write
+            raise SearchError(f"{printable(str(folder))}: cannot keep the study there: "
+                              f"{printable(exc.strerror or str(exc))}") from None
         journal = folder / STUDY_FILE
         try:
             _mend_journal(journal)

@@ -727,3 +727,16 @@ def test_a_target_in_a_mode_with_no_brightness_is_one_line(tmp_path: Path) -> No
         match.load_target(tmp_path / "lab.tif", match_settings.parse_centres("20,20,55,35"))
     Image.fromarray(pixels).convert("RGBA").save(tmp_path / "rgba.png")  # read as it is
     match.load_target(tmp_path / "rgba.png", match_settings.parse_centres("20,20,55,35"))
+
+
+def test_a_search_folder_that_cannot_be_made_is_one_line(tmp_path: Path) -> None:
+    """A file named JOBS/.gibatch/search: a FileExistsError traceback."""
+    tiny_search(tmp_path, THETA)
+    (tmp_path / "found" / ".gibatch").mkdir(parents=True)
+    (tmp_path / "found" / ".gibatch" / search.SEARCH_DIR).write_text("")
+    result = CliRunner().invoke(app, [
+        "search", "--jobs", str(tmp_path / "found"), "--base", str(tmp_path / "base"),
+        "--space", str(tmp_path / "space.toml"), "--target", str(tmp_path / "t.png"),
+        "--centres", "12,12,40,30", "--budget", "2", "--models", "1"])
+    assert result.exit_code == 2, (result.output, repr(result.exception))
+    assert ".gibatch/search: cannot keep the study there: File exists" in result.output
