@@ -145,10 +145,11 @@ def _flatten(table: Mapping[str, Any], prefix: str = "") -> dict[str, Mapping[st
         key = f"{prefix}{name}"
         if not isinstance(value, dict):
             raise SearchError(f"{key}: expected a table like {{low = 0, high = 90}}")
-        if set(value) & _RANGE_KEYS:
-            out[key] = value
-        else:
-            out.update(_flatten(value, f"{key}."))
+        found = {key: value} if set(value) & _RANGE_KEYS else _flatten(value, f"{key}.")
+        twice = sorted(found.keys() & out.keys())
+        if twice:  # "merge.k" quoted and k under [merge] are one key: the last range won
+            raise SearchError(f"{twice[0]}: given twice (quoted, and in its table)")
+        out.update(found)
     return out
 
 

@@ -740,3 +740,12 @@ def test_a_search_folder_that_cannot_be_made_is_one_line(tmp_path: Path) -> None
         "--centres", "12,12,40,30", "--budget", "2", "--models", "1"])
     assert result.exit_code == 2, (result.output, repr(result.exception))
     assert ".gibatch/search: cannot keep the study there: File exists" in result.output
+
+
+def test_a_space_key_given_twice_is_refused(tmp_path: Path) -> None:
+    """"merge.theta_galaxy_2" quoted and theta_galaxy_2 under [merge] are one key: the
+    last range silently won (0-90 searched where 0-9 was written first)."""
+    (tmp_path / "space.toml").write_text('"merge.theta_galaxy_2" = {low = 0, high = 9}\n'
+                                         '[merge]\ntheta_galaxy_2 = {low = 0, high = 90}\n')
+    with pytest.raises(search.SearchError, match=r"merge.theta_galaxy_2: given twice"):
+        search.load_space(tmp_path / "space.toml", sweep_module.read_base(BASE_JOB))
