@@ -369,6 +369,8 @@ class Search:
                  on_progress: Callable[[Progress], None] | None = None) -> None:
         if budget < 1:
             raise SearchError(f"--budget {budget}: must be at least 1")
+        if seed is not None and not 0 <= seed < 2**32:  # a new study's: numpy's ValueError
+            raise SearchError(f"--seed {seed}: must be from 0 to {2**32 - 1}")
         self.root, self.base, self.dims = root, base, dims
         self.target, self.settings, self.budget = target, settings, budget
         folder = root / STATE_DIR / SEARCH_DIR

@@ -749,3 +749,16 @@ def test_a_space_key_given_twice_is_refused(tmp_path: Path) -> None:
                                          '[merge]\ntheta_galaxy_2 = {low = 0, high = 90}\n')
     with pytest.raises(search.SearchError, match=r"merge.theta_galaxy_2: given twice"):
         search.load_space(tmp_path / "space.toml", sweep_module.read_base(BASE_JOB))
+
+
+@pytest.mark.parametrize("seed", ["-1", "4294967296"])
+def test_a_seed_numpy_refuses_is_a_usage_error(tmp_path: Path, seed: str) -> None:
+    """A new study's sampler takes --seed as it is: numpy's 'Seed must be between 0 and
+    2**32 - 1' was a ValueError traceback."""
+    tiny_search(tmp_path, THETA)
+    result = CliRunner().invoke(app, [
+        "search", "--jobs", str(tmp_path / "found"), "--base", str(tmp_path / "base"),
+        "--space", str(tmp_path / "space.toml"), "--target", str(tmp_path / "t.png"),
+        "--centres", "12,12,40,30", "--budget", "2", "--models", "1", "--seed", seed])
+    assert result.exit_code == 2, (result.output, repr(result.exception))
+    assert f"--seed {seed}: must be from 0 to 4294967295" in result.output
