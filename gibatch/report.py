@@ -446,6 +446,13 @@ def _sheet_kept(sheet: Path, key: str, shots: list[tuple[str, Path]]) -> bool:
         return False
 
 
+def shown_text(name: str) -> str:
+    """A file or folder name as the page shows it: undecodable bytes (surrogates, which
+    the UTF-8 page cannot hold: a UnicodeEncodeError ended the report) as U+FFFD. Rows
+    carry names as JSON, whose escapes keep them exact."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
 def _url(path: Path, start: Path) -> str:
     """`path` relative to `start` as a URL: its bytes, so undecodable names work too."""
     return quote(os.fsencode(os.path.relpath(path, start).replace(os.sep, "/")))
@@ -698,7 +705,8 @@ def build_report(sweep: Sweep, status: SweepStatus, page: Path | None = None) ->
         shown = contact_sheet(tiles, sheet, most=SHEET_MAX_TILES, scratch=media)
         match_html = "" if ranking is None else match_section(
             sweep, ranking, ranked, table.keys, media, page.parent)
-        before, after = render_page(root.resolve().name, table, sheet if shown else None,
+        before, after = render_page(shown_text(root.resolve().name), table,
+                                    sheet if shown else None,
                                     page.parent, shown, match_html)
         with tmp.open("w", encoding="utf-8") as f, rows.open(encoding="utf-8") as data:
             f.write(before + '{"rows":[')
@@ -789,7 +797,7 @@ def match_section(sweep: Sweep, ranking: Ranking, values: dict[str, dict[str, Va
         dest = media / f"match-{index}.png"
         Image.fromarray((pair * 255).astype(np.uint8)).save(dest)
         tiles.append(f'<figure><img src="{_url(dest, page_dir)}" alt="target and render">'
-                     f"<figcaption>{index + 1}. {html.escape(r['job'])}: score "
+                     f"<figcaption>{index + 1}. {html.escape(shown_text(r['job']))}: score "
                      f"{html.escape(r['score'])}, t = {html.escape(r['time_gyr'])} Gyr, "
                      f"view {html.escape(r['view'])}{' mirrored' if r['mirror'] == '1' else ''}"
                      "</figcaption></figure>")
@@ -803,7 +811,7 @@ def match_section(sweep: Sweep, ranking: Ranking, values: dict[str, dict[str, Va
             plots.append(f'<figure><img src="{_url(dest, page_dir)}" alt="score vs '
                          f'{html.escape(key)}"><figcaption>{html.escape(meta["metric"])} '
                          f"against {html.escape(key)}</figcaption></figure>")
-    return (f"<h2>Match against {html.escape(Path(meta['target']).name)} "
+    return (f"<h2>Match against {html.escape(shown_text(Path(meta['target']).name))} "
             f"(ranked by {html.escape(meta['metric'])})</h2>"
             f"<p>Target (left) and the best render of the top jobs (right).</p>"
             f"{''.join(tiles)}<h3>Score against each varied parameter</h3>{''.join(plots)}")

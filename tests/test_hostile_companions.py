@@ -762,3 +762,30 @@ def test_a_seed_numpy_refuses_is_a_usage_error(tmp_path: Path, seed: str) -> Non
         "--centres", "12,12,40,30", "--budget", "2", "--models", "1", "--seed", seed])
     assert result.exit_code == 2, (result.output, repr(result.exception))
     assert f"--seed {seed}: must be from 0 to 4294967295" in result.output
+
+
+@pytest.mark.slow
+def test_a_report_of_undecodable_names_is_written(complete: Path, tmp_path: Path,
+                                                  target: tuple[Path, str]) -> None:
+    """The sweep folder's own name (the page's title) or a ranked job's (the match
+    section's captions) of undecodable bytes: the UTF-8 page could not hold their
+    surrogates, and a UnicodeEncodeError ended the report."""
+    root = Path(os.fsdecode(os.fsencode(tmp_path) + b"/sweep\xff"))
+    shutil.copytree(complete, root)
+    shutil.rmtree(root / ".gibatch" / "match", ignore_errors=True)
+    os.rename(root / "theta-90", os.fsdecode(os.fsencode(root) + b"/odd\xfe"))
+    # In process: the CLI's last lines print the paths (cli.py, see review9.md).
+    goal = match.load_target(target[0], match_settings.parse_centres(target[1]))
+    jobs = load_sweep(root).jobs
+    match.write_results(root, match.match_jobs(root, jobs, goal, match_settings.Settings(),
+                                               workers=1), goal, match_settings.Settings())
+    from gibatch.journal import Journal
+    from gibatch.status import sweep_status
+
+    journal = Journal(root)
+    try:
+        report.build_report(load_sweep(root), sweep_status(load_sweep(root), journal))
+    finally:
+        journal.close()
+    page = (root / "report.html").read_text(encoding="utf-8")
+    assert "<h1>sweep\ufffd</h1>" in page and ". odd\ufffd: score" in page
