@@ -468,12 +468,13 @@ class Search:
         """The study's jobs ranked where `match` leaves its ranking, so that `report`
         shows the target beside the best of them (it never did after a search, though
         both said it would). Their scores come from the cache: each was scored when
-        told. None (and an earlier ranking kept) if the study has no job yet."""
+        told. None (and an earlier ranking kept) if no job of the study has a score yet
+        (none asked, or every one failed)."""
         names = {self._name(t) for t in self.study.get_trials(deepcopy=False)}
         jobs = [job for job in load_sweep(self.root).jobs if job.name in names]
-        if not jobs:
-            return None
         results = match.match_jobs(self.root, jobs, self.target, self.settings, workers=1)
+        if not any(r.best is not None for r in results):
+            return None
         return match.write_results(self.root, results, self.target, self.settings)
 
     def _score(self, job: Job) -> float | None:

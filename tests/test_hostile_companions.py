@@ -705,13 +705,15 @@ def test_a_search_leaves_its_ranking_for_the_report(tmp_path: Path) -> None:
     assert shown is not None and set(shown.scores) == {"search-0000", "search-0001"}
 
 
-def test_a_search_with_no_job_yet_keeps_the_ranking_there(tmp_path: Path, found: Path) -> None:
+def test_a_search_with_no_score_yet_keeps_the_ranking_there(tmp_path: Path, found: Path) -> None:
     base, dims, target = tiny_search(tmp_path, THETA)
     folder = match_settings.match_dir(found)
     folder.mkdir(parents=True)
     (folder / match_settings.RANKING_FILE).write_text("a ranking of gibatch match\n")
     finder = search.Search(found, base, dims, target, match_settings.Settings(), 4, seed=1)
     try:
+        assert finder.write_ranking() is None
+        finder._ask()  # a trial whose job never completed (failed, say): no score either
         assert finder.write_ranking() is None
     finally:
         finder.close()
