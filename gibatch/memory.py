@@ -15,9 +15,9 @@
   taken for a job's result. A task of a type gibatch does not know voids everything.
   gibatch's own task that ran on top of a foreign result is not the job's result either:
   its section is recorded only if its inputs still held the job's lineages. Job ids
-  increase across the whole site, so gibatch's tasks on other model numbers bound
-  where its own can be (`PostOrder`): a row newer than a task gibatch posted after this
-  POST's answer, or older than one whose answer came before this POST, is not its own.
+  increase across the whole site, so gibatch's tasks on other model numbers rule rows
+  out (`PostOrder`): a row no older than a task gibatch posted after this POST's answer
+  is not its own.
 - **Readers**: a per-section count of jobs still downloading it. No task that would
   replace or clear a section is submitted while its count is above zero.
 """
@@ -97,11 +97,11 @@ class Expected:
     intact: bool = True  # whether it ran on the job's own inputs
     unknown: str | None = None  # why its result cannot be told (then not intact)
     # Its place among gibatch's POSTs on every model number (`PostOrder`): when its
-    # first POST went out and when an answer came, and the ids its row lies between.
+    # first POST went out and when an answer came, and the id its row must be under.
     sent_at: int | None = None
     answered_at: int | None = None
-    above: int = -1
     below: float = float("inf")
+    gone: str | None = None  # why no row can be its own any more (then never pinned)
 
 
 class PostOrder:
@@ -110,70 +110,63 @@ class PostOrder:
 
     Job ids increase across the whole site. A task posted after another POST had its
     answer was made after that POST's task (if the site took it), so it has the higher
-    id: a row of this model newer than such a task of any model is not this POST's, nor
-    is a row older than a task whose POST was answered before this one was sent.
-    Without that, a POST the site lost (or one answered 502 and never taken), with a
-    browser's task of the same type started on that model a moment later, took the
-    browser's task for gibatch's: the only new row of its type.
+    id: a row of this model at least as new as such a task of any model is not this
+    POST's, and its own row, if the site has one, came before (so no later row is its
+    own either). Without that, a POST the site lost (or one answered 502 and never
+    taken), with a browser's task of the same type started on that model a moment later,
+    took the browser's task for gibatch's: the only new row of its type.
 
-    A row known wrongly (a foreign one taken for a task) can only bound a POST too
-    tightly: its own row is then taken as foreign and the step runs again.
+    The bound only ever rejects: which row is the task's is still decided by the
+    listing alone (`ModelMemory.observe`), and a row the bound rejects is foreign. So a
+    row known wrongly (a foreign one taken for another POST's task) can only make a
+    task of gibatch's count as foreign, and its step run again; it never brings a row
+    into consideration. (The other half, "older than a task answered before this POST
+    went out", is not used: when both rows first show in one listing, which is known
+    first decides, and a wrong pin there could hide a POST's own row behind a foreign
+    one.)
     """
 
     def __init__(self) -> None:
         self._clock = 0
-        self._highest_known = -1  # the newest task of gibatch's whose id is known
-        self._open: list[Expected] = []  # posted, row not yet known
+        self._open: list[Expected] = []  # posted and answered, row not yet known
 
     def _tick(self) -> int:
         self._clock += 1
         return self._clock
 
     def sent(self, own: Expected) -> None:
-        """A POST of it is going out (its first: every task known so far had its answer
-        before; a repeat: its answer is awaited again)."""
+        """A POST of it is going out. For the bounds it gives, the first one's time
+        counts (an earlier attempt may be the one the site took); the bound it takes is
+        made again from this attempt's answer on."""
         if own.sent_at is None:
             own.sent_at = self._tick()
-            own.above = max(own.above, self._highest_known)
-        own.answered_at = None
-        if own not in self._open:
-            self._open.append(own)
+        own.answered_at, own.below, own.gone = None, float("inf"), None
+        self.closed(own)
 
     def answered(self, own: Expected, before_run: bool = False) -> None:
         """An answer came (accepted or ambiguous). `before_run`: a task posted by an
         earlier run (an intent adopted after a crash), older than all of this run's."""
-        own.answered_at = 0 if before_run else self._tick()
         if before_run:
             own.sent_at = 0
-            if own not in self._open:
-                self._open.append(own)
+        own.answered_at = 0 if before_run else self._tick()
+        if own not in self._open:
+            self._open.append(own)
 
     def known(self, own: Expected) -> None:
-        """Its row's id is known (`own.job_id`): it bounds the POSTs still open."""
+        """Its row's id is known (`own.job_id`): it bounds the POSTs answered before its
+        first went out."""
         job_id = own.job_id
         assert job_id is not None
-        self._highest_known = max(self._highest_known, job_id)
-        self._open = [o for o in self._open if o is not own]
+        self.closed(own)
+        if own.sent_at is None:
+            return
         for other in self._open:
-            if (other.answered_at is not None and own.sent_at is not None
-                    and other.answered_at < own.sent_at):
+            if other.answered_at is not None and other.answered_at < own.sent_at:
                 other.below = min(other.below, job_id)
-            if (own.answered_at is not None and other.sent_at is not None
-                    and own.answered_at < other.sent_at):
-                other.above = max(other.above, job_id)
 
     def closed(self, own: Expected) -> None:
-        """Its row will not be looked for any more (refused, lost, or done with)."""
+        """Its row will not be looked for any more (refused, known, or done with)."""
         self._open = [o for o in self._open if o is not own]
-
-    def undecided(self, own: Expected) -> bool:
-        """Whether a POST sent after `own`'s answer still awaits its own answer: its task,
-        if taken, would bound `own`'s row, so no row is pinned on `own` until then."""
-        answered = own.answered_at
-        if not answered:  # unanswered; or an intent a crash left, which waits for no POST
-            return False
-        return any(o.answered_at is None and o.sent_at is not None and o.sent_at > answered
-                   for o in self._open)
 
     def rank(self, own: Expected | None) -> int:
         """Observe order within one listing: the latest-sent first, so that a task known
@@ -275,10 +268,13 @@ class ModelMemory:
             own.job_id = job_id
             self.posts.known(own)
 
-    def refused(self, own: Expected) -> None:
+    def refused(self, own: Expected, sent: bool = True) -> None:
         """The POST was not accepted (409, 4xx, or not found after an ambiguous answer):
-        a row taken for it meanwhile is somebody else's."""
+        a row taken for it meanwhile is somebody else's. `sent=False`: it never reached
+        the site, so its next attempt is its first (`PostOrder.sent`)."""
         own.posting, own.job_id = Posting.UNSENT, None
+        if not sent:
+            own.sent_at = None
         self.posts.closed(own)
 
     def done_expecting(self) -> None:
@@ -303,13 +299,20 @@ class ModelMemory:
                 self._unattributable(own, row, new)
             if (own is not None and own.row is None and own.posting is not Posting.UNSENT
                     and self._is_expected(own, row)):
-                if own.posting is Posting.SENT or (own.job_id is None
-                                                   and self.posts.undecided(own)):
+                if own.posting is Posting.SENT:
                     # Maybe ours, maybe a task of its type started elsewhere just before:
                     # nothing is pinned until the POST has its answer (an id, or none and
-                    # then every new row of its type is looked at together), nor while
-                    # a POST sent since then awaits its own (its task may bound ours).
+                    # then every new row of its type is looked at together).
                     break
+                if own.job_id is None and row.job_id >= own.below:
+                    # Not ours (`PostOrder`): foreign, and ours, if any, came before it.
+                    own.gone = (f"task {row.job_id} is no older than a task gibatch "
+                                "posted after this POST's answer")
+                    self.posts.closed(own)
+                    foreign.append(row)
+                    self._apply_foreign(row)
+                    self.last_task_id = row.job_id
+                    continue
                 if own.job_id is None:
                     own.job_id = row.job_id
                     self.posts.known(own)
@@ -331,7 +334,7 @@ class ModelMemory:
     def _is_expected(self, own: Expected, row: TaskRow) -> bool:
         if own.job_id is not None:
             return row.job_id == own.job_id
-        return (max(own.after_task_id, own.above) < row.job_id < own.below
+        return (own.gone is None and row.job_id > own.after_task_id
                 and row.job_type.strip() == own.step.job_type)
 
     def _unattributable(self, own: Expected, row: TaskRow, new: list[TaskRow]) -> None:

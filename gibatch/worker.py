@@ -302,8 +302,7 @@ class ModelWorker:
                 if own.row is not None:
                     return own.row
                 now = time.monotonic()
-                # (Not while its row may be listed but waits for a later POST's answer.)
-                if not own.listed and now > listed_by and not self.memory.posts.undecided(own):
+                if not own.listed and (own.gone is not None or now > listed_by):
                     return _Overdue.UNLISTED
                 return _Overdue.STUCK if now > stuck_by else None
 
@@ -312,7 +311,8 @@ class ModelWorker:
                 self.memory.refused(own)
                 raise ResultVanished(
                     f"the site accepted {step.name} (task {own.job_id or 'id unknown'}) but "
-                    f"never listed it within {self.client.retry.listing_grace_s:.0f} s",
+                    + (f"no listed task can be it: {own.gone}" if own.gone else
+                       f"never listed it within {self.client.retry.listing_grace_s:.0f} s"),
                     job=job.name, model=self.model, elsewhere=True)
             if not isinstance(row, TaskRow):  # its intent stays: a later run adopts it
                 raise self._stuck(f"its {step.name} task {own.job_id or '(id unknown)'}",
@@ -374,7 +374,7 @@ class ModelWorker:
                 self.memory.refused(own)
             except (TransientError, SessionExpired) as exc:  # nothing was sent
                 last = exc
-                self.memory.refused(own)
+                self.memory.refused(own, sent=False)
             except BaseException:
                 self.memory.refused(own)
                 raise

@@ -121,16 +121,19 @@ def test_a_row_newer_than_a_task_posted_after_the_answer_is_not_own(tmp_path: Pa
                         TaskRow(52, "Plot", 1, "Completed")]
         anyio.run(poller.refresh)
         assert later.job_id == 51 and later.row is not None
-        assert lost.job_id is None and lost.row is None and m1.foreign[-1] is not None
-        assert m1.held["Plot 1"] == UNKNOWN  # the browser's plot, applied as foreign
+        assert lost.job_id is None and lost.row is None and lost.gone is not None
+        assert m1.foreign[-1] is not None and m1.held["Plot 1"] == UNKNOWN  # the browser's
+        # ... and no later row is its own: its own, had the site kept it, came before 52.
+        assert m1.observe([TaskRow(53, "Plot", 1, "Completed")])[0].job_id == 53
     finally:
         journal.close()
 
 
-def test_no_row_is_pinned_while_a_later_post_awaits_its_answer(tmp_path: Path) -> None:
-    """A POST sent after this one's answer is still in flight: its task, if the site
-    took it, bounds this one's row, so the only new row of this type waits; the answer
-    (id 51) then shows that row (52) is not this POST's."""
+def test_the_bound_only_rejects_two_rows_of_its_type_stay_unknown(tmp_path: Path) -> None:
+    """Two new plot rows on model 1 (a browser's, 52, and one more, 54) and a task of
+    model 3 (53) posted after model 1's answer: the bound rules 54 out, but it never
+    makes 52 the only candidate: which is model 1's the listing cannot tell, so its
+    result is unknown (a wrong bound must not pick a foreign row)."""
     journal, m1, m3 = _two_models(tmp_path)
     try:
         own = m1.expect(plot(1), "p1", {"Galaxy Interaction": "i"})
@@ -138,30 +141,29 @@ def test_no_row_is_pinned_while_a_later_post_awaits_its_answer(tmp_path: Path) -
         m1.answered(own)
         later = m3.expect(INTERACT, "i2", {"Galaxy Merge": "m"})
         m3.sending(later)
-        rows = [TaskRow(51, "Galaxy Interaction", 3, "Running"),
-                TaskRow(52, "Plot", 1, "Completed")]
-        assert m1.observe(rows) == [] and own.job_id is None and m1.last_task_id == 10
-        m3.answered(later, 51)
-        assert [r.job_id for r in m1.observe(rows)] == [52] and own.job_id is None
+        m3.answered(later, 53)
+        m1.observe([TaskRow(52, "Plot", 1, "Completed"), TaskRow(54, "Plot", 1, "Completed")])
+        assert own.job_id is None and own.row is not None and own.unknown is not None
+        assert not own.intact
     finally:
         journal.close()
 
 
-def test_a_row_older_than_a_task_answered_before_the_post_is_not_own(
-        tmp_path: Path) -> None:
-    """Model 3's task (id 60) had its answer before model 1 posted its plot: model 1's
-    plot row is newer than 60, so a plot 55 that model 1 had not yet seen is a foreign
-    one (started before gibatch's POST); 61 is its own."""
+def test_a_post_sent_again_is_bounded_from_its_new_answer_on(tmp_path: Path) -> None:
+    """Model 1's POST was refused (not taken) after model 3's task 53, posted since its
+    answer, bounded it; posted again, its task (55) is its own."""
     journal, m1, m3 = _two_models(tmp_path)
     try:
-        earlier = m3.expect(INTERACT, "i2", {"Galaxy Merge": "m"})
-        m3.sending(earlier)
-        m3.answered(earlier, 60)
         own = m1.expect(plot(1), "p1", {"Galaxy Interaction": "i"})
         m1.sending(own)
         m1.answered(own)
-        foreign = m1.observe([TaskRow(55, "Plot", 1, "Completed"),
-                              TaskRow(61, "Plot", 1, "Completed")])
-        assert [r.job_id for r in foreign] == [55] and own.job_id == 61
+        later = m3.expect(INTERACT, "i2", {"Galaxy Merge": "m"})
+        m3.sending(later)
+        m3.answered(later, 53)
+        assert own.below == 53
+        m1.refused(own)
+        m1.sending(own)
+        m1.answered(own)
+        assert m1.observe([TaskRow(55, "Plot", 1, "Completed")]) == [] and own.job_id == 55
     finally:
         journal.close()
