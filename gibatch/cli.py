@@ -489,8 +489,9 @@ def report(
         raise _fail(f"cannot write the report: {_os_reason(exc)}", 1) from None
     finally:
         journal.close()
-    typer.echo(f"{result.page}: {result.rows} jobs, {result.thumbnails} thumbnails"
-               + (f"; contact sheet {result.sheet}" if result.sheet else ""))
+    typer.echo(f"{printable(str(result.page))}: {result.rows} jobs, {result.thumbnails} "
+               "thumbnails"
+               + (f"; contact sheet {printable(str(result.sheet))}" if result.sheet else ""))
 
 
 @app.command()
@@ -579,10 +580,13 @@ def serve(
 # -- matching a sweep to an observed pair, and searching for one
 
 
+MAX_VIEWS = 1000
+
+
 def _match_target(target: Path, centres: str, blur: float, views: int) -> match.Target:
     """The target, or exit 2 with the reason (never a traceback)."""
-    if views < 0:
-        raise _usage_error(f"--views {views}: must be 0 (the plots' axes) or more")
+    if not 0 <= views <= MAX_VIEWS:  # each view renders every frame of every job
+        raise _usage_error(f"--views {views}: must be 0 (the plots' axes) to {MAX_VIEWS}")
     from gibatch import match  # scipy and h5py: only for the commands that score
 
     try:
@@ -652,11 +656,15 @@ def match_command(
     sweep = _load_sweep(_require_job_folders(jobs))
     goal = _match_target(target, centres, blur, views)
     settings = _settings(views, metric, kpc_per_px, coarse_frames)
-    with _progress_bar() as bar:
-        task = bar.add_task("scoring jobs", total=len(sweep.jobs))
-        results = match.match_jobs(jobs, sweep.jobs, goal, settings, workers,
-                                   lambda done, total: bar.update(task, completed=done))
-    csv_path = match.write_results(jobs, results, goal, settings)
+    try:
+        with _progress_bar() as bar:
+            task = bar.add_task("scoring jobs", total=len(sweep.jobs))
+            results = match.match_jobs(jobs, sweep.jobs, goal, settings, workers,
+                                       lambda done, total: bar.update(task, completed=done))
+        csv_path = match.write_results(jobs, results, goal, settings)
+    except OSError as exc:  # JOBS/.gibatch/match a file, or a sweep shared read-only
+        raise _fail(f"cannot keep the match in {printable(str(match_settings.match_dir(jobs)))}"
+                    f": {_os_reason(exc)}", 1) from None
     table = Table(title=f"best {metric.value} per job (ranked by {metric.value})")
     for column in ("rank", "job", "ssim", "iou", "nmi", "t (Gyr)", "view", "mirror",
                    "kpc/px", "rot (deg)"):
@@ -673,7 +681,7 @@ def match_command(
     unscored = len(results) - len(scored)
     typer.echo(f"{len(scored)} jobs scored" + (f", {unscored} not (incomplete or no usable "
                                                  "frame)" if unscored else "")
-               + f"; ranking in {csv_path}")
+               + f"; ranking in {printable(str(csv_path))}")
     raise typer.Exit(0 if scored else 1)
 
 

@@ -792,3 +792,42 @@ def test_a_report_of_undecodable_names_is_written(complete: Path, tmp_path: Path
         journal.close()
     page = (root / "report.html").read_text(encoding="utf-8")
     assert "<h1>sweep\ufffd</h1>" in page and ". odd\ufffd: score" in page
+
+
+# -- review 9's three leftovers in the command line (cli.py) -----------------------------------
+
+def test_a_huge_views_count_is_a_usage_error(tmp_path: Path, target: tuple[Path, str]
+                                             ) -> None:
+    """`--views 100000000` (a slip) built 10^8 directions before any job was scored:
+    minutes and gigabytes. Now refused at once, naming the bound."""
+    write_job(tmp_path / "jobs", "a", tiny_job_files())
+    result = _match(tmp_path / "jobs", *target, "--views", "100000000")
+    assert result.exit_code == 2, result.output
+    assert "--views 100000000: must be 0 (the plots' axes) to 1000" in result.output
+
+
+def test_a_match_folder_that_cannot_be_made_is_one_line(
+        tmp_path: Path, target: tuple[Path, str]) -> None:
+    """JOBS/.gibatch/match a file (or a sweep shared read-only): one line naming it, not
+    a FileExistsError traceback before any job is scored."""
+    write_job(tmp_path / "jobs", "a", tiny_job_files())
+    (tmp_path / "jobs" / ".gibatch").mkdir()
+    (tmp_path / "jobs" / ".gibatch" / "match").write_text("")
+    result = _match(tmp_path / "jobs", *target)
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+    assert "cannot keep the match in" in result.output and ".gibatch/match" in result.output
+
+
+def test_match_and_report_name_a_folder_that_is_not_utf8(
+        sweep: Path, tmp_path: Path, target: tuple[Path, str]) -> None:
+    """The commands' last lines print the paths of what they wrote: a sweep folder whose
+    name is not UTF-8 made them raise UnicodeEncodeError after the work was done."""
+    odd = tmp_path / os.fsdecode(b"sweep-\xe9")
+    sweep.rename(odd)
+    result = _match(odd, *target)
+    assert result.exception is None or isinstance(result.exception, SystemExit), \
+        repr(result.exception)
+    assert "ranking in" in result.output and "\\udce9" in result.output
+    result = CliRunner().invoke(app, ["report", "--jobs", str(odd)])
+    assert result.exit_code == 0, repr(result.exception)
+    assert "report.html" in result.output and "\\udce9" in result.output
