@@ -5,6 +5,7 @@ Each test failed before its fix (see /work/notes/review9.md, probes in
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import gzip
 import hashlib
@@ -15,6 +16,7 @@ import os
 import re
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -341,24 +343,46 @@ def test_a_ranking_older_than_a_jobs_results_is_no_traceback(
 def test_ctrl_c_stops_match_within_a_job_per_worker(sweep: Path, target: tuple[Path, str]
                                                     ) -> None:
     """The pool's exit waited for every job still queued (the workers ignore SIGINT):
-    Ctrl-C stopped `gibatch match` only when the whole sweep was scored."""
+    Ctrl-C stopped `gibatch match` only when the whole sweep was scored. Judged by the
+    jobs scored (the cache keeps each as it comes), not by times, which a busy machine
+    stretches unevenly."""
     for k in range(24):  # copies of a complete job are complete jobs
         shutil.copytree(sweep / "theta-45", sweep / f"copy-{k}")
     args = [sys.executable, "-m", "gibatch", "match", "--jobs", str(sweep), "--target",
-            str(target[0]), "--centres", target[1], "--workers", "2", "--views", "120",
+            str(target[0]), "--centres", target[1], "--workers", "2", "--views", "360",
             "--coarse-frames", "0"]
-    start = time.monotonic()
-    subprocess.run(args, capture_output=True, timeout=280, check=True)
-    whole = time.monotonic() - start
-    shutil.rmtree(match_settings.match_dir(sweep))
+    scores = match_settings.match_dir(sweep) / "scores.db"
+
+    def scored() -> int:
+        if not scores.exists():
+            return 0
+        with contextlib.closing(sqlite3.connect(f"file:{scores}?mode=ro", uri=True,
+                                                timeout=10)) as db:
+            try:
+                return int(db.execute("SELECT COUNT(DISTINCT job) FROM scores").fetchone()[0])
+            except sqlite3.OperationalError:  # the table is not made yet
+                return 0
+
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    time.sleep(whole / 3)  # the pool well into its 27 jobs
-    sent = time.monotonic()
-    proc.send_signal(signal.SIGINT)
-    proc.wait(timeout=280)
-    stopped = time.monotonic() - sent
-    # Left to finish: the jobs running and the one queued to the pool (3 of 27).
-    assert stopped < whole / 4, f"the sweep takes {whole:.1f} s; Ctrl-C took {stopped:.1f} s"
+    try:
+        deadline = time.monotonic() + 200
+        seen: dict[int, float] = {}  # jobs scored -> when first seen
+        while len(seen) < 2 or max(seen) < 3:  # the pool's pace, 24 jobs still to come
+            assert proc.poll() is None and time.monotonic() < deadline
+            seen.setdefault(scored(), time.monotonic())
+            time.sleep(0.05)
+        first = min(k for k in seen if k > 0)
+        pace = (max(seen) - first) / (seen[max(seen)] - seen[first])  # jobs a second
+        sent = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=200)
+        stopped = time.monotonic() - sent
+    finally:
+        proc.kill()
+    # Left to finish: the jobs running and the one queued to each worker, and the exit
+    # (3-7 jobs' time at the pool's own pace, measured in this run); waiting for the
+    # queue took 29.
+    assert stopped * pace < 14, f"Ctrl-C took {stopped:.1f} s at {pace:.2f} jobs a second"
 
 
 @pytest.mark.parametrize("blur", ["100000", "33", "nan", "-1"])
