@@ -11,7 +11,7 @@ import anyio
 import pytest
 
 from gibatch.journal import Journal
-from gibatch.memory import UNKNOWN, ModelMemory, Posting, PostOrder
+from gibatch.memory import UNKNOWN, Expected, ModelMemory, Posting, PostOrder
 from gibatch.poller import Poller
 from gibatch.site import TaskRow
 from gibatch.steps import INTERACT, MERGE, plot
@@ -100,6 +100,19 @@ def _two_models(tmp_path: Path) -> tuple[Journal, ModelMemory, ModelMemory]:
                                   names_known=True, posts=posts) for m in (1, 3))
 
 
+def _plot_then_interaction(m1: ModelMemory, m3: ModelMemory, job_id: int | None = None
+                           ) -> tuple[Expected, Expected]:
+    """Model 1's plot POST answered (no id), then model 3's interaction posted and
+    answered (with `job_id`, if given)."""
+    own = m1.expect(plot(1), "p1", {"Galaxy Interaction": "i"})
+    m1.sending(own)
+    m1.answered(own)
+    later = m3.expect(INTERACT, "i2", {"Galaxy Merge": "m"})
+    m3.sending(later)
+    m3.answered(later, job_id)
+    return own, later
+
+
 def test_a_row_newer_than_a_task_posted_after_the_answer_is_not_own(tmp_path: Path) -> None:
     """Model 1's plot POST had its answer (no id) and the site lost it; model 3 then
     posted its interaction (id 51); a browser plot (52) followed on model 1. 52 is the
@@ -111,12 +124,7 @@ def test_a_row_newer_than_a_task_posted_after_the_answer_is_not_own(tmp_path: Pa
         poller = Poller(cast(Any, listing))
         for memory in (m1, m3):
             poller.observe(memory.observe, rank=memory.observe_rank)
-        lost = m1.expect(plot(1), "p1", {"Galaxy Interaction": "i"})
-        m1.sending(lost)
-        m1.answered(lost)
-        later = m3.expect(INTERACT, "i2", {"Galaxy Merge": "m"})
-        m3.sending(later)
-        m3.answered(later)
+        lost, later = _plot_then_interaction(m1, m3)
         listing.rows = [TaskRow(51, "Galaxy Interaction", 3, "Completed"),
                         TaskRow(52, "Plot", 1, "Completed")]
         anyio.run(poller.refresh)
@@ -136,12 +144,7 @@ def test_the_bound_only_rejects_two_rows_of_its_type_stay_unknown(tmp_path: Path
     result is unknown (a wrong bound must not pick a foreign row)."""
     journal, m1, m3 = _two_models(tmp_path)
     try:
-        own = m1.expect(plot(1), "p1", {"Galaxy Interaction": "i"})
-        m1.sending(own)
-        m1.answered(own)
-        later = m3.expect(INTERACT, "i2", {"Galaxy Merge": "m"})
-        m3.sending(later)
-        m3.answered(later, 53)
+        own, _ = _plot_then_interaction(m1, m3, 53)
         m1.observe([TaskRow(52, "Plot", 1, "Completed"), TaskRow(54, "Plot", 1, "Completed")])
         assert own.job_id is None and own.row is not None and own.unknown is not None
         assert not own.intact
@@ -154,12 +157,7 @@ def test_a_post_sent_again_is_bounded_from_its_new_answer_on(tmp_path: Path) -> 
     answer, bounded it; posted again, its task (55) is its own."""
     journal, m1, m3 = _two_models(tmp_path)
     try:
-        own = m1.expect(plot(1), "p1", {"Galaxy Interaction": "i"})
-        m1.sending(own)
-        m1.answered(own)
-        later = m3.expect(INTERACT, "i2", {"Galaxy Merge": "m"})
-        m3.sending(later)
-        m3.answered(later, 53)
+        own, _ = _plot_then_interaction(m1, m3, 53)
         assert own.below == 53
         m1.refused(own)
         m1.sending(own)
