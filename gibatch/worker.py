@@ -29,7 +29,7 @@ from gibatch.errors import (
 )
 from gibatch.jobs import Job
 from gibatch.journal import Event, Intent, Journal
-from gibatch.memory import ModelMemory, Posting, inputs_of
+from gibatch.memory import Expected, ModelMemory, Posting, inputs_of
 from gibatch.poller import Poller, newest
 from gibatch.site import Section, SiteClient, TaskRow, TaskState
 from gibatch.slots import ModelLock
@@ -285,14 +285,13 @@ class ModelWorker:
     async def _run_step(self, job: Job, step: Step, placed: dict[Step, str]) -> str:
         await self.memory.wait_readers(step)  # never clear a section still being downloaded
         own = self.memory.expect(step, job.lineage[step], inputs_of(job, placed, step))
-        self.journal.set_intent(self.memory.site, self.model, Intent(
-            job.name, step.name, step.section, step.job_type, job.lineage[step],
-            own.after_task_id))
+        intent = Intent(job.name, step.name, step.section, step.job_type, job.lineage[step],
+                        own.after_task_id)
         submitted = time.monotonic()
         if self._last_finish is not None:
             self.counts.dispatch_delays_s.append(submitted - self._last_finish)
         try:
-            await self._submit(job, step)
+            await self._submit(job, step, intent)
             self.counts.tasks_submitted += 1
             self.emit(Event.STEP_SUBMITTED, job.name, self.model, step.name)
             listed_by = time.monotonic() + self.client.retry.listing_grace_s
@@ -343,23 +342,28 @@ class ModelWorker:
                   f"task {row.job_id} in {finished - submitted:.1f} s as {own.section!r}")
         return own.section
 
-    async def _submit(self, job: Job, step: Step) -> None:
+    async def _submit(self, job: Job, step: Step, intent: Intent) -> None:
         """POST the expected task; after an ambiguous answer, adopt it if the site has it.
 
         Refused or ambiguous POSTs are retried with the client's backoff policy, then
         the job fails. A 409 means someone else's task is running: wait for it to end
-        (the foreign task is accounted for) and post again.
+        (the foreign task is accounted for) and post again. The journal holds the intent
+        exactly while a POST may be on the site untaken-for: from just before each
+        attempt until it is refused (a crash in the backoff that follows, or while a
+        409's task is waited out, must not have the next run adopt a task of that type
+        started elsewhere meanwhile).
         """
         own = self.memory.expected
         assert own is not None
         give_up = time.monotonic() + self.client.retry.give_up_after_s
         delay = self.client.retry.base_s
         while True:
+            self.journal.set_intent(self.memory.site, self.model, intent)
             self.memory.sending(own)
             try:
                 job_id = await self.client.submit(step, self.model, job.payload(step))
             except ModelBusy as exc:
-                self.memory.refused(own)
+                self._not_taken(own)
                 await self.poller.refresh()
                 await self._wait_idle()
                 raise _ForeignRestart() from exc
@@ -371,12 +375,12 @@ class ModelWorker:
                     self.emit(Event.STEP_ADOPTED, job.name, self.model, step.name,
                               f"task {own.job_id}: the site had queued it despite: {exc}")
                     return
-                self.memory.refused(own)
+                self._not_taken(own)
             except (TransientError, SessionExpired) as exc:  # nothing was sent
                 last = exc
-                self.memory.refused(own, sent=False)
+                self._not_taken(own, sent=False)
             except BaseException:
-                self.memory.refused(own)
+                self.memory.refused(own)  # (the caller keeps or clears the intent)
                 raise
             else:
                 self.memory.answered(own, job_id)
@@ -388,6 +392,11 @@ class ModelWorker:
                      delay, last)
             await anyio.sleep(delay)
             delay = min(self.client.retry.cap_s, delay * 2)
+
+    def _not_taken(self, own: Expected, sent: bool = True) -> None:
+        """The POST was not taken: no row is its own, and no next run looks for one."""
+        self.memory.refused(own, sent)
+        self.journal.clear_intent(self.memory.site, self.model)
 
     async def _save_error(self, job: Job, step: Step, section: str) -> None:
         sections = {s.name: s for s in await self.client.sections(self.model)}

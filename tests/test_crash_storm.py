@@ -16,7 +16,15 @@ import pytest
 
 from gibatch.sim.faults import Faults
 from gibatch.sim.server import ThreadedSite
-from tests.conftest import assert_jobs_match_ledger, gibatch, tiny_job_files, write_job
+from gibatch.sim.store import TaskStatus
+from tests.conftest import (
+    assert_jobs_match_ledger,
+    gibatch,
+    task_ends_held,
+    tiny_job_files,
+    wait_for_event,
+    write_job,
+)
 
 
 def wait_for_count(jobs: Path, event: str, count: int, deadline_s: float) -> None:
@@ -65,3 +73,45 @@ def test_killed_three_times_in_a_storm_of_faults_every_job_is_whole(
     last = gibatch(log, *args, env=env)
     assert last.wait(timeout=240) == 0, log.read_text()[-3000:]
     assert_jobs_match_ledger(jobs, site.running.site.config.data_dir)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_killed_while_a_409_is_waited_out_the_next_run_adopts_nothing(
+    tmp_path: Path, make_site: Callable[..., ThreadedSite]
+) -> None:
+    """Someone starts a galaxy 1 in the browser just as gibatch is about to POST its own
+    (here, at the GET that fetches the form's token): the POST meets a 409, and gibatch,
+    waiting for that task to end, is killed; while it is down, another galaxy 1 is
+    started in the browser. The refused POST's intent was left in the journal, so the
+    next run took that task, the first new one of the type it had posted, for gibatch's
+    own, and the job ended with the browser's galaxy. The intent is now held only while
+    a POST may be on the site."""
+    jobs = tmp_path / "jobs"
+    write_job(jobs, "a", tiny_job_files())
+    site = make_site(strict=True, model_count=1, faults=Faults(browser_step="galaxy1"))
+    sim = site.running.site
+    sim.faults.script("browser", "/gi/galactic")
+    env = {"GIBATCH_PASSWORD": "pw", "GIBATCH_LOCK_DIR": str(tmp_path / "locks")}
+    args = ("run", "--jobs", str(jobs), "--models", "1", "--server", site.running.url,
+            "--username", "alice")
+    log = tmp_path / "gibatch.log"
+    with task_ends_held(site, lambda task: task.job_id in sim.clicked) as release:
+        first = gibatch(log, *args, env=env)
+        try:  # the 409 met, the browser's task seen: gibatch waits for it to end
+            wait_for_event(jobs, "memory-void", None, deadline_s=120, model=1)
+        finally:
+            first.send_signal(signal.SIGKILL)
+            first.wait(timeout=30)
+        assert sim.clicked and sim.faults.injected.get("browser") == 1
+        # While gibatch is down, another galaxy 1 from the browser: the first new row
+        # of the refused POST's type the next run sees.
+        site.call(lambda: sim.click("alice", 1, "galaxy1"))
+        release.set()
+    deadline = time.monotonic() + 60  # (it starts when the first ends)
+    while len(sim.clicked) < 2 or sim.store.status(sim.clicked[1]) is not TaskStatus.COMPLETED:
+        assert time.monotonic() < deadline, sim.clicked
+        time.sleep(0.05)
+    last = gibatch(log, *args, env=env)
+    assert last.wait(timeout=240) == 0, log.read_text()[-3000:]
+    assert_jobs_match_ledger(jobs, sim.config.data_dir)
