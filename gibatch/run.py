@@ -476,7 +476,7 @@ class Scheduler:
             if (found is not None and found.state is TaskState.COMPLETED
                     and not worker.memory.disturbed(early.mark, [name])):
                 early.section = found
-                files = await self._download(job, {early.folder: found}, lambda _: None)
+                files = await self._download(job, {early.folder: found})
                 early.files = files[early.folder]
         except Exception as exc:  # an optimisation only: the finisher fetches it anyway
             log.info("job %s: %s not downloaded ahead (%s); it will be with the rest",
@@ -485,8 +485,8 @@ class Scheduler:
             early.done.set()
             worker.memory.release([name])
 
-    async def _reuse_early(self, worker: ModelWorker, job: Job, chosen: dict[str, Section],
-                           read: Callable[[str], None]) -> dict[str, list[FileRecord]]:
+    async def _reuse_early(self, worker: ModelWorker, job: Job, chosen: dict[str, Section]
+                           ) -> dict[str, list[FileRecord]]:
         """The folders of `chosen` already downloaded ahead, removed from `chosen`: only
         if the final listing names the same files on the same model and no foreign task
         may have touched them since they were listed. Waits for one still under way
@@ -501,23 +501,19 @@ class Scheduler:
                 or worker.memory.disturbed(early.mark, [section.name])):
             return {}
         del chosen[early.folder]
-        read(section.name)
         return {early.folder: early.files}
 
     async def _finish(self, worker: ModelWorker, job: Job, listed: Listed,
                       names: list[str]) -> None:
+        # Every section stays held until the record is written: released as each was
+        # saved, the model's next task could clear one before the record, and a crash
+        # in between left the job without its record or its results on the site (it
+        # ran again).
         reading = set(names)
-
-        def read(section: str) -> None:
-            """A section wholly saved: a task may now clear it (see `_download`)."""
-            if section in reading:
-                reading.discard(section)
-                worker.memory.release([section])
-
         try:
             chosen = dict(listed.chosen)
-            ahead = await self._reuse_early(worker, job, chosen, read)
-            files = {**await self._download(job, chosen, read), **ahead}
+            ahead = await self._reuse_early(worker, job, chosen)
+            files = {**await self._download(job, chosen), **ahead}
             await self.poller.refresh()  # files of a section replaced meanwhile are not its
             if worker.memory.disturbed(listed.foreign_mark, names):
                 for name in names:
@@ -564,16 +560,11 @@ class Scheduler:
                 if isinstance(e, ResultVanished):
                     e.elsewhere = True
 
-    async def _download(self, job: Job, chosen: dict[str, Section],
-                        read: Callable[[str], None]) -> dict[str, list[FileRecord]]:
-        """Every file of every chosen section, concurrently (bounded by `transfers`).
-
-        The latest stage goes first and each section is released (`read`) as soon as
-        its files are saved: the model's next task (typically the next interaction) waits
-        only for the sections it clears, not for the galaxies every job shares. Files
-        of a section released early stay this job's: they were whole before any task of
-        ours could replace them, and a foreign task is caught by the caller's check.
-        """
+    async def _download(self, job: Job, chosen: dict[str, Section]
+                        ) -> dict[str, list[FileRecord]]:
+        """Every file of every chosen section, concurrently (bounded by `transfers`),
+        the latest stage first. A foreign task replacing one meanwhile is caught by the
+        caller's check."""
         record.real_folders(job, chosen)
         files: dict[str, list[FileRecord]] = {}
 
@@ -586,16 +577,11 @@ class Scheduler:
                                      section=section.name, job=job.name) from exc
             files[folder].append(got)
 
-        async def whole(folder: str, section: Section) -> None:
-            async with anyio.create_task_group() as tg:
-                for remote, local in local_files(section.files):  # a name twice: two files
-                    tg.start_soon(one, folder, section, remote, local)
-            read(section.name)
-
         async with anyio.create_task_group() as tg:
             for folder, section in reversed(chosen.items()):  # chain order: plots last
                 files[folder] = []
-                tg.start_soon(whole, folder, section)
+                for remote, local in local_files(section.files):  # a name twice: two files
+                    tg.start_soon(one, folder, section, remote, local)
         return files
 
 

@@ -168,15 +168,12 @@ def test_search_resumes_after_kill_9_and_finds_the_hidden_job(tmp_path: Path) ->
         assert files["interact"]["mass_2"] == t.params["interact.mass_2"]
         assert files["merge"]["theta_galaxy_2"] == t.params["merge.theta_galaxy_2"]
     # none run twice: one interaction task per trial on the site (a job the kill left
-    # on a model, its task running or its results not yet downloaded, stays with it).
-    # One known exception, one job a model: a kill after the job's last section was
-    # saved (and released, so the model's next task may already have cleared it) and
-    # before its record was written: the job runs again (2 runs in about 14 this
-    # session; the fix, holding the sections until the record is written, is open).
+    # on a model, its task running or its results downloaded but not yet recorded,
+    # stays with it: its sections are held until its record is written)
     with sqlite3.connect(jobs / ".gibatch" / "site" / "site.db") as db:
         (interactions,) = db.execute(
             "SELECT COUNT(*) FROM tasks WHERE job_type LIKE '%nteract%'").fetchone()
-    assert BUDGET <= interactions <= BUDGET + 2, out
+    assert interactions == BUDGET, out
     # and the best trial lands near the hidden values
     best = max(trials, key=lambda t: t.value or 0.0)
     mass, theta = best.params["interact.mass_2"], best.params["merge.theta_galaxy_2"]
