@@ -298,21 +298,12 @@ class ModelMemory:
             if own is not None and own.row is None and own.posting is Posting.ACCEPTED:
                 self._unattributable(own, row, new)
             if (own is not None and own.row is None and own.posting is not Posting.UNSENT
-                    and self._is_expected(own, row)):
+                    and self._is_expected(own, row) and not self._ruled_out(own, row)):
                 if own.posting is Posting.SENT:
                     # Maybe ours, maybe a task of its type started elsewhere just before:
                     # nothing is pinned until the POST has its answer (an id, or none and
                     # then every new row of its type is looked at together).
                     break
-                if own.job_id is None and row.job_id >= own.below:
-                    # Not ours (`PostOrder`): foreign, and ours, if any, came before it.
-                    own.gone = (f"task {row.job_id} is no older than a task gibatch "
-                                "posted after this POST's answer")
-                    self.posts.closed(own)
-                    foreign.append(row)
-                    self._apply_foreign(row)
-                    self.last_task_id = row.job_id
-                    continue
                 if own.job_id is None:
                     own.job_id = row.job_id
                     self.posts.known(own)
@@ -330,6 +321,16 @@ class ModelMemory:
                 self.names_known = False  # see `_unattributable`
             self.persist()
         return foreign
+
+    def _ruled_out(self, own: Expected, row: TaskRow) -> bool:
+        """Whether `row`, the one the listing would take for `own`, cannot be it
+        (`PostOrder`): then it is foreign, and `own`'s, if any, came before it."""
+        if own.job_id is not None or row.job_id < own.below:
+            return False
+        own.gone = (f"task {row.job_id} is no older than a task gibatch posted after this "
+                    "POST's answer")
+        self.posts.closed(own)
+        return True
 
     def _is_expected(self, own: Expected, row: TaskRow) -> bool:
         if own.job_id is not None:
